@@ -1,0 +1,1 @@
+"""ml_collections config files: `models.py` (the registry of named models) and the training recipes."""

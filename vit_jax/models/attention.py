@@ -1,0 +1,104 @@
+"""Multi-head dot-product attention with the parameter names of Google's ViT checkpoints.
+
+The attention arithmetic lives in one function, `dot_product_attention`, so that the fused kernels of
+`jax.nn.dot_product_attention` (implementation `xla` or `cudnn`) can be swapped in and measured without
+touching the modules. Shapes use B = batch, T = query tokens, S = key tokens, H = heads, K = head dim.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'explicit')
+
+
+def dot_product_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    implementation: Optional[str] = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[jax.Array] = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+) -> tuple[jax.Array, Optional[jax.Array]]:
+  """softmax(q k^T / sqrt(K)) v.
+
+  Args:
+    query: [B, T, H, K]; key, value: [B, S, H, K].
+    implementation: None or 'explicit' computes softmax in plain jnp (always correct, returns weights,
+      supports attention dropout); 'xla' or 'cudnn' call `jax.nn.dot_product_attention` with that
+      implementation. The fused path is used only when neither weights nor dropout are needed.
+    dropout_rate: attention-weight dropout, applied only when `deterministic` is False.
+    return_weights: also return the attention probabilities [B, H, T, S] in float32.
+
+  Returns:
+    (output [B, T, H, K] in query.dtype, weights or None).
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f'attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}')
+  use_dropout = dropout_rate > 0.0 and not deterministic
+  if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
+    return jax.nn.dot_product_attention(query, key, value, implementation=implementation), None
+
+  depth = query.shape[-1]
+  query = query / jnp.sqrt(depth).astype(query.dtype)
+  # Logits and softmax in float32: bf16 softmax over long sequences loses the small weights.
+  logits = jnp.einsum('bthk,bshk->bhts', query, key, preferred_element_type=jnp.float32)
+  weights = jax.nn.softmax(logits, axis=-1)
+  probs = weights
+  if use_dropout:
+    if dropout_rng is None:
+      raise ValueError('attention dropout needs a dropout_rng')
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum('bhts,bshk->bthk', probs.astype(value.dtype), value)
+  return out, (weights if return_weights else None)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """Self- or cross-attention; parameters `query`, `key`, `value`, `out` as in Google's checkpoints.
+
+  query/key/value kernels are [D, H, K] with biases [H, K]; the out kernel is [H, K, D], bias [D].
+  """
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  dropout_rate: float = 0.0
+  implementation: Optional[str] = None
+  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  bias_init: Initializer = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_kv: Optional[jax.Array] = None, *,
+               deterministic: bool = True, return_weights: bool = False):
+    """inputs_q: [B, T, D]; inputs_kv: [B, S, D] (defaults to inputs_q). Returns ([B, T, D], weights)."""
+    if inputs_kv is None:
+      inputs_kv = inputs_q
+    features = inputs_q.shape[-1]
+    if features % self.num_heads:
+      raise ValueError(f'hidden size {features} is not divisible by num_heads {self.num_heads}')
+    head_dim = features // self.num_heads
+    dense = lambda name: nn.DenseGeneral(
+        features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
+    q = dense('query')(inputs_q)
+    k = dense('key')(inputs_kv)
+    v = dense('value')(inputs_kv)
+    rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      rng = self.make_rng('dropout')
+    y, weights = dot_product_attention(
+        q, k, v, implementation=self.implementation, dropout_rate=self.dropout_rate, dropout_rng=rng,
+        deterministic=deterministic, return_weights=return_weights)
+    out = nn.DenseGeneral(features=features, axis=(-2, -1), dtype=self.dtype,
+                          param_dtype=self.param_dtype, kernel_init=self.kernel_init,
+                          bias_init=self.bias_init, name='out')(y)
+    return out, weights

@@ -1,0 +1,315 @@
+"""The Vision Transformer of "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021), in Flax linen.
+
+    z_0  = [x_class; x_p^1 E; ...; x_p^N E] + E_pos          (patch embedding, position embedding)
+    z'_l = MSA(LN(z_{l-1})) + z_{l-1}                         (pre-LayerNorm attention)
+    z_l  = MLP(LN(z'_l)) + z'_l                               (pre-LayerNorm MLP with GELU)
+    y    = LN(z_L^0)                                          (class token; or pooled, see `classifier`)
+
+Parameter paths are a file format: without `scan` the tree matches Google's released ViT checkpoints
+(and what timm's `.npz` loader reads): `embedding`, `cls`, `Transformer/posembed_input/pos_embedding`,
+`Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3}`,
+`Transformer/encoder_norm`, `pre_logits`, `head`. With `scan=True` the blocks are one module
+`Transformer/encoderblock` whose parameters have a leading [num_layers] axis (big_vision's layout);
+`vit_jax.models.params` converts between the two.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.attention import MultiHeadDotProductAttention
+
+Dtype = Any
+
+CLASSIFIERS = ('token', 'gap', 'map')
+POSEMBS = ('learned', 'sincos2d', 'none')
+LN_EPS = 1e-6
+
+
+def num_prefix_tokens(classifier: str) -> int:
+  """Tokens before the patch tokens in the sequence (1 for the class token, else 0)."""
+  return 1 if classifier == 'token' else 0
+
+
+def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding (MoCo v3 / big_vision), [1, h*w, width] float32.
+
+  A quarter of the channels each hold sin(y), cos(y), sin(x), cos(x) at geometric frequencies.
+  """
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need a width divisible by 4, got {width}')
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
+  omega = 1.0 / (temperature ** omega)
+  y = np.einsum('m,d->md', y.flatten(), omega)
+  x = np.einsum('m,d->md', x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds position embeddings to [B, prefix + h*w, D] tokens.
+
+  `learned`: a parameter `pos_embedding` [1, prefix + h*w, D] (the paper's 1-D embedding, class-token
+  row included, N(0, 0.02) init). `sincos2d`: fixed, zero on prefix tokens. `none`: identity.
+  """
+  kind: str
+  grid: tuple[int, int]
+  num_prefix: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _, n, d = x.shape
+    if self.kind == 'learned':
+      pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, n, d),
+                      self.param_dtype)
+    elif self.kind == 'sincos2d':
+      pe = sincos_2d(*self.grid, d)
+      pe = np.concatenate([np.zeros((1, self.num_prefix, d), np.float32), pe], axis=1)
+    elif self.kind == 'none':
+      return x
+    else:
+      raise ValueError(f'posemb {self.kind!r} is not one of {POSEMBS}')
+    return x + jnp.asarray(pe, x.dtype)
+
+
+class MlpBlock(nn.Module):
+  """Dense_0 -> GELU (tanh approximation, as the released checkpoints) -> dropout -> Dense_1."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    d = x.shape[-1]
+    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=True)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(d, 'Dense_1')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+
+
+def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: zero a residual branch per example with probability `rate`, rescale the rest."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+
+
+class Encoder1DBlock(nn.Module):
+  """One pre-LN transformer block; call(x, drop_rate) -> (x, attention weights or None).
+
+  The (carry, per-layer input) -> (carry, per-layer output) signature lets `nn.scan` stack the blocks.
+  """
+  mlp_dim: int
+  num_heads: int
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: bool = False
+  deterministic: bool = True
+  return_weights: bool = False
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_rate: jax.Array):
+    norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name=name)
+    use_drop_path = self.stochastic_depth and not self.deterministic
+
+    y = norm('LayerNorm_0')(x)
+    y, weights = MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+        dropout_rate=self.attention_dropout_rate, implementation=self.attention_impl,
+        name='MultiHeadDotProductAttention_1')(
+            y, deterministic=self.deterministic, return_weights=self.return_weights)
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+    if use_drop_path:
+      y = drop_path(y, drop_rate, self.make_rng('dropout'))
+    x = x + y
+
+    y = norm('LayerNorm_2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name='MlpBlock_3')(
+        y, deterministic=self.deterministic)
+    if use_drop_path:
+      y = drop_path(y, drop_rate, self.make_rng('dropout'))
+    return x + y, weights
+
+
+class Encoder(nn.Module):
+  """Position embeddings, dropout, `num_layers` blocks and the final LayerNorm (`encoder_norm`)."""
+  num_layers: int
+  mlp_dim: int
+  num_heads: int
+  posemb: str = 'learned'
+  grid: tuple[int, int] = (1, 1)
+  num_prefix: int = 1
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  attention_impl: Optional[str] = None
+  remat: bool = False
+  scan: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False):
+    """x: [B, N, D] tokens. Returns ([B, N, D], weights [L, B, H, N, N] float32 or None)."""
+    x = AddPositionEmbs(self.posemb, self.grid, self.num_prefix, self.param_dtype,
+                        name='posembed_input')(x)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
+    # Stochastic depth grows linearly with depth (DeiT): 0 at the first block.
+    rates = jnp.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=jnp.float32)
+    kwargs = dict(mlp_dim=self.mlp_dim, num_heads=self.num_heads, dropout_rate=self.dropout_rate,
+                  attention_dropout_rate=self.attention_dropout_rate,
+                  stochastic_depth=self.stochastic_depth > 0, deterministic=not train,
+                  return_weights=return_weights, attention_impl=self.attention_impl,
+                  dtype=self.dtype, param_dtype=self.param_dtype)
+    block = nn.remat(Encoder1DBlock, prevent_cse=not self.scan) if self.remat else Encoder1DBlock
+    if self.scan:
+      stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                      in_axes=0, length=self.num_layers)
+      x, weights = stack(name='encoderblock', **kwargs)(x, rates)
+    else:
+      all_weights = []
+      for i in range(self.num_layers):
+        x, w = block(name=f'encoderblock_{i}', **kwargs)(x, rates[i])
+        all_weights.append(w)
+      weights = jnp.stack(all_weights) if return_weights else None
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='encoder_norm')(x)
+    return x, weights
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision `MAPHead`): a learned probe attends over the tokens."""
+  num_heads: int
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, N, D] -> [B, D]."""
+    b, _, d = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
+    probe = jnp.tile(probe, [b, 1, 1]).astype(x.dtype)
+    x, _ = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.param_dtype,
+                                        name='MultiHeadDotProductAttention_0')(probe, x)
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='LayerNorm_0')(x)
+    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(y)
+    return x[:, 0]
+
+
+class VisionTransformer(nn.Module):
+  """ViT classifier. See the module docstring for the equations and the parameter layout.
+
+  Attributes:
+    num_classes: logits per image; 0 or None builds no head (the model returns pre-logits features).
+    patch_size: int or (ph, pw) pixels; the image height and width must be multiples of it.
+    hidden_size, num_layers, num_heads, mlp_dim: D, L, heads, MLP hidden units.
+    classifier: 'token' (class token), 'gap' (mean of the tokens after the final LayerNorm) or 'map'
+      (attention pooling head).
+    posemb: 'learned', 'sincos2d' or 'none'.
+    representation_size: if set, a `pre_logits` Dense + tanh layer of this width before the head.
+    head_zeroinit: zero the head kernel (the paper's fine-tuning recipe); head_bias_init: its bias.
+    dropout_rate, attention_dropout_rate, stochastic_depth: regularisation (train=True only).
+    dtype: computation dtype (bfloat16 for mixed precision); param_dtype: parameter dtype.
+    remat: recompute block activations in the backward pass; scan: `nn.scan` over the blocks.
+    attention_impl: None/'explicit', 'xla' or 'cudnn' (see `attention.dot_product_attention`).
+  """
+  num_classes: Optional[int]
+  patch_size: Union[int, Sequence[int]]
+  hidden_size: int
+  num_layers: int
+  num_heads: int
+  mlp_dim: int
+  classifier: str = 'token'
+  posemb: str = 'learned'
+  representation_size: Optional[int] = None
+  head_zeroinit: bool = True
+  head_bias_init: float = 0.0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  stochastic_depth: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat: bool = False
+  scan: bool = False
+  attention_impl: Optional[str] = None
+
+  @property
+  def patch_hw(self) -> tuple[int, int]:
+    p = self.patch_size
+    return (p, p) if isinstance(p, int) else tuple(p)
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False):
+    """Classifies images.
+
+    Args:
+      images: [B, H, W, C], any C, H and W multiples of the patch size; pixels roughly in [-1, 1].
+      train: enables dropout and stochastic depth (needs a 'dropout' rng).
+      return_aux: also return a dict with 'pre_logits' [B, D or representation_size] and
+        'attention_weights' [L, B, heads, N, N] float32 (N = prefix + patches).
+
+    Returns:
+      logits [B, num_classes] in `dtype` (or pre-logits when there is no head); with return_aux,
+      (logits, aux).
+    """
+    if self.classifier not in CLASSIFIERS:
+      raise ValueError(f'classifier {self.classifier!r} is not one of {CLASSIFIERS}')
+    if self.posemb not in POSEMBS:
+      raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
+    ph, pw = self.patch_hw
+    _, h, w, _ = images.shape
+    if h % ph or w % pw:
+      raise ValueError(f'image size {h}x{w} is not divisible by the patch size {ph}x{pw}')
+
+    x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID', dtype=self.dtype,
+                param_dtype=self.param_dtype, name='embedding')(images.astype(self.dtype))
+    b, gh, gw, d = x.shape
+    x = jnp.reshape(x, (b, gh * gw, d))
+    if self.classifier == 'token':
+      cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+
+    x, weights = Encoder(
+        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
+        posemb=self.posemb, grid=(gh, gw), num_prefix=num_prefix_tokens(self.classifier),
+        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
+        stochastic_depth=self.stochastic_depth, attention_impl=self.attention_impl,
+        remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
+        name='Transformer')(x, train=train, return_weights=return_aux)
+
+    if self.classifier == 'token':
+      x = x[:, 0]
+    elif self.classifier == 'gap':
+      x = jnp.mean(x, axis=1)
+    else:
+      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name='MAPHead_0')(x)
+
+    if self.representation_size is not None:
+      x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,
+                           param_dtype=self.param_dtype, name='pre_logits')(x))
+    pre_logits = x
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=(nn.initializers.zeros if self.head_zeroinit
+                                else nn.initializers.lecun_normal()),
+                   bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
+    if return_aux:
+      return x, {'pre_logits': pre_logits, 'attention_weights': weights}
+    return x
