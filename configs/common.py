@@ -1,0 +1,125 @@
+"""The base training config every recipe starts from. Each key is read by vit_jax.train.loop.
+
+Keys a user sets most: model.name, dataset, data_dir, image_size, batch_size, total_steps,
+warmup_steps, base_lr, eval_every, checkpoint_every, seed, mesh. Other `model.*` keys override the
+registered architecture (None keeps the registry's value; representation_size=0 means none).
+"""
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from configs import models as model_registry
+
+
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """`config.model`: a registry name plus typed override slots."""
+  return ml_collections.ConfigDict(dict(
+      name=name,
+      # Architecture overrides (None: the registry's value).
+      patch_size=config_dict.placeholder(int),
+      hidden_size=config_dict.placeholder(int),
+      num_layers=config_dict.placeholder(int),
+      num_heads=config_dict.placeholder(int),
+      mlp_dim=config_dict.placeholder(int),
+      classifier=config_dict.placeholder(str),
+      posemb=config_dict.placeholder(str),
+      representation_size=config_dict.placeholder(int),
+      # Training-time options of the module.
+      dropout_rate=0.0,
+      attention_dropout_rate=0.0,
+      stochastic_depth=0.0,
+      head_zeroinit=True,
+      head_bias_init=0.0,
+      remat=False,
+      scan=False,
+      attention_impl=config_dict.placeholder(str),
+  ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = model_config('ViT-B_16')
+
+  # Data (vit_jax.data). dataset: a TFDS name, 'fashion_mnist', 'digits', or a folder path.
+  c.dataset = 'cifar10'
+  c.data_dir = config_dict.placeholder(str)
+  c.train_split = 'train'
+  c.eval_split = 'test'
+  c.held_out = 0.1            # folder datasets without train/test subfolders: evaluation fraction
+  c.image_size = 224
+  c.channels = 3              # the model's input channels; images are converted to this
+  c.augment = 'inception_crop'  # preset of vit_jax.data.PRESETS
+  c.randaugment = config_dict.placeholder(str)  # e.g. '2,15' (layers, magnitude)
+  c.mixup = 0.0               # Mixup alpha (0: off)
+  c.cutmix = 0.0              # CutMix alpha (0: off)
+  c.eval_crop = False         # evaluation: resize-then-central-crop instead of resize
+  c.workers = 0               # decode workers (0: in the main process)
+  c.prefetch = 2              # batches prepared ahead on the host
+
+  # Optimisation (vit_jax.train.optim).
+  c.batch_size = 512          # global batch, over all processes and devices
+  c.accum_steps = 1           # micro-batches per step (gradient accumulation)
+  c.total_steps = 10_000
+  c.warmup_steps = 500
+  c.base_lr = 1e-3
+  c.end_lr = 0.0
+  c.lr_decay = 'cosine'       # cosine | linear | rsqrt | constant
+  c.optimizer = 'adam'        # adam | sgd
+  c.b1 = 0.9
+  c.b2 = 0.999
+  c.weight_decay = 0.1        # decoupled (AdamW), scaled by the learning rate
+  c.wd_pattern = '.*kernel'   # parameter paths that decay
+  c.momentum = 0.9            # sgd only
+  c.mu_dtype = config_dict.placeholder(str)  # 'bfloat16': half-size first moment
+  c.grad_clip_norm = 1.0
+  c.loss = 'softmax_xent'     # softmax_xent | sigmoid_xent
+  c.label_smoothing = 0.0
+  c.ema_decay = 0.0           # parameter EMA (0: off); evaluation then uses the EMA
+  c.dtype = 'auto'            # computation dtype: auto (bfloat16 on accelerators, float32 on CPU)
+  c.seed = 0
+
+  # Transfer (vit_jax.checkpoints.pretrained).
+  c.pretrained = config_dict.placeholder(str)   # .npz, timm/HF checkpoint, or orbax workdir
+  c.keep_pre_logits = config_dict.placeholder(bool)
+  c.posemb_resize = 'bilinear'  # bilinear (scipy zoom order 1) | bicubic (antialiased)
+
+  # Parallelism (vit_jax.sharding). Axis sizes multiply to the device count; -1 takes the rest.
+  c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
+  c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
+  c.distributed = False       # call jax.distributed.initialize() (auto when a coordinator is set)
+
+  # Evaluation, logging, checkpoints.
+  c.eval_every = 1000
+  c.eval_batch_size = 0       # 0: same as batch_size
+  c.log_every = 50
+  c.checkpoint_every = 1000
+  c.keep_last = 3
+  c.keep_every = 0            # also keep every N-th step (0: none)
+  c.keep_best = True          # also keep the best checkpoint by eval_top1
+  c.async_checkpoints = True
+  c.progress = True           # console progress bar (process 0)
+  return c
+
+
+def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The registered architecture of `config.model.name` with the config's overrides applied."""
+  base = model_registry.get_model_config(config.model.name)
+  for key, value in config.model.items():
+    if key == 'name' or value is None:
+      continue
+    base[key] = None if (key == 'representation_size' and value == 0) else value
+  return base
+
+
+def parse_args(arg: str | None, **defaults) -> dict:
+  """'model=ViT-B_16,dataset=cifar10' -> dict over `defaults` (unknown keys are an error)."""
+  out = dict(defaults)
+  for part in filter(None, (arg or '').split(',')):
+    if '=' not in part:
+      raise ValueError(f'config argument {part!r} is not key=value; valid keys: {sorted(defaults)}')
+    k, v = part.split('=', 1)
+    if k not in defaults:
+      raise ValueError(f'unknown config argument {k!r}; valid keys: {sorted(defaults)}')
+    out[k] = v
+  return out

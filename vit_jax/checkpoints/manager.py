@@ -1,0 +1,161 @@
+"""Training checkpoints with orbax: asynchronous saves, keep-N retention, best-by-accuracy, exact resume.
+
+Layout: `workdir/checkpoints/<step>/` holding three items:
+  state  the TrainState (params, optimizer state, step, rng, EMA), each process writing its shards;
+  data   the input pipeline's state (JSON), so a resumed run continues with exactly the next batch;
+  meta   JSON: the run's config, class names, and what is needed to rebuild the model.
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash
+mid-save leaves no directory that looks finished; `restore` also falls back to the previous step if
+the newest one cannot be read.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+from vit_jax.models import params as params_lib
+
+CHECKPOINT_DIR = 'checkpoints'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint is missing, incomplete or does not fit the model."""
+
+
+def checkpoint_dir(path: str) -> str:
+  """The orbax root for a workdir or a checkpoints directory (returned unchanged)."""
+  path = os.path.abspath(os.fspath(path))
+  sub = os.path.join(path, CHECKPOINT_DIR)
+  return sub if os.path.isdir(sub) else path
+
+
+class CheckpointManager:
+  """Saves and restores training checkpoints under `directory` (usually `workdir/checkpoints`).
+
+  Retention: the latest `keep_last`, every `keep_every`-th step (0: none), and the best by
+  `eval_top1` when `keep_best`. Saves are asynchronous; `wait()` blocks until they are on disk.
+  """
+
+  def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
+               keep_best: bool = True, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    policies = [pp.LatestN(n=max(1, keep_last))]
+    if keep_every:
+      policies.append(pp.EveryNSteps(interval_steps=keep_every))
+    if keep_best:
+      policies.append(pp.BestN(get_metric_fn=lambda m: m['eval_top1'], n=1,
+                               keep_checkpoints_without_metrics=False))
+    options = ocp.CheckpointManagerOptions(
+        create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
+        preservation_policy=pp.AnyPreservationPolicy(policies))
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=('state', 'data', 'meta'))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict, meta: dict,
+           metrics: Optional[dict] = None) -> None:
+    """Starts an (asynchronous) save of `step`. metrics: e.g. {'eval_top1': 0.9} for best-N."""
+    metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=True)
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None
+              ) -> tuple[Any, dict, dict, int]:
+    """(state, data_state, meta, step) of `step` or the newest readable checkpoint.
+
+    abstract_state: ShapeDtypeStructs with shardings (see `train.state.abstract_state`); the state is
+    restored directly into that sharding. A newest checkpoint that fails to read is logged and
+    skipped in favour of the one before it.
+    """
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f'no checkpoint in {self.directory}')
+    errors = []
+    for s in steps:
+      try:
+        out = self._manager.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore()))
+        return out['state'], out['data'], out['meta'], s
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning('checkpoint step %d in %s cannot be restored (%s); trying the previous one',
+                        s, self.directory, e)
+        errors.append(f'step {s}: {type(e).__name__}: {e}')
+    raise CheckpointError(f'no checkpoint in {self.directory} could be restored:\n' +
+                          '\n'.join(errors))
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _step_path(path: str) -> tuple[str, int]:
+  """(step directory, step) for a workdir, a checkpoints directory or one step's directory."""
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f'{path} does not exist; pass a workdir, its checkpoints/ directory, '
+                          'or one step directory inside it')
+  base = os.path.basename(path.rstrip('/'))
+  if base.isdigit() and os.path.isdir(os.path.join(path, 'state')):
+    return path, int(base)
+  root = checkpoint_dir(path)
+  steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()
+                  and os.path.isdir(os.path.join(root, d, 'state'))), reverse=True)
+  if not steps:
+    raise CheckpointError(f'no finished checkpoint in {root} (expected <step>/state inside)')
+  return os.path.join(root, str(steps[0])), steps[0]
+
+
+def load_params(path: str, which: str = 'params') -> tuple[dict, dict]:
+  """(parameters as a nested dict of numpy arrays, meta) from a workdir, checkpoints dir or step dir.
+
+  which: 'params' or 'ema_params'. Needs no model and no mesh: arrays are read whole on the host.
+  """
+  step_dir, step = _step_path(path)
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
+      tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata.tree
+      if which not in tree or tree[which] is None:
+        raise CheckpointError(f'{step_dir} holds no {which!r}')
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      state = ckptr.restore(os.path.join(step_dir, 'state'),
+                            args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
+      meta = json.load(f)
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f'cannot read checkpoint {step_dir}: {type(e).__name__}: {e}') from e
+  meta = dict(meta, step=int(np.asarray(state['step'])) if 'step' in state else step)
+  return state[which], meta
+
+
+def params_digest(params: Any) -> str:
+  """sha256 over (path, dtype, shape, bytes) of every parameter in sorted path order.
+
+  The same however the run was sharded: arrays are gathered whole before hashing.
+  """
+  h = hashlib.sha256()
+  for path, leaf in sorted(params_lib.flatten(params).items()):
+    arr = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    h.update(f'{path}|{arr.dtype.str}|{arr.shape}|'.encode())
+    h.update(arr.tobytes())
+  return h.hexdigest()

@@ -1,0 +1,74 @@
+"""Train or fine-tune a ViT.
+
+    python -m vit_jax.main --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.key=value ...]
+
+Running the same command on the same workdir resumes from its latest checkpoint. A wrong key or value
+is refused before anything heavy starts. With several hosts, set --config.distributed=True (or run
+under a launcher that names a coordinator: TPU pods, SLURM) and start the same command on each.
+"""
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from vit_jax.train import validate
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'training config file (configs/*.py[:args])',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'output directory: checkpoints, metrics.jsonl, tensorboard/')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _maybe_initialize_distributed(config) -> None:
+  """jax.distributed.initialize() when asked, or when the environment names a coordinator."""
+  env = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+         'MEGASCALE_COORDINATOR_ADDRESS')
+  if config.distributed or any(os.environ.get(k) for k in env):
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize()
+
+
+def main(argv) -> None:
+  del argv
+  config = FLAGS.config
+  try:
+    validate.validate(config)
+  except validate.ConfigError as e:
+    sys.exit(f'config error: {e}')
+  _maybe_initialize_distributed(config)
+  import jax  # pylint: disable=g-import-not-at-top
+  from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+  workdir = FLAGS.workdir
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  else:
+    logging.set_verbosity(logging.WARNING)
+  logging.info('devices: %s', jax.devices())
+  result = loop.train_and_evaluate(config, workdir)
+  if jax.process_index() == 0:
+    summary = {'step': result.step, 'preempted': result.preempted, **result.eval,
+               'train_loss': result.train_loss, 'seconds': round(result.seconds, 1),
+               'skipped_images': result.skipped_images}
+    print('result: ' + json.dumps(summary), flush=True)
+
+
+def run() -> None:
+  try:
+    validate.check_overrides(sys.argv[1:])
+  except validate.ConfigError as e:
+    sys.exit(f'config error: {e}')
+  std_logging.getLogger('absl').setLevel(std_logging.INFO)
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

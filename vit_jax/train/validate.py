@@ -1,0 +1,110 @@
+"""Checks a training config before anything heavy starts; every error names the key and the fix."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from typing import Any, Sequence
+
+import ml_collections
+
+from configs import models as model_registry
+from vit_jax import sharding as sharding_lib
+from vit_jax.models import CLASSIFIERS, POSEMBS
+from vit_jax.train import optim, step as step_lib
+
+REQUIRED = ('model.name', 'dataset', 'data_dir', 'image_size', 'batch_size', 'total_steps',
+            'warmup_steps', 'base_lr', 'eval_every', 'checkpoint_every', 'seed', 'mesh')
+
+
+class ConfigError(ValueError):
+  """A config key is unknown, missing or has a bad value."""
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every leaf key as a dotted path, sorted."""
+  keys = []
+  for k, v in config.items():
+    if isinstance(v, ml_collections.ConfigDict):
+      keys += flat_keys(v, f'{prefix}{k}.')
+    else:
+      keys.append(f'{prefix}{k}')
+  return sorted(keys)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/pretrain.py:model=ViT-B_16,dataset=cifar10' -> get_config(arg) of that file."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location('_vit_jax_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def check_overrides(argv: Sequence[str], flag: str = 'config') -> None:
+  """Refuses `--config.KEY=...` arguments whose KEY the config file does not have."""
+  spec = None
+  for i, a in enumerate(argv):
+    if a.startswith(f'--{flag}='):
+      spec = a.split('=', 1)[1]
+    elif a == f'--{flag}' and i + 1 < len(argv):
+      spec = argv[i + 1]
+  if spec is None:
+    return
+  valid = flat_keys(load_config_file(spec))
+  for a in argv:
+    m = re.match(rf'^--{flag}\.([^=\s]+)', a)
+    if m and m.group(1) not in valid:
+      raise ConfigError(f'unknown config key {m.group(1)!r}. Valid keys: {", ".join(valid)}')
+
+
+def _need(cond: bool, message: str) -> None:
+  if not cond:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a missing key or a bad value."""
+  keys = set(flat_keys(config))
+  missing = [k for k in REQUIRED if k not in keys]
+  _need(not missing, f'config lacks {missing}; start from configs/common.py')
+  _need(config.model.name in model_registry.MODELS,
+        f'model.name {config.model.name!r} is not registered; one of {model_registry.names()}')
+  arch = model_registry.get_model_config(config.model.name)
+  cls = config.model.get('classifier') or arch.classifier
+  _need(cls in CLASSIFIERS, f'model.classifier {cls!r} is not one of {CLASSIFIERS}')
+  pe = config.model.get('posemb') or arch.posemb
+  _need(pe in POSEMBS, f'model.posemb {pe!r} is not one of {POSEMBS}')
+  patch = config.model.get('patch_size') or arch.patch_size
+  size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
+  _need(all(int(s) > 0 and int(s) % patch == 0 for s in size),
+        f'image_size {config.image_size} must be a positive multiple of the patch size {patch}')
+  for key in ('batch_size', 'total_steps', 'accum_steps', 'channels'):
+    _need(isinstance(config[key], int) and config[key] > 0, f'{key} must be a positive integer')
+  _need(config.batch_size % config.accum_steps == 0,
+        f'batch_size {config.batch_size} is not divisible by accum_steps {config.accum_steps}')
+  _need(0 <= config.warmup_steps <= config.total_steps,
+        f'warmup_steps {config.warmup_steps} must be within [0, total_steps={config.total_steps}]')
+  _need(config.base_lr > 0, f'base_lr must be > 0, got {config.base_lr}')
+  for key in ('eval_every', 'checkpoint_every', 'log_every'):
+    _need(config[key] >= 0, f'{key} must be >= 0 (0: only at the end)')
+  _need(config.optimizer in ('adam', 'sgd'), f"optimizer {config.optimizer!r}: 'adam' or 'sgd'")
+  _need(config.lr_decay in optim.DECAYS, f'lr_decay {config.lr_decay!r}: one of {optim.DECAYS}')
+  _need(config.loss in step_lib.LOSSES, f'loss {config.loss!r}: one of {step_lib.LOSSES}')
+  _need(0 <= config.label_smoothing < 1, 'label_smoothing must be in [0, 1)')
+  _need(0 <= config.ema_decay < 1, 'ema_decay must be in [0, 1) (0: off)')
+  _need(config.dtype in ('auto', 'float32', 'bfloat16', 'float16'),
+        f"dtype {config.dtype!r}: 'auto', 'float32', 'bfloat16' or 'float16'")
+  try:
+    for name, n in config.mesh:
+      _need(name in sharding_lib.AXES and int(n) != 0, f'bad mesh axis {(name, n)}')
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'mesh {config.mesh!r} must be like ((\'data\', -1), (\'fsdp\', 1), '
+                      f'(\'tensor\', 1)) with axes from {sharding_lib.AXES}: {e}') from e
+  from vit_jax.data import PRESETS  # pylint: disable=g-import-not-at-top
+  _need(config.augment in PRESETS, f'augment {config.augment!r}: one of {sorted(PRESETS)}')
+  if config.get('randaugment'):
+    _need(re.fullmatch(r'\d+,\d+', str(config.randaugment)) is not None,
+          f"randaugment {config.randaugment!r} must be 'layers,magnitude', e.g. '2,15'")
