@@ -26,12 +26,24 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _maybe_initialize_distributed(config) -> None:
-  """jax.distributed.initialize() when asked, or when the environment names a coordinator."""
+  """jax.distributed.initialize() when asked, or when the environment names a coordinator.
+
+  JAX detects TPU pods, SLURM, Open MPI and Kubernetes by itself and reads JAX_COORDINATOR_ADDRESS,
+  but not the process count and index; for a hand-started launch (one command per machine) they
+  come from JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+  """
   env = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
          'MEGASCALE_COORDINATOR_ADDRESS')
   if config.distributed or any(os.environ.get(k) for k in env):
     import jax  # pylint: disable=g-import-not-at-top
-    jax.distributed.initialize()
+    kwargs = {}
+    address = os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('COORDINATOR_ADDRESS')
+    if address:
+      kwargs['coordinator_address'] = address
+    for key, arg in (('JAX_NUM_PROCESSES', 'num_processes'), ('JAX_PROCESS_ID', 'process_id')):
+      if os.environ.get(key):
+        kwargs[arg] = int(os.environ[key])
+    jax.distributed.initialize(**kwargs)
 
 
 def main(argv) -> None:

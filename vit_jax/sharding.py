@@ -77,7 +77,7 @@ def _path_str(path) -> str:
 
 
 def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int) -> P:
-  axis_size = dict(zip(mesh.axis_names, mesh.devices.shape))
+  axis_size = dict(mesh.shape)  # Mesh or AbstractMesh: the rules need only the axis sizes
   spec: list[Any] = [None] * len(shape)
   if axis_size.get('tensor', 1) > 1:
     for pattern, rule in TENSOR_RULES:

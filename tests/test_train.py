@@ -1,0 +1,216 @@
+"""The trainer end to end: config validation, a real short run, non-finite stop, kill-and-resume
+bitwise equality, SIGTERM preemption and half-written checkpoints. Runs `python -m vit_jax.main` in
+subprocesses, as a user would."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A small digits job (8x8 grayscale, 10 classes): fast enough to run many times.
+TINY_VALUES = {'model.name': 'ViT-testing', 'model.patch_size': 2, 'dataset': 'digits',
+               'image_size': 8, 'channels': 1, 'batch_size': 32, 'warmup_steps': 5,
+               'base_lr': 0.003, 'eval_batch_size': 100, 'progress': False, 'augment': 'none'}
+TINY = ['--config=configs/quickstart.py'] + [f'--config.{k}={v}' for k, v in TINY_VALUES.items()]
+
+
+def main_cmd(workdir, *extra):
+  return [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *TINY, *extra]
+
+
+def run_main(workdir, *extra, timeout=300, check=True):
+  out = subprocess.run(main_cmd(workdir, *extra), cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout, env=_env())
+  if check and out.returncode != 0:
+    raise AssertionError(f'main failed ({out.returncode}):\n{out.stderr[-4000:]}')
+  return out
+
+
+def _env():
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def result_of(out):
+  line = [l for l in out.stdout.splitlines() if l.startswith('result: ')][-1]
+  return json.loads(line[len('result: '):])
+
+
+def info(path):
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.checkpoints', 'info', str(path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=_env())
+  return out
+
+
+def digest(path):
+  out = info(path)
+  assert out.returncode == 0, out.stderr
+  fields = dict(l.split(': ', 1) for l in out.stdout.splitlines() if l.startswith(('step:', 'sha256:')))
+  return int(fields['step']), fields['sha256']
+
+
+def test_unknown_config_key_is_refused_naming_valid_keys(tmp_path):
+  out = run_main(tmp_path / 'w', '--config.bach_size=3', check=False)
+  assert out.returncode != 0
+  assert "unknown config key 'bach_size'" in out.stderr and 'batch_size' in out.stderr
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.warmup_steps=-1', 'warmup_steps'),
+    ('--config.model.name=ViT-X_9', 'is not registered'),
+    ('--config.optimizer=rmsprop', "'adam' or 'sgd'"),
+    ('--config.image_size=9', 'multiple of the patch size'),
+])
+def test_bad_config_value_is_refused(tmp_path, override, message):
+  out = run_main(tmp_path / 'w', override, check=False)
+  assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_short_run_learns_and_writes_everything(tmp_path):
+  w = tmp_path / 'w'
+  out = run_main(w, '--config.total_steps=150', '--config.eval_every=75',
+                 '--config.checkpoint_every=75', '--config.log_every=25')
+  res = result_of(out)
+  assert res['eval_count'] == 180           # digits' held-out 10% (held_out=0.1), each once
+  assert res['eval_top1'] > 0.5, res        # chance is 0.1
+  rows = [json.loads(l) for l in (w / 'metrics.jsonl').read_text().splitlines()]
+  for key in ('step', 'loss', 'lr', 'grad_norm', 'img_per_s', 'skipped_images'):
+    assert key in rows[0]
+  evals = [r for r in rows if 'eval_top1' in r]
+  assert [r['step'] for r in evals] == [75, 150]
+  assert {'eval_loss', 'eval_top5'} <= set(evals[0])
+  assert rows[-1]['loss'] < rows[0]['loss'] * 0.7
+  assert any(f.startswith('events') for f in os.listdir(w / 'tensorboard'))
+  step, sha = digest(w)
+  assert step == 150 and len(sha) == 64
+  text = info(w).stdout
+  assert '"dataset": "digits"' in text and 'params: ' in text
+
+
+def tiny_config(**overrides):
+  from configs import quickstart
+  c = quickstart.get_config()
+  for key, value in {**TINY_VALUES, **overrides}.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, monkeypatch):
+  import jax.numpy as jnp
+  from vit_jax.train import loop, step as step_lib
+  real = step_lib.make_train_step
+
+  def poisoned(*args, **kwargs):  # the real step, whose loss turns NaN from step 5 on
+    f = real(*args, **kwargs)
+    def step(state, batch):
+      state, metrics = f(state, batch)
+      return state, {**metrics, 'loss': jnp.where(state.step >= 5, jnp.nan, metrics['loss'])}
+    return step
+
+  monkeypatch.setattr(step_lib, 'make_train_step', poisoned)
+  config = tiny_config(total_steps=50, checkpoint_every=2, eval_every=0, log_every=10)
+  with pytest.raises(loop.NonFiniteLossError, match='at step 5'):
+    loop.train_and_evaluate(config, str(tmp_path / 'w'))
+  step, _ = digest(tmp_path / 'w')
+  assert step == 4  # the last good checkpoint remains; nothing after the NaN was saved
+
+
+def test_checkpoint_info_errors(tmp_path):
+  out = info(tmp_path / 'missing')
+  assert out.returncode != 0 and 'does not exist' in out.stderr
+  (tmp_path / 'empty' / 'checkpoints').mkdir(parents=True)
+  out = info(tmp_path / 'empty')
+  assert out.returncode != 0 and 'no finished checkpoint' in out.stderr
+
+
+def test_half_written_checkpoint_is_never_loaded(tmp_path):
+  w = tmp_path / 'w'
+  run_main(w, '--config.total_steps=20', '--config.checkpoint_every=10', '--config.eval_every=0')
+  ckpts = w / 'checkpoints'
+  # A crash in the middle of saving step 30: orbax's temporary directory, with partial contents.
+  tmp = ckpts / '30.orbax-checkpoint-tmp-1234567890'
+  shutil.copytree(ckpts / '20', tmp)
+  shutil.rmtree(tmp / 'state')
+  # And a step directory whose files were truncated (e.g. a copy that died half-way).
+  broken = ckpts / '25'
+  shutil.copytree(ckpts / '20', broken)
+  for root, _, files in os.walk(broken / 'state'):
+    for f in files:
+      open(os.path.join(root, f), 'wb').close()
+  out = run_main(w, '--config.total_steps=24', '--config.checkpoint_every=10',
+                 '--config.eval_every=0')
+  assert 'resumed from' in out.stderr and 'step 20' in out.stderr
+  assert result_of(out)['step'] == 24
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_resume_is_bitwise_identical(tmp_path):
+  args = ['--config.total_steps=60', '--config.checkpoint_every=7', '--config.eval_every=30',
+          '--config.log_every=5', '--config.model.dropout_rate=0.1', '--config.augment=pad_crop_flip']
+  ref = tmp_path / 'ref'
+  run_main(ref, *args)
+  want = digest(ref)
+  assert want[0] == 60
+
+  w = tmp_path / 'killed'
+  metrics = w / 'metrics.jsonl'
+  kills = 0
+  for delay in (0.0, 0.7, 1.9):  # after new progress appears: at, just after, and between saves
+    seen = metrics.read_text().count('\n') if metrics.exists() else 0
+    proc = subprocess.Popen(main_cmd(w, *args), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=_env())
+    try:
+      deadline = time.time() + 240
+      while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count('\n') > seen:
+          time.sleep(delay)
+          break
+        time.sleep(0.05)
+      if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        kills += 1
+    finally:
+      proc.wait()
+  assert kills >= 2, 'the run finished before it could be killed; make it longer'
+  assert digest(w)[0] < 60
+  run_main(w, *args)
+  assert digest(w) == want
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  w = tmp_path / 'w'
+  proc = subprocess.Popen(main_cmd(w, '--config.total_steps=100000', '--config.eval_every=0',
+                                   '--config.checkpoint_every=0', '--config.log_every=10'),
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=_env())
+  try:
+    metrics = w / 'metrics.jsonl'
+    deadline = time.time() + 240
+    while not (metrics.exists() and metrics.read_text().count('\n') >= 2):
+      assert proc.poll() is None and time.time() < deadline, 'training did not start'
+      time.sleep(0.5)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    elapsed = time.time() - t
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0, stderr[-3000:]
+  assert elapsed < 20
+  res = result_of(subprocess.CompletedProcess([], 0, stdout, stderr))
+  assert res['preempted'] is True
+  step, _ = digest(w)
+  assert step == res['step'] >= 20
