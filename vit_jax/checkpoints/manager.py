@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Any, Optional
 
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -129,6 +130,8 @@ def load_params(path: str, which: str = 'params') -> tuple[dict, dict]:
   which: 'params' or 'ema_params'. Needs no model and no mesh: arrays are read whole on the host.
   """
   step_dir, step = _step_path(path)
+  quiet = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns about item-level metadata files
   try:
     with ocp.PyTreeCheckpointer() as ckptr:
       metadata = ckptr.metadata(os.path.join(step_dir, 'state'))
@@ -144,8 +147,27 @@ def load_params(path: str, which: str = 'params') -> tuple[dict, dict]:
     raise
   except Exception as e:  # pylint: disable=broad-except
     raise CheckpointError(f'cannot read checkpoint {step_dir}: {type(e).__name__}: {e}') from e
+  finally:
+    absl_logging.set_verbosity(quiet)
   meta = dict(meta, step=int(np.asarray(state['step'])) if 'step' in state else step)
   return state[which], meta
+
+
+def save_params(path: str, params: Any, meta: dict, step: int = 0) -> str:
+  """Writes parameters alone as this project's checkpoint (e.g. weights converted from timm/HF).
+
+  `path` becomes a workdir: `path/checkpoints/<step>/{state,data,meta}`, readable by `load_params`,
+  `python -m vit_jax.checkpoints info`, `--config.pretrained` and `vit_jax.predict`. Refuses to write
+  over an existing checkpoint. Returns the step directory.
+  """
+  root = os.path.join(os.path.abspath(os.fspath(path)), CHECKPOINT_DIR)
+  if os.path.isdir(root) and any(d.isdigit() for d in os.listdir(root)):
+    raise CheckpointError(f'{root} already holds checkpoints; choose an empty output directory')
+  manager = CheckpointManager(root, keep_last=1, keep_best=False, async_save=False)
+  state = {'step': np.asarray(step, np.int32), 'params': jax.tree.map(np.asarray, params)}
+  manager.save(step, state, {}, meta)
+  manager.close()
+  return os.path.join(root, str(step))
 
 
 def params_digest(params: Any) -> str:

@@ -1,0 +1,191 @@
+"""`vit_jax.convert` without torch: layouts, round trips, architecture checks and clear errors."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from tests.test_npz import CLASSES, D, HEADS, make_params
+from vit_jax.checkpoints import read_checkpoint
+from vit_jax.checkpoints.arch import infer_architecture
+from vit_jax.checkpoints.npz import write_npz
+from vit_jax.convert import __main__ as cli
+from vit_jax.convert import convert, hf, timm
+
+
+def _npz(tmp_path, name='m.npz', **kwargs):
+  path = tmp_path / name
+  write_npz(path, make_params('vit_jax', **kwargs))
+  return str(path)
+
+
+def _bitwise_equal(a, b):
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+    assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_timm_layout_names_and_shapes():
+  flat = make_params('vit_jax', classifier='map')
+  sd = timm.to_timm(flat, infer_architecture(flat))
+  assert sd['patch_embed.proj.weight'].shape == (D, 3, 4, 4)  # OIHW
+  assert sd['blocks.0.attn.qkv.weight'].shape == (3 * D, D)
+  assert sd['blocks.1.mlp.fc1.weight'].shape == (64, D)
+  assert sd['attn_pool.kv.weight'].shape == (2 * D, D) and sd['attn_pool.latent'].shape == (1, 1, D)
+  assert sd['head.weight'].shape == (CLASSES, D) and 'cls_token' not in sd
+  # q rows first, then k, then v; heads-major inside each, as timm's reshape(B, N, 3, H, K).
+  q = flat['Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel']
+  np.testing.assert_array_equal(sd['blocks.0.attn.qkv.weight'][:D], q.reshape(D, D).T)
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap', 'map'])
+def test_round_trip_timm_ours_timm_is_bitwise(tmp_path, classifier):
+  flat = make_params('vit_jax', classifier=classifier, grid=(2, 3))
+  arch = infer_architecture(flat, image_size=(8, 12))
+  timm.write_timm(tmp_path / 'a', flat, arch)
+  ckpt = read_checkpoint(tmp_path / 'a')
+  assert ckpt.format == 'timm' and ckpt.architecture.image_size == (8, 12)
+  _bitwise_equal(ckpt.params, flat)
+  timm.write_timm(tmp_path / 'b', ckpt.params, ckpt.architecture)
+  _bitwise_equal(load_file(tmp_path / 'a' / 'model.safetensors'),
+                 load_file(tmp_path / 'b' / 'model.safetensors'))
+  config = json.loads((tmp_path / 'a' / 'config.json').read_text())
+  args = config['model_args']
+  assert args['act_layer'] == 'gelu_tanh' and args['fc_norm'] is False
+  assert args['global_pool'] == {'token': 'token', 'gap': 'avg', 'map': 'map'}[classifier]
+  assert args['class_token'] == (classifier == 'token') and args['img_size'] == [8, 12]
+
+
+def test_round_trip_hf_ours_hf_is_bitwise(tmp_path):
+  flat = make_params('vit_jax')
+  arch = infer_architecture(flat)
+  hf.write_hf(tmp_path / 'a', flat, arch, class_names=list('abcde'))
+  ckpt = read_checkpoint(tmp_path / 'a')
+  assert ckpt.format == 'hf' and ckpt.class_names == list('abcde')
+  _bitwise_equal(ckpt.params, flat)
+  config = json.loads((tmp_path / 'a' / 'config.json').read_text())
+  assert config['hidden_act'] == 'gelu_pytorch_tanh' and config['layer_norm_eps'] == 1e-6
+  assert config['id2label'] == {str(i): c for i, c in enumerate('abcde')}
+  assert config['image_size'] == 16 and config['patch_size'] == 4
+
+
+def test_hf_reader_takes_transformers5_names_and_bare_vit_models(tmp_path):
+  flat = make_params('vit_jax')
+  sd = hf.to_hf(flat, infer_architecture(flat))
+  v5 = {}
+  for k, v in sd.items():
+    for old, new in (('vit.encoder.layer.', 'vit.layers.'),
+                     ('attention.attention.query', 'attention.q_proj'),
+                     ('attention.attention.key', 'attention.k_proj'),
+                     ('attention.attention.value', 'attention.v_proj'),
+                     ('attention.output.dense', 'attention.o_proj'),
+                     ('intermediate.dense', 'mlp.fc1'), ('.output.dense', '.mlp.fc2')):
+      k = k.replace(old, new)
+    v5[k] = v
+  assert {'vit.layers.0.attention.v_proj.weight', 'vit.layers.1.mlp.fc2.weight'} <= set(v5)
+  back, _ = hf.from_hf(v5, HEADS)
+  _bitwise_equal(back, flat)
+  bare = {k[len('vit.'):]: v for k, v in sd.items() if k.startswith('vit.')}
+  bare['pooler.dense.weight'] = np.zeros((D, D), np.float32)
+  back, notes = hf.from_hf(bare, HEADS)
+  assert 'head/kernel' not in back and any('pooler' in n for n in notes)
+
+
+def test_what_a_target_cannot_express_is_a_clear_error(tmp_path):
+  for classifier, what in (('gap', 'average pool'), ('map', 'MAP')):
+    with pytest.raises(ValueError, match=f'no {what}.*--to timm'):
+      convert(_npz(tmp_path, classifier=classifier), 'hf', tmp_path / 'hf', log=None)
+  rep = _npz(tmp_path, 'rep.npz', representation=8)
+  with pytest.raises(ValueError, match='timm\'s VisionTransformer has no pre-logits layer'):
+    convert(rep, 'timm', tmp_path / 'timm', log=None)
+  with pytest.raises(ValueError, match='no pre-logits layer'):
+    convert(rep, 'hf', tmp_path / 'hf', log=None)
+  assert not (tmp_path / 'timm').exists()  # Nothing half-written.
+  with pytest.raises(ValueError, match='fc_norm'):
+    save_file({'patch_embed.proj.weight': np.zeros((D, 3, 4, 4), np.float32),
+               'fc_norm.weight': np.zeros(D, np.float32)}, tmp_path / 'x.safetensors')
+    read_checkpoint(tmp_path / 'x.safetensors', num_heads=2)
+
+
+def test_cli_npz_to_npz_with_verify_and_model_check(tmp_path, capsys):
+  src = _npz(tmp_path, representation=8)
+  out = tmp_path / 'out.npz'
+  assert cli.main(['--input', src, '--to', 'npz', '--output', str(out), '--model', 'ViT-testing',
+                   '--verify']) == 0
+  assert 'largest |logit difference| = 0' in capsys.readouterr().out
+  with np.load(src) as a, np.load(out) as b:
+    assert all(a[k].tobytes() == b[k].tobytes() for k in a.files)
+  assert cli.main(['--input', src, '--to', 'npz', '--output', str(out), '--model', 'ViT-B_16']) == 1
+  assert "hidden_size=32 (the config has 768)" in capsys.readouterr().err
+
+
+def test_class_names_file_and_count_check(tmp_path):
+  names = tmp_path / 'names.txt'
+  names.write_text('cat\ndog\n\nbird\nfish\nemu\n')
+  result = convert(_npz(tmp_path), 'hf', tmp_path / 'hf', class_names=str(names), log=None)
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['id2label']['4'] == 'emu' and result.architecture.num_classes == 5
+  with pytest.raises(ValueError, match='2 class names for a head of 5 classes'):
+    convert(_npz(tmp_path), 'hf', tmp_path / 'hf2', class_names=['a', 'b'], log=None)
+
+
+def test_timm_file_without_config_needs_the_head_count(tmp_path):
+  flat = make_params('vit_jax')
+  save_file(timm.to_timm(flat, infer_architecture(flat)), tmp_path / 'w.safetensors')
+  with pytest.raises(ValueError, match='head count is not in the weights'):
+    read_checkpoint(tmp_path / 'w.safetensors')
+  result = convert(tmp_path / 'w.safetensors', 'npz', tmp_path / 'o.npz', model='ViT-testing',
+                   log=None)
+  assert result.input_format == 'timm' and result.architecture.model_config['num_heads'] == HEADS
+
+
+@pytest.mark.parametrize('via', ['timm', 'npz', 'hf'])
+def test_round_trip_orbax_to_torch_layouts_and_back_is_bitwise(tmp_path, via):
+  from vit_jax.checkpoints import manager
+  from vit_jax.models import params as params_lib
+  flat = make_params('vit_jax', grid=(2, 3))
+  arch = infer_architecture(flat, image_size=(8, 12))
+  names = [f'class{i}' for i in range(CLASSES)]
+  manager.save_params(tmp_path / 'orig', params_lib.unflatten(flat),
+                      {'architecture': arch.to_meta(), 'class_names': names})
+  out = convert(str(tmp_path / 'orig'), via, tmp_path / via, log=None)
+  assert out.input_format == 'orbax'
+  # An npz carries no image size, and a 2x3 grid is not square: say it, as a user would.
+  back = convert(str(tmp_path / via) + ('/model.npz' if via == 'npz' else ''), 'orbax',
+                 tmp_path / 'back', image_size=(8, 12) if via == 'npz' else None, log=None)
+  assert back.input_format.startswith(via)
+  tree, meta = manager.load_params(tmp_path / 'back')
+  _bitwise_equal({k: np.asarray(v) for k, v in params_lib.flatten(tree).items()}, flat)
+  if via != 'npz':  # the npz layout carries no class names
+    assert read_checkpoint(tmp_path / 'back').class_names == names
+  with pytest.raises(Exception, match='already holds checkpoints'):
+    convert(str(tmp_path / 'orig'), 'orbax', tmp_path / 'back', log=None)
+
+
+def test_fixed_position_embeddings_are_written_as_values(tmp_path):
+  flat = make_params('vit_jax')
+  del flat['Transformer/posembed_input/pos_embedding']
+  arch = infer_architecture(flat, image_size=(16, 16), posemb='sincos2d')
+  sd = hf.to_hf(flat, arch)
+  pe = sd['vit.embeddings.position_embeddings']
+  assert pe.shape == (1, 17, D)
+  np.testing.assert_array_equal(pe[:, 0], 0)
+  from vit_jax.models.vit import sincos_2d
+  np.testing.assert_array_equal(pe[:, 1:], sincos_2d(4, 4, D))
+
+
+def test_timm_no_embed_class_gets_a_zero_class_row(tmp_path):
+  flat = make_params('vit_jax')
+  sd = timm.to_timm(flat, infer_architecture(flat))
+  sd['pos_embed'] = sd['pos_embed'][:, 1:].copy()  # timm's no_embed_class: no class-token row.
+  save_file(sd, tmp_path / 'model.safetensors')
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'architecture': 'vit_base_patch16_224',
+       'model_args': {'num_heads': HEADS, 'img_size': 16, 'no_embed_class': True}}))
+  ckpt = read_checkpoint(tmp_path)
+  pe = ckpt.params['Transformer/posembed_input/pos_embedding']
+  np.testing.assert_array_equal(pe[:, 0], 0)
+  np.testing.assert_array_equal(pe[:, 1:], flat['Transformer/posembed_input/pos_embedding'][:, 1:])

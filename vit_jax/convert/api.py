@@ -1,0 +1,155 @@
+"""`convert(...)`: read any supported checkpoint, settle its architecture, write it in another format.
+
+Targets are a registry (`WRITERS`): 'timm', 'hf', 'npz', and 'orbax' through the ORBAX HOOK below
+(`vit_jax.checkpoints.manager.save_params`). `python -m vit_jax.convert` is a thin face over this.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vit_jax.checkpoints.arch import Architecture, infer_architecture
+from vit_jax.checkpoints.npz import read_npz, write_npz
+from vit_jax.checkpoints.readers import Checkpoint, read_checkpoint
+from vit_jax.convert import hf, timm
+
+Flat = dict[str, np.ndarray]
+# writer(output, flat params, architecture, class names or None) -> the path written.
+Writer = Callable[[str, Flat, Architecture, Optional[Sequence[str]]], str]
+
+
+def _write_npz(output: str, flat: Flat, arch: Architecture, class_names) -> str:
+  del arch, class_names  # Google's layout carries neither.
+  path = output if output.endswith('.npz') else os.path.join(output, 'model.npz')
+  if os.path.dirname(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+  write_npz(path, flat)
+  return path
+
+
+# ---------- ORBAX HOOK ----------
+# The lead's `vit_jax/checkpoints/manager.py` is expected to offer
+#   save_params(path, params_tree, meta) -> str
+# meta here: {'architecture': Architecture.to_meta(), 'class_names': [...] or None}; the params tree
+# is unscanned (`params_lib.stack_blocks` it for a scanned model).
+
+def _write_orbax(output: str, flat: Flat, arch: Architecture, class_names) -> str:
+  try:
+    manager = importlib.import_module('vit_jax.checkpoints.manager')
+  except ImportError as e:
+    raise NotImplementedError('--to orbax needs vit_jax.checkpoints.manager') from e
+  if not hasattr(manager, 'save_params'):
+    raise NotImplementedError('--to orbax needs vit_jax.checkpoints.manager.save_params(path, '
+                              'params, meta)')
+  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  meta = {'architecture': arch.to_meta(), 'class_names': list(class_names) if class_names else None}
+  return manager.save_params(output, params_lib.unflatten(flat), meta)
+
+
+WRITERS: dict[str, Writer] = {'timm': timm.write_timm, 'hf': hf.write_hf, 'npz': _write_npz,
+                              'orbax': _write_orbax}
+VERIFIABLE = ('timm', 'hf', 'npz')
+
+
+@dataclasses.dataclass
+class ConvertResult:
+  """What `convert` did: the input's format, the architecture, the written path, notes, and the
+  largest |logit difference| when verified."""
+  input_format: str
+  architecture: Architecture
+  output: str
+  notes: list[str]
+  max_abs_diff: Optional[float] = None
+
+
+def read_class_names(path: str) -> list[str]:
+  """One class name per line (blank lines ignored)."""
+  with open(path) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+def resolve_architecture(ckpt: Checkpoint, *, model: Optional[str] = None,
+                         image_size: Optional[Sequence[int]] = None) -> Architecture:
+  """The checkpoint's architecture, cross-checked against the registry model `model` if given.
+
+  Size fields that disagree with the parameters are a ValueError naming the field and both values.
+  """
+  cfg: dict[str, Any] = {}
+  if model is not None:
+    from configs import models as registry  # pylint: disable=import-outside-toplevel
+    cfg = dict(registry.get_model_config(model))
+  carried = ckpt.architecture
+  if carried is not None:
+    if model is not None:
+      infer_architecture(ckpt.params, model_config=cfg, image_size=image_size or carried.image_size,
+                         posemb=carried.model_config.get('posemb'))  # Only to cross-check.
+    cfg = {**cfg, **carried.model_config}
+    if image_size is None:
+      image_size = carried.image_size
+  return infer_architecture(ckpt.params, model_config=cfg, image_size=image_size)
+
+
+def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *,
+            model: Optional[str] = None, image_size: Optional[Sequence[int]] = None,
+            class_names: Optional[Sequence[str] | str] = None, verify: bool = False,
+            log: Optional[Callable[[str], None]] = print) -> ConvertResult:
+  """Converts a checkpoint (`read_checkpoint` formats) to `to` in WRITERS.
+
+  Args:
+    input_path: a Google `.npz`, a timm safetensors file/directory, a Hugging Face directory, or an
+      orbax checkpoint (with the manager).
+    to: 'timm', 'hf', 'npz' or 'orbax'.
+    output: a directory (timm, hf, orbax) or a `.npz` path (npz; a directory gets model.npz).
+    model: a registry name (`ViT-B_16`) where the input does not carry its architecture; checked
+      against the parameters.
+    image_size: (h, w), for non-square inputs whose files do not say.
+    class_names: a list or a file with one per line (else the checkpoint's, when it has them).
+    verify: run both models on the same images (needs torch) and fail above 1e-4 (npz: re-read
+      and compare bitwise).
+  """
+  if to not in WRITERS:
+    raise ValueError(f'unknown target {to!r}; known: {sorted(WRITERS)}')
+  kwargs = {}
+  if model is not None:
+    from configs import models as registry  # pylint: disable=import-outside-toplevel
+    kwargs['num_heads'] = registry.get_model_config(model).num_heads
+  ckpt = read_checkpoint(input_path, **kwargs)
+  arch = resolve_architecture(ckpt, model=model, image_size=image_size)
+  names = read_class_names(class_names) if isinstance(class_names, str) else class_names
+  names = list(names) if names is not None else ckpt.class_names
+  if names is not None and len(names) != (arch.num_classes or 0):
+    raise ValueError(f'{len(names)} class names for a head of {arch.num_classes} classes')
+  written = WRITERS[to](os.fspath(output), ckpt.params, arch, names)
+  result = ConvertResult(ckpt.format, arch, written, list(ckpt.notes))
+  if verify:
+    result.max_abs_diff = verify_written(to, written, ckpt.params, arch)
+  if log is not None:
+    for note in result.notes:
+      log(f'note: {note}')
+    log(f'wrote {to} to {written} ({arch.model_config.get("name", "ViT")}, '
+        f'{arch.num_classes} classes, {arch.image_size[0]}x{arch.image_size[1]}, '
+        f'classifier={arch.model_config["classifier"]})')
+    if result.max_abs_diff is not None:
+      log(f'verify: largest |logit difference| = {result.max_abs_diff:.3g}')
+  return result
+
+
+def verify_written(to: str, written: str, flat: Mapping[str, np.ndarray],
+                   arch: Architecture) -> float:
+  """The largest |logit difference| (or, for npz, |parameter difference|) of the written export."""
+  if to == 'npz':
+    back, _ = read_npz(written)
+    if set(back) != set(flat):
+      raise ValueError(f'npz round trip changed the paths: {sorted(set(back) ^ set(flat))}')
+    diff = max(float(np.abs(back[k] - np.asarray(flat[k], np.float32)).max()) for k in flat)
+    if diff > 0:
+      raise ValueError(f'npz round trip changed values by up to {diff:.3g}')
+    return diff
+  if to not in VERIFIABLE:
+    raise ValueError(f'--verify supports {VERIFIABLE}, not {to!r}')
+  from vit_jax.convert import verify  # pylint: disable=import-outside-toplevel
+  return verify.verify_export(to, os.path.dirname(written) if to == 'timm' else written, flat, arch)

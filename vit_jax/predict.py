@@ -1,0 +1,136 @@
+"""Classify images with a trained or converted ViT.
+
+    python -m vit_jax.predict --checkpoint PATH IMAGE_OR_FOLDER... [--model NAME] [--logits_out F.npy]
+
+PATH: a workdir or orbax checkpoint of this project, a Google `.npz`, a timm or Hugging Face export.
+For a bare `.npz`, `--model` names the architecture; the class count comes from the head. Prints the
+top-5 class names (indices when the checkpoint has none) with probabilities per image. Images are
+resized to the model's size (an image already at that size passes unchanged) and scaled to [-1, 1].
+`--logits_out` writes float32 logits [num_images, num_classes] in the order the images were given
+(the files of a folder in sorted order).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.checkpoints import read_checkpoint
+from vit_jax.checkpoints.arch import Architecture
+from vit_jax.data import IMAGE_EXTENSIONS, BadImageError
+from vit_jax.data import preprocess
+from vit_jax.models import params as params_lib
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A model ready to classify: architecture, parameters (unscanned tree) and class names."""
+  arch: Architecture
+  params: Any
+  class_names: Optional[list[str]]
+
+  def __post_init__(self):
+    self.model = self.arch.create_model()
+    self._apply = jax.jit(lambda p, x: self.model.apply({'params': p}, x))
+
+  def preprocess(self, path: str) -> np.ndarray:
+    """float32 [H, W, C] in [-1, 1] at the model's size; raises BadImageError naming the file."""
+    with open(path, 'rb') as f:
+      raw = f.read()
+    img = preprocess.eval_example(raw, tuple(self.arch.image_size), self.arch.channels, name=path)
+    return preprocess.normalize(img)
+
+  def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """float32 [N, num_classes] for float32 [N, H, W, C] images in [-1, 1]."""
+    out = [np.asarray(self._apply(self.params, jnp.asarray(images[i:i + batch_size])),
+                      np.float32) for i in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, self.arch.num_classes or 0), np.float32)
+
+  def label(self, index: int) -> str:
+    return self.class_names[index] if self.class_names else str(index)
+
+
+def load_predictor(path: str, model: Optional[str] = None,
+                   image_size: Optional[Sequence[int]] = None) -> Predictor:
+  """Reads any supported checkpoint and its architecture (cross-checked with `model` if given)."""
+  from vit_jax.convert.api import resolve_architecture  # pylint: disable=g-import-not-at-top
+  ckpt = read_checkpoint(path)
+  arch = resolve_architecture(ckpt, model=model, image_size=image_size)
+  tree = params_lib.unflatten({k: np.asarray(v) for k, v in ckpt.params.items()})
+  if arch.model_config.get('scan'):
+    tree = params_lib.stack_blocks(tree)
+  return Predictor(arch, tree, ckpt.class_names)
+
+
+def list_images(inputs: Sequence[str]) -> list[str]:
+  """Files as given; folders expanded to their image files (recursively) in sorted order."""
+  out = []
+  for p in inputs:
+    if os.path.isdir(p):
+      found = sorted(os.path.join(root, f) for root, _, files in os.walk(p) for f in files
+                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+      if not found:
+        raise FileNotFoundError(f'no images ({", ".join(sorted(IMAGE_EXTENSIONS))}) in folder {p}')
+      out += found
+    elif os.path.isfile(p):
+      out.append(p)
+    else:
+      raise FileNotFoundError(f'{p} does not exist')
+  return out
+
+
+def top_k(logits: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
+  """Per row, the k most probable (class index, softmax probability)."""
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), axis=-1))
+  order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
+  return [[(int(i), float(p[i])) for i in row] for row, p in zip(order, probs)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  ap = argparse.ArgumentParser(prog='python -m vit_jax.predict', description=__doc__.split('\n')[0])
+  ap.add_argument('--checkpoint', required=True)
+  ap.add_argument('--model', default=None, help='registry name, for checkpoints without one')
+  ap.add_argument('--image_size', default=None, help="the model's input size: H or H,W pixels")
+  ap.add_argument('--logits_out', default=None, help='write float32 logits [N, K] here (.npy)')
+  ap.add_argument('--batch_size', type=int, default=64)
+  ap.add_argument('images', nargs='+', help='image files or folders')
+  args = ap.parse_args(argv)
+  try:
+    size = [int(v) for v in args.image_size.split(',')] if args.image_size else None
+    predictor = load_predictor(args.checkpoint, args.model,
+                               tuple(size * (2 // len(size))) if size else None)
+    paths = list_images(args.images)
+  except (FileNotFoundError, ValueError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  images, kept, failed = [], [], []
+  for p in paths:
+    try:
+      images.append(predictor.preprocess(p))
+      kept.append(p)
+    except (BadImageError, OSError) as e:
+      failed.append(p)
+      print(f'error: cannot read {p}: {e}', file=sys.stderr)
+  if failed and args.logits_out:
+    print(f'error: {len(failed)} image(s) unreadable; no logits written (rows must match inputs)',
+          file=sys.stderr)
+    return 1
+  logits = predictor.logits(np.stack(images) if images else np.zeros((0,)), args.batch_size)
+  for path, best in zip(kept, top_k(logits)):
+    print(path)
+    for i, p in best:
+      print(f'  {p:7.2%}  {predictor.label(i)}')
+  if args.logits_out:
+    np.save(args.logits_out, logits.astype(np.float32))
+    print(f'logits {logits.shape} -> {args.logits_out}')
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
