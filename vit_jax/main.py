@@ -73,12 +73,21 @@ def main(argv) -> None:
     print('result: ' + json.dumps(summary), flush=True)
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of orbax and jax's internals; their warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    noisy = any(p in record.pathname for p in ('/orbax/', '/jax/_src/'))
+    return record.levelno >= std_logging.WARNING or not noisy
+
+
 def run() -> None:
   try:
     validate.check_overrides(sys.argv[1:])
   except validate.ConfigError as e:
     sys.exit(f'config error: {e}')
   std_logging.getLogger('absl').setLevel(std_logging.INFO)
+  std_logging.getLogger('absl').addFilter(_QuietLibraries())
   app.run(main)
 
 

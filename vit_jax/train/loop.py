@@ -154,9 +154,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   tx = optim.make_optimizer(config, schedule)
   use_ema = bool(config.ema_decay)
   input_shape = (1, *hw, config.channels)
-  if config.batch_size % (config.accum_steps * jax.process_count()):
-    raise ValueError(f'batch_size {config.batch_size} must be divisible by accum_steps '
-                     f'({config.accum_steps}) x processes ({jax.process_count()})')
+  _check_batch_sizes(config, mesh)
 
   # 2. State: resume, or initialise (from pretrained weights when asked).
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
@@ -263,6 +261,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   result.seconds = time.time() - t_start
   result.skipped_images = train_it.skipped_images
   return result
+
+
+def _check_batch_sizes(config, mesh) -> None:
+  """Batches must split evenly over processes and the mesh's batch axes; say so before training."""
+  shards = math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
+  shards = math.lcm(shards, jax.process_count())
+  micro = config.batch_size // config.accum_steps
+  if config.batch_size % config.accum_steps or micro % shards:
+    raise ValueError(f'batch_size {config.batch_size} / accum_steps {config.accum_steps} = {micro} '
+                     f'must be a multiple of {shards} (devices on the data/fsdp axes and '
+                     f'processes); change --config.batch_size')
+  eval_bs = config.eval_batch_size or config.batch_size
+  if eval_bs % shards:
+    raise ValueError(f'eval_batch_size {eval_bs} must be a multiple of {shards} (devices on the '
+                     f'data/fsdp axes and processes); change --config.eval_batch_size')
 
 
 def _check_finite(step: int, metrics: dict) -> None:
