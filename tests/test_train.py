@@ -214,3 +214,49 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert res['preempted'] is True
   step, _ = digest(w)
   assert step == res['step'] >= 20
+
+
+def test_finetune_recipe_loads_a_google_npz_at_a_new_resolution(tmp_path):
+  """configs/finetune.py with pretrained=.npz: new head, resampled position embeddings, SGD."""
+  import jax
+  import numpy as np
+  from configs import models as registry
+  from vit_jax.checkpoints.npz import write_npz
+  from vit_jax.models import create_model
+  from vit_jax.models import params as params_lib
+  src = create_model(registry.get_model_config('ViT-testing'), 1000, head_zeroinit=False)
+  params = src.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32))['params']
+  npz = tmp_path / 'ViT-testing.npz'   # Google's layout: 1000 classes, a 2x2 patch grid
+  write_npz(npz, {k: np.asarray(v) for k, v in params_lib.flatten(params).items()})
+  w = tmp_path / 'ft'
+  cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={w}',
+         f'--config=configs/finetune.py:model=ViT-testing,dataset=digits,pretrained={npz}',
+         '--config.image_size=16', '--config.batch_size=32', '--config.total_steps=6',
+         '--config.warmup_steps=1', '--config.eval_every=6', '--config.checkpoint_every=6',
+         '--config.log_every=3', '--config.eval_batch_size=120', '--config.progress=False']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert 'reshaped Transformer/posembed_input/pos_embedding: (1, 5, 32) -> (1, 17, 32)' in out.stderr
+  assert 'head' in out.stderr and 'added' in out.stderr
+  cfg = json.loads((w / 'config.json').read_text())
+  assert (cfg['optimizer'], cfg['image_size'], cfg['weight_decay']) == ('sgd', 16, 0.0)
+  # The transformer weights are the checkpoint's (SGD moved them only a few steps).
+  from vit_jax.checkpoints.manager import load_params
+  tuned, _ = load_params(w)
+  a = np.asarray(tuned['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'])
+  b = np.asarray(params['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'])
+  assert np.abs(a - b).max() < 0.05 * np.abs(b).max()
+  assert tuned['head']['kernel'].shape == (32, 10)
+
+
+def test_checkpoint_retention_keeps_last_every_nth_and_best(tmp_path):
+  import numpy as np
+  from vit_jax.checkpoints.manager import CheckpointManager
+  m = CheckpointManager(str(tmp_path / 'c'), keep_last=2, keep_every=4, keep_best=True,
+                        async_save=False)
+  top1 = {3: 0.9, 6: 0.5}   # step 3 is the best evaluation
+  for step in range(1, 10):
+    metrics = {'eval_top1': top1[step]} if step in top1 else None
+    m.save(step, {'w': np.full(3, step, np.float32)}, {'step': step}, {}, metrics)
+  m.close()
+  assert m.all_steps() == [3, 4, 8, 9]

@@ -82,6 +82,9 @@ class _QuietLibraries(std_logging.Filter):
 
 
 def run() -> None:
+  # grain's worker processes hand batches over in shared memory; at exit Python's resource tracker
+  # calls the unconsumed ones "leaked" (and frees them). That warning is noise for a finished run.
+  sys.warnoptions.append('ignore::UserWarning:multiprocessing.resource_tracker')
   try:
     validate.check_overrides(sys.argv[1:])
   except validate.ConfigError as e:
