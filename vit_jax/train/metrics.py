@@ -69,7 +69,7 @@ class ProgressBar:
     width = 24
     done = int(width * step / self.total)
     line = (f'step {step:>{len(str(self.total))}}/{self.total} [{"#" * done}{"." * (width - done)}] '
-            f'loss {loss if loss is not None else float("nan"):.4f}  '
+            f'loss {"-" if loss is None else f"{loss:.4f}":>6}  '
             f'{img_per_s or 0:,.0f} img/s  ETA {eta_s}')
     if self._interactive:
       self.stream.write('\r' + line + ' ' * 4)
