@@ -22,7 +22,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from configs import common as config_common
 from vit_jax import data

@@ -4,7 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import ml_collections
 
