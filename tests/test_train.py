@@ -260,3 +260,14 @@ def test_checkpoint_retention_keeps_last_every_nth_and_best(tmp_path):
     m.save(step, {'w': np.full(3, step, np.float32)}, {'step': step}, {}, metrics)
   m.close()
   assert m.all_steps() == [3, 4, 8, 9]
+
+
+def test_model_overrides_reach_the_module():
+  from vit_jax.train import loop
+  c = tiny_config()
+  c.model.dropout_rate = 0.2
+  c.model.classifier = 'map'
+  c.model.representation_size = 0   # 0: no pre-logits layer
+  m = loop.build_model(c, 7)
+  assert (m.dropout_rate, m.classifier, m.representation_size, m.patch_size) == (0.2, 'map', None, 2)
+  assert (m.num_classes, m.hidden_size) == (7, 32)

@@ -33,11 +33,6 @@ from vit_jax.train import optim
 from vit_jax.train import state as state_lib
 from vit_jax.train import step as step_lib
 
-# VisionTransformer fields that come from config.model beyond the registered architecture.
-_MODULE_FIELDS = ('dropout_rate', 'attention_dropout_rate', 'stochastic_depth', 'head_zeroinit',
-                  'head_bias_init', 'remat', 'scan', 'attention_impl')
-
-
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
@@ -62,10 +57,8 @@ def compute_dtype(name: str):
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int):
   """The VisionTransformer of `config.model` (registry name plus overrides) for `num_classes`."""
-  arch = config_common.resolve_model(config)
-  extra = {k: config.model[k] for k in _MODULE_FIELDS if config.model.get(k) is not None}
-  arch.update({k: v for k, v in extra.items()})
-  return create_model(arch, num_classes, dtype=compute_dtype(config.dtype))
+  return create_model(config_common.resolve_model(config), num_classes,
+                      dtype=compute_dtype(config.dtype))
 
 
 def run_meta(config, model, train_src) -> dict[str, Any]:
