@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
   c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
   c.distributed = False       # call jax.distributed.initialize() (auto when a coordinator is set)
+  # Split the host CPU into this many JAX devices (0: JAX's default, one). Only the CPU backend is
+  # affected. On 2 cores, 2 devices of half the batch run ~25% faster than one: XLA's CPU kernels
+  # use a second core poorly on small matrices, a second device's thread uses it fully.
+  c.cpu_devices = 0
 
   # Evaluation, logging, checkpoints.
   c.eval_every = 1000

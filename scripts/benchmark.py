@@ -9,6 +9,7 @@ returns the function that runs it.
 
   python scripts/benchmark.py step --model ViT-Mini_7 --variants explicit,xla,remat --torch
                                                       train-step img/s side by side, as ratios
+  python scripts/benchmark.py step --variants explicit,cpu2   ... 1 vs 2 JAX devices on the CPU
 """
 from __future__ import annotations
 
@@ -143,8 +144,10 @@ def data_mode(parser: argparse.ArgumentParser):
 
 
 STEP_VARIANTS = {
-    # name: (VisionTransformer overrides, description)
+    # name: (VisionTransformer overrides, description); `cpu_devices` is not a model field: the
+    # host CPU is split into that many JAX devices and the batch is split over them.
     'explicit': ({}, 'attention softmax in plain jnp (the default)'),
+    'cpu2': ({'cpu_devices': 2}, 'host CPU as 2 JAX devices, data parallel (--config.cpu_devices=2)'),
     'xla': ({'attention_impl': 'xla'}, 'jax.nn.dot_product_attention, implementation xla'),
     'cudnn': ({'attention_impl': 'cudnn'}, 'jax.nn.dot_product_attention, implementation cudnn'),
     'remat': ({'remat': True}, 'blocks recomputed in the backward pass'),
@@ -163,17 +166,23 @@ def _time_jax_step(model_name, overrides, size, channels, batch, steps, num_clas
   from vit_jax.models import create_model
   from vit_jax.train import optim, state as state_lib, step as step_lib
   kw = dict(overrides)
+  devices = jax.devices()[:kw.pop('cpu_devices', 1)]
+  if len(devices) > 1 and jax.default_backend() != 'cpu':
+    raise SystemExit('the cpu_devices variants split a CPU host; this backend is '
+                     f'{jax.default_backend()}')
   if 'dtype' in kw:
     kw['dtype'] = jnp.dtype(kw['dtype'])
   model = create_model(registry.get_model_config(model_name), num_classes, **kw)
   sched = optim.make_schedule(1e-3, 10_000, 100)
   tx = optim.make_optimizer(dict(optimizer='adam', weight_decay=0.1, grad_clip_norm=1.0), sched)
-  mesh = sharding_lib.make_mesh((('data', -1),))
+  mesh = sharding_lib.make_mesh((('data', -1),), devices)
   state, shardings = state_lib.create_train_state(model, tx, (1, size, size, channels), 0, mesh)
   train_step = step_lib.make_train_step(model, tx, sched, mesh, shardings)
   rng = np.random.default_rng(0)
-  batch_ = {'image': jnp.asarray(rng.uniform(-1, 1, (batch, size, size, channels)), jnp.float32),
-            'labels': jax.nn.one_hot(rng.integers(0, num_classes, batch), num_classes)}
+  batch_ = jax.device_put(
+      {'image': rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
+       'labels': np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)]},
+      sharding_lib.batch_sharding(mesh))
   for _ in range(3):  # compile and warm up
     state, metrics = train_step(state, batch_)
   jax.block_until_ready(metrics)
@@ -236,6 +245,10 @@ def step_mode(parser: argparse.ArgumentParser):
     unknown = [n for n in names if n not in STEP_VARIANTS]
     if unknown:
       raise SystemExit(f'unknown variants {unknown}; choose from {list(STEP_VARIANTS)}')
+    cpu_devices = max(STEP_VARIANTS[n][0].get('cpu_devices', 1) for n in names)
+    if cpu_devices > 1:  # before any JAX backend starts; other variants use the first device only
+      import jax
+      jax.config.update('jax_num_cpu_devices', cpu_devices)
     rates = {}
     for name in names:
       rates[name] = _time_jax_step(args.model, STEP_VARIANTS[name][0], args.size, args.channels,

@@ -68,6 +68,7 @@ def test_unknown_config_key_is_refused_naming_valid_keys(tmp_path):
     ('--config.model.name=ViT-X_9', 'is not registered'),
     ('--config.optimizer=rmsprop', "'adam' or 'sgd'"),
     ('--config.image_size=9', 'multiple of the patch size'),
+    ('--config.cpu_devices=-2', 'cpu_devices must be an integer >= 0'),
 ])
 def test_bad_config_value_is_refused(tmp_path, override, message):
   out = run_main(tmp_path / 'w', override, check=False)
@@ -93,6 +94,21 @@ def test_short_run_learns_and_writes_everything(tmp_path):
   assert step == 150 and len(sha) == 64
   text = info(w).stdout
   assert '"dataset": "digits"' in text and 'params: ' in text
+
+
+def test_cpu_devices_splits_the_host_and_trains_the_same(tmp_path):
+  args = ('--config.total_steps=20', '--config.eval_every=0', '--config.checkpoint_every=20',
+          '--config.log_every=5')
+  one = run_main(tmp_path / 'one', *args)
+  two = run_main(tmp_path / 'two', *args, '--config.cpu_devices=2')
+  assert 'devices: [CpuDevice(id=0), CpuDevice(id=1)]' in two.stderr
+  assert 'devices: [CpuDevice(id=0)]' in one.stderr
+  losses = [[json.loads(l)['loss'] for l in (tmp_path / w / 'metrics.jsonl').read_text().splitlines()
+             if 'loss' in json.loads(l)] for w in ('one', 'two')]
+  assert len(losses[0]) == 4
+  # Same batches, same mathematics; only the order of the batch-mean reduction differs.
+  for a, b in zip(*losses):
+    assert abs(a - b) <= 1e-5 * abs(a), losses
 
 
 def tiny_config(**overrides):

@@ -90,6 +90,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(config.base_lr > 0, f'base_lr must be > 0, got {config.base_lr}')
   for key in ('eval_every', 'checkpoint_every', 'log_every'):
     _need(config[key] >= 0, f'{key} must be >= 0 (0: only at the end)')
+  cpu_devices = config.get('cpu_devices', 0)
+  _need(isinstance(cpu_devices, int) and cpu_devices >= 0,
+        f'cpu_devices must be an integer >= 0 (0: one CPU device), got {cpu_devices!r}')
   _need(config.optimizer in ('adam', 'sgd'), f"optimizer {config.optimizer!r}: 'adam' or 'sgd'")
   _need(config.lr_decay in optim.DECAYS, f'lr_decay {config.lr_decay!r}: one of {optim.DECAYS}')
   _need(config.loss in step_lib.LOSSES, f'loss {config.loss!r}: one of {step_lib.LOSSES}')
