@@ -88,9 +88,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
   c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
   c.distributed = False       # call jax.distributed.initialize() (auto when a coordinator is set)
-  # Split the host CPU into this many JAX devices (0: JAX's default, one). Only the CPU backend is
-  # affected. On 2 cores, 2 devices of half the batch run ~25% faster than one: XLA's CPU kernels
-  # use a second core poorly on small matrices, a second device's thread uses it fully.
+  # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one). Only the
+  # CPU backend is affected. On 2 cores, 2 devices train ~25% faster (`scripts/benchmark.py step
+  # --variants explicit,cpu2`): a second device's thread keeps the second core busier than XLA's
+  # intra-op threads do on small matrices. Experimental: the devices meet in XLA's in-process
+  # collectives, and once in 7,500 steps here XLA aborted the process at such a meeting after
+  # 40 s (the run resumed from its checkpoint). No shipped config turns it on.
   c.cpu_devices = 0
 
   # Evaluation, logging, checkpoints.

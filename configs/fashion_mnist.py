@@ -1,14 +1,15 @@
 """A longer Fashion-MNIST run from scratch: `--config=configs/fashion_mnist.py`.
 
 Model: ViT-Mini_4 cut to 4 blocks (width 128, 4 heads, MLP 256, patch 4: a 7x7 grid, 49 tokens)
-with global average pooling and 2-D sin-cos position embeddings; ~38 epochs with pad-crop-flip
-augmentation and label smoothing 0.1; the pre-training recipe (Adam, decoupled weight decay, warm-up
-and cosine decay, clipping at 1). The host CPU is split into 2 JAX devices (data parallel), ~25%
-faster than one on 2 cores.
+with global average pooling and 2-D sin-cos position embeddings; 9,000 steps of 256 (38 epochs) with
+pad-crop-flip augmentation and label smoothing 0.1; the pre-training recipe (Adam, decoupled weight
+decay, warm-up and cosine decay, clipping at 1).
 
-Why this size: ViT-Micro_4 (width 96, depth 4) trained 19 epochs reached 90.18% test and only 91.2%
-on its own (un-augmented) training images: it underfits, so capacity and epochs, not more
-regularisation, are what it lacks.
+Measured on the 2-core CPU machine: 92.41% test top-1 (93.8% on the un-augmented training images)
+after about 1h45m of training (82.8% at step 1,500, 86.4% at 3,000, 88.4% at 4,500, 90.6% at 6,000,
+92.05% at 7,500). Why this size: ViT-Micro_4 (width 96, depth 4) trained 19 epochs reached 90.18% on
+test but only 91.2% on its own training images: it underfit, so capacity and epochs, not more
+regularisation, were what it lacked.
 """
 from configs import common, quickstart
 
@@ -26,5 +27,4 @@ def get_config(arg: str | None = None):
   c.weight_decay = 0.05
   c.eval_every = 1500
   c.checkpoint_every = 500
-  c.cpu_devices = 2
   return c
