@@ -89,9 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
   c.distributed = False       # call jax.distributed.initialize() (auto when a coordinator is set)
   # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one). Only the
-  # CPU backend is affected. On 2 cores, 2 devices train ~25% faster (`scripts/benchmark.py step
-  # --variants explicit,cpu2`): a second device's thread keeps the second core busier than XLA's
-  # intra-op threads do on small matrices. Experimental: the devices meet in XLA's in-process
+  # CPU backend is affected. On 2 cores, 2 devices ran the training loop 25% faster (650 vs 520
+  # img/s, ViT-Micro_4), the bare step x1.06-1.12 (`scripts/benchmark.py step --variants
+  # explicit,cpu2`): a second device's thread keeps the second core busier on small matrices. Experimental: the devices meet in XLA's in-process
   # collectives, and once in 7,500 steps here XLA aborted the process at such a meeting after
   # 40 s (the run resumed from its checkpoint). No shipped config turns it on.
   c.cpu_devices = 0
