@@ -88,12 +88,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
   c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
   c.distributed = False       # call jax.distributed.initialize() (auto when a coordinator is set)
-  # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one). Only the
-  # CPU backend is affected. On 2 cores, 2 devices ran the training loop 25% faster (650 vs 520
-  # img/s, ViT-Micro_4), the bare step x1.06-1.12 (`scripts/benchmark.py step --variants
-  # explicit,cpu2`): a second device's thread keeps the second core busier on small matrices. Experimental: the devices meet in XLA's in-process
-  # collectives, and once in 7,500 steps here XLA aborted the process at such a meeting after
-  # 40 s (the run resumed from its checkpoint). No shipped config turns it on.
+  # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one); only the
+  # CPU backend is affected. Experimental: faster on 2 cores, but XLA once aborted a run in its
+  # in-process collectives; README ("Scaling out") has the figures. No shipped config sets it.
   c.cpu_devices = 0
 
   # Evaluation, logging, checkpoints.

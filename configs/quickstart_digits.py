@@ -6,8 +6,9 @@
 The Fashion-MNIST model (28x28, patch 7: a 4x4 grid) is fine-tuned on digits upsampled from 8x8 to
 42x42 (a 6x6 grid): a new dataset, a new 10-class head (zero-initialised) and resampled position
 embeddings. Fine-tuning follows the paper's recipe (SGD momentum 0.9, no weight decay, cosine decay,
-clipping at 1; the learning rate picked from a small sweep, as the paper does); from scratch uses the pre-training recipe (Adam), each with the same step budget, so
-the difference is the transfer gain.
+clipping at 1; the learning rate picked from a small sweep, as the paper does); from scratch uses
+the pre-training recipe (Adam). Both get the same step budget, so the difference is the transfer
+gain.
 """
 from configs import common, quickstart
 
