@@ -2,39 +2,26 @@
 
 Keys a user sets most: model.name, dataset, data_dir, image_size, batch_size, total_steps,
 warmup_steps, base_lr, eval_every, checkpoint_every, seed, mesh. Other `model.*` keys override the
-registered architecture (None keeps the registry's value; representation_size=0 means none).
+registered architecture or its options (None keeps the registry's value; representation_size=0
+means none); `vit_jax.families.registry` lists the models and their families.
 """
 from __future__ import annotations
 
 import ml_collections
 from ml_collections import config_dict
 
-from configs import models as model_registry
+from vit_jax.families import registry
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:
-  """`config.model`: a registry name plus typed override slots."""
-  return ml_collections.ConfigDict(dict(
-      name=name,
-      # Architecture overrides (None: the registry's value).
-      patch_size=config_dict.placeholder(int),
-      hidden_size=config_dict.placeholder(int),
-      num_layers=config_dict.placeholder(int),
-      num_heads=config_dict.placeholder(int),
-      mlp_dim=config_dict.placeholder(int),
-      classifier=config_dict.placeholder(str),
-      posemb=config_dict.placeholder(str),
-      representation_size=config_dict.placeholder(int),
-      # Training-time options of the module.
-      dropout_rate=0.0,
-      attention_dropout_rate=0.0,
-      stochastic_depth=0.0,
-      head_zeroinit=True,
-      head_bias_init=0.0,
-      remat=False,
-      scan=False,
-      attention_impl=config_dict.placeholder(str),
-  ))
+  """`config.model`: a registered name plus an override slot for every field of every family.
+
+  A slot left at None keeps the registered value; a set slot the model's family does not take is
+  refused before anything starts (`registry.resolve`), naming the family's fields. Values are
+  parsed as Python literals: `--config.model.depths=(2,2,6,2)`, `--config.model.act=gelu`.
+  """
+  slots = {field: config_dict.placeholder(object) for field in registry.override_fields()}
+  return ml_collections.ConfigDict(dict(slots, name=name))
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -84,6 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_pre_logits = config_dict.placeholder(bool)
   c.posemb_resize = 'bilinear'  # bilinear (scipy zoom order 1) | bicubic (antialiased)
 
+  # Distillation (DeiT; vit_jax.train.step): a DeiT student's distillation head learns a frozen
+  # teacher's predictions: loss = (1 - alpha) CE(class head, labels) + alpha distill(distillation
+  # head, teacher); hard: CE against the teacher's argmax; soft: T^2 KL at temperature T.
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher = config_dict.placeholder(str)  # any checkpoint this project reads; None: off
+  c.distill.kind = 'hard'       # hard | soft
+  c.distill.temperature = 3.0   # soft only
+  c.distill.alpha = 0.5
+
   # Parallelism (vit_jax.sharding). Axis sizes multiply to the device count; -1 takes the rest.
   c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
   c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
@@ -104,16 +100,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.async_checkpoints = True
   c.progress = True           # console progress bar (process 0)
   return c
-
-
-def resolve_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The registered architecture of `config.model.name` with the config's overrides applied."""
-  base = model_registry.get_model_config(config.model.name)
-  for key, value in config.model.items():
-    if key == 'name' or value is None:
-      continue
-    base[key] = None if (key == 'representation_size' and value == 0) else value
-  return base
 
 
 def parse_args(arg: str | None, **defaults) -> dict:

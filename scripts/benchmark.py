@@ -161,9 +161,9 @@ def _time_jax_step(model_name, overrides, size, channels, batch, steps, num_clas
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from configs import models as registry
+  from vit_jax.families import registry
   from vit_jax import sharding as sharding_lib
-  from vit_jax.models import create_model
+  from vit_jax.families.registry import create_model
   from vit_jax.train import optim, state as state_lib, step as step_lib
   kw = dict(overrides)
   devices = jax.devices()[:kw.pop('cpu_devices', 1)]
@@ -200,7 +200,7 @@ def _time_torch_step(model_name, size, channels, batch, steps, num_classes):
     import transformers
   except ImportError:
     return None
-  from configs import models as registry
+  from vit_jax.families import registry
   cfg = registry.get_model_config(model_name)
   torch.manual_seed(0)
   model = transformers.ViTForImageClassification(transformers.ViTConfig(

@@ -37,6 +37,9 @@ MESHES = {
     'fsdp': ((('data', 2), ('fsdp', 4)), None),
     'tensor': ((('data', 2), ('tensor', 4)), None),
     'fsdp_tensor': ((('fsdp', 2), ('tensor', 4)), None),
+    # For the other families' tiny test models, whose head counts are small.
+    'tensor2': ((('data', 4), ('tensor', 2)), None),
+    'fsdp_tensor2': ((('fsdp', 4), ('tensor', 2)), None),
 }
 # Small enough for 2 CPU cores, large enough that every rule has something to shard:
 # hidden 32 with 4 heads of 8 (tensor=4 splits heads), MLP 64, patch 4 on 16x16 -> 16 patches + cls.
@@ -44,6 +47,11 @@ MODEL = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64
              classifier='token', head_zeroinit=False, dropout_rate=0.1)
 OPTIM = dict(optimizer='adam', grad_clip_norm=1.0, b1=0.9, b2=0.999, weight_decay=0.1,
              wd_pattern='.*kernel')
+# The other families' runs use SGD: their fused or differently named key biases (true gradient 0,
+# see ZERO_GRADIENT) then move by lr x rounding noise instead of Adam's +-lr, so every parameter is
+# compared. lr 0.05 makes one wrong shard update >= 5e-3, far above the tolerance.
+FAMILY_OPTIM = dict(optimizer='sgd', grad_clip_norm=1.0, momentum=0.9, weight_decay=0.0)
+FAMILY_LR = 0.05
 IMAGE, CHANNELS, CLASSES, EXAMPLES = 16, 3, 10, 64
 
 # Tolerances of the equivalence tests (see tests/test_sharding.py for why these values).
@@ -77,9 +85,11 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 def worker_cmd(out: str, *, devices: int, meshes: Sequence[str], steps: int = 20,
                coordinator: Optional[str] = None, num_processes: int = 1,
-               process_id: int = 0) -> list[str]:
+               process_id: int = 0, family: Optional[str] = None) -> list[str]:
   cmd = [sys.executable, WORKER, f'--out={out}', f'--devices={devices}',
          f'--meshes={",".join(meshes)}', f'--steps={steps}']
+  if family:
+    cmd.append(f'--family={family}')
   if coordinator:
     cmd += [f'--coordinator={coordinator}', f'--num_processes={num_processes}',
             f'--process_id={process_id}']
@@ -195,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--coordinator', default=None, help='host:port; with it, jax.distributed')
   p.add_argument('--num_processes', type=int, default=1)
   p.add_argument('--process_id', type=int, default=0)
+  p.add_argument('--family', default=None,
+                 help="train this family's tiny test model (`Family.test_model`) instead of MODEL")
   return p.parse_args(argv)
 
 
@@ -241,26 +253,34 @@ def run_mesh(name: str, args: argparse.Namespace) -> None:
 
   from vit_jax import data  # pylint: disable=g-import-not-at-top
   from vit_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from vit_jax.models import VisionTransformer  # pylint: disable=g-import-not-at-top
+  from vit_jax.families import registry  # pylint: disable=g-import-not-at-top
   from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=g-import-not-at-top
 
   t0 = time.time()
   spec, n = MESHES[name]
   devices = jax.devices() if n is None else jax.devices()[:n]
   mesh = sharding_lib.make_mesh(spec, devices)
-  model = VisionTransformer(num_classes=CLASSES, **MODEL)
-  schedule = optim.make_schedule(1e-3, args.steps, warmup_steps=2, decay='cosine')
-  tx = optim.make_optimizer(OPTIM, schedule)
+  family = registry.get_family(args.family or 'vit')
+  if args.family:
+    fields = dict(registry.get_model_config(family.test_model), head_zeroinit=False)
+    image = family.test_image_size
+  else:
+    fields, image = MODEL, IMAGE
+  model = family.create(fields, CLASSES)
+  schedule = optim.make_schedule(FAMILY_LR if args.family else 1e-3, args.steps, warmup_steps=2,
+                                 decay='cosine')
+  tx = optim.make_optimizer(FAMILY_OPTIM if args.family else OPTIM, schedule)
   state, shardings = state_lib.create_train_state(
-      model, tx, (1, IMAGE, IMAGE, CHANNELS), seed=0, mesh=mesh, fsdp_min_size=args.fsdp_min_size)
+      model, tx, (1, image, image, CHANNELS), seed=0, mesh=mesh, fsdp_min_size=args.fsdp_min_size,
+      tensor_rules=family.tensor_rules)
   train_step = step_lib.make_train_step(model, tx, schedule, mesh, shardings)
 
   # The same examples in every run: a function of a fixed seed, not of the process or the mesh.
   rng = np.random.default_rng(0)
-  source = data.ArraySource(rng.integers(0, 256, (EXAMPLES, IMAGE, IMAGE, CHANNELS), np.uint8),
+  source = data.ArraySource(rng.integers(0, 256, (EXAMPLES, image, image, CHANNELS), np.uint8),
                             rng.integers(0, CLASSES, EXAMPLES), num_classes=CLASSES)
   batches = data.train_iterator(
-      source, image_size=IMAGE, channels=CHANNELS, global_batch_size=args.batch, seed=0,
+      source, image_size=image, channels=CHANNELS, global_batch_size=args.batch, seed=0,
       augment='none', num_classes=CLASSES, sharding=sharding_lib.batch_sharding(mesh), prefetch=0)
   losses, grad_norms = [], []
   with batches:

@@ -9,10 +9,16 @@ from safetensors.numpy import load_file, save_file
 
 from tests.test_npz import CLASSES, D, HEADS, make_params
 from vit_jax.checkpoints import read_checkpoint
-from vit_jax.checkpoints.arch import infer_architecture
+from vit_jax.families.vit import FAMILY as VIT
 from vit_jax.checkpoints.npz import write_npz
 from vit_jax.convert import __main__ as cli
-from vit_jax.convert import convert, hf, timm
+from vit_jax.convert import convert
+from vit_jax.families import vit_interop
+from vit_jax.formats import hf, timm
+
+# The config.json fields `from_hf` reads for the test model (transformers' ViT defaults otherwise).
+HF_CONFIG = {'num_attention_heads': HEADS, 'hidden_act': 'gelu_pytorch_tanh', 'layer_norm_eps': 1e-6,
+             'image_size': 16}
 
 
 def _npz(tmp_path, name='m.npz', **kwargs):
@@ -30,7 +36,7 @@ def _bitwise_equal(a, b):
 
 def test_timm_layout_names_and_shapes():
   flat = make_params('vit_jax', classifier='map')
-  sd = timm.to_timm(flat, infer_architecture(flat))
+  sd = vit_interop.to_timm(flat, VIT.infer(flat))[0]
   assert sd['patch_embed.proj.weight'].shape == (D, 3, 4, 4)  # OIHW
   assert sd['blocks.0.attn.qkv.weight'].shape == (3 * D, D)
   assert sd['blocks.1.mlp.fc1.weight'].shape == (64, D)
@@ -44,7 +50,7 @@ def test_timm_layout_names_and_shapes():
 @pytest.mark.parametrize('classifier', ['token', 'gap', 'map'])
 def test_round_trip_timm_ours_timm_is_bitwise(tmp_path, classifier):
   flat = make_params('vit_jax', classifier=classifier, grid=(2, 3))
-  arch = infer_architecture(flat, image_size=(8, 12))
+  arch = VIT.infer(flat, image_size=(8, 12))
   timm.write_timm(tmp_path / 'a', flat, arch)
   ckpt = read_checkpoint(tmp_path / 'a')
   assert ckpt.format == 'timm' and ckpt.architecture.image_size == (8, 12)
@@ -61,7 +67,7 @@ def test_round_trip_timm_ours_timm_is_bitwise(tmp_path, classifier):
 
 def test_round_trip_hf_ours_hf_is_bitwise(tmp_path):
   flat = make_params('vit_jax')
-  arch = infer_architecture(flat)
+  arch = VIT.infer(flat)
   hf.write_hf(tmp_path / 'a', flat, arch, class_names=list('abcde'))
   ckpt = read_checkpoint(tmp_path / 'a')
   assert ckpt.format == 'hf' and ckpt.class_names == list('abcde')
@@ -74,7 +80,7 @@ def test_round_trip_hf_ours_hf_is_bitwise(tmp_path):
 
 def test_hf_reader_takes_transformers5_names_and_bare_vit_models(tmp_path):
   flat = make_params('vit_jax')
-  sd = hf.to_hf(flat, infer_architecture(flat))
+  sd = vit_interop.to_hf(flat, VIT.infer(flat))[0]
   v5 = {}
   for k, v in sd.items():
     for old, new in (('vit.encoder.layer.', 'vit.layers.'),
@@ -86,11 +92,11 @@ def test_hf_reader_takes_transformers5_names_and_bare_vit_models(tmp_path):
       k = k.replace(old, new)
     v5[k] = v
   assert {'vit.layers.0.attention.v_proj.weight', 'vit.layers.1.mlp.fc2.weight'} <= set(v5)
-  back, _ = hf.from_hf(v5, HEADS)
+  back = vit_interop.from_hf(v5, HF_CONFIG)[0]
   _bitwise_equal(back, flat)
   bare = {k[len('vit.'):]: v for k, v in sd.items() if k.startswith('vit.')}
   bare['pooler.dense.weight'] = np.zeros((D, D), np.float32)
-  back, notes = hf.from_hf(bare, HEADS)
+  back, _, notes = vit_interop.from_hf(bare, HF_CONFIG)
   assert 'head/kernel' not in back and any('pooler' in n for n in notes)
 
 
@@ -118,7 +124,7 @@ def test_cli_npz_to_npz_with_verify_and_model_check(tmp_path, capsys):
   assert 'largest |logit difference| = 0' in capsys.readouterr().out
   with np.load(src) as a, np.load(out) as b:
     assert all(a[k].tobytes() == b[k].tobytes() for k in a.files)
-  assert cli.main(['--input', src, '--to', 'npz', '--output', str(out), '--model', 'ViT-B_16']) == 1
+  assert cli.main(['--input', src, '--to', 'npz', '--output', str(out), '--model', 'ViT-B_16']) == 2
   assert "hidden_size=32 (the config has 768)" in capsys.readouterr().err
 
 
@@ -134,7 +140,7 @@ def test_class_names_file_and_count_check(tmp_path):
 
 def test_timm_file_without_config_needs_the_head_count(tmp_path):
   flat = make_params('vit_jax')
-  save_file(timm.to_timm(flat, infer_architecture(flat)), tmp_path / 'w.safetensors')
+  save_file(vit_interop.to_timm(flat, VIT.infer(flat))[0], tmp_path / 'w.safetensors')
   with pytest.raises(ValueError, match='head count is not in the weights'):
     read_checkpoint(tmp_path / 'w.safetensors')
   result = convert(tmp_path / 'w.safetensors', 'npz', tmp_path / 'o.npz', model='ViT-testing',
@@ -147,7 +153,7 @@ def test_round_trip_orbax_to_torch_layouts_and_back_is_bitwise(tmp_path, via):
   from vit_jax.checkpoints import manager
   from vit_jax.models import params as params_lib
   flat = make_params('vit_jax', grid=(2, 3))
-  arch = infer_architecture(flat, image_size=(8, 12))
+  arch = VIT.infer(flat, image_size=(8, 12))
   names = [f'class{i}' for i in range(CLASSES)]
   manager.save_params(tmp_path / 'orig', params_lib.unflatten(flat),
                       {'architecture': arch.to_meta(), 'class_names': names})
@@ -168,8 +174,8 @@ def test_round_trip_orbax_to_torch_layouts_and_back_is_bitwise(tmp_path, via):
 def test_fixed_position_embeddings_are_written_as_values(tmp_path):
   flat = make_params('vit_jax')
   del flat['Transformer/posembed_input/pos_embedding']
-  arch = infer_architecture(flat, image_size=(16, 16), posemb='sincos2d')
-  sd = hf.to_hf(flat, arch)
+  arch = VIT.infer(flat, image_size=(16, 16), model_config={'posemb': 'sincos2d'})
+  sd = vit_interop.to_hf(flat, arch)[0]
   pe = sd['vit.embeddings.position_embeddings']
   assert pe.shape == (1, 17, D)
   np.testing.assert_array_equal(pe[:, 0], 0)
@@ -179,7 +185,7 @@ def test_fixed_position_embeddings_are_written_as_values(tmp_path):
 
 def test_timm_no_embed_class_gets_a_zero_class_row(tmp_path):
   flat = make_params('vit_jax')
-  sd = timm.to_timm(flat, infer_architecture(flat))
+  sd = vit_interop.to_timm(flat, VIT.infer(flat))[0]
   sd['pos_embed'] = sd['pos_embed'][:, 1:].copy()  # timm's no_embed_class: no class-token row.
   save_file(sd, tmp_path / 'model.safetensors')
   (tmp_path / 'config.json').write_text(json.dumps(

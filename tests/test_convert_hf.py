@@ -9,15 +9,17 @@ transformers = pytest.importorskip('transformers')
 
 from tests.test_npz import D, HEADS, make_params  # noqa: E402
 from vit_jax.checkpoints import read_checkpoint  # noqa: E402
-from vit_jax.checkpoints.arch import infer_architecture  # noqa: E402
+from vit_jax.families.vit import FAMILY as VIT  # noqa: E402
 from vit_jax.checkpoints.npz import write_npz  # noqa: E402
-from vit_jax.convert import convert, hf, verify  # noqa: E402
+from vit_jax.convert import convert, verify  # noqa: E402
+from vit_jax.families import vit_interop  # noqa: E402
+from vit_jax.formats import hf  # noqa: E402
 
 
 @pytest.mark.parametrize('grid', [(14, 14), (14, 10)])  # 224x224 and 224x160 at patch 16.
 def test_export_to_hf_matches_logits(tmp_path, grid):
   flat = make_params('vit_jax', grid=grid, patch=16, seed=11)
-  arch = infer_architecture(flat, image_size=(grid[0] * 16, grid[1] * 16))
+  arch = VIT.infer(flat, image_size=(grid[0] * 16, grid[1] * 16))
   hf.write_hf(tmp_path, flat, arch, class_names=['a', 'b', 'c', 'd', 'e'])
   model = verify.load_hf_model(str(tmp_path))  # Raises on any missing/unexpected key.
   assert model.config.id2label[4] == 'e' and model.config.hidden_act == 'gelu_pytorch_tanh'
@@ -74,7 +76,10 @@ def test_hf_directory_restores_here_with_the_same_logits(tmp_path):
   assert result.max_abs_diff <= 1e-4
 
 
-def test_exact_gelu_source_is_noted(tmp_path):
-  _hf_model().save_pretrained(tmp_path)  # transformers' defaults: exact GELU, eps 1e-12.
-  notes = read_checkpoint(tmp_path).notes
-  assert any("hidden_act='gelu'" in n for n in notes) and any('1e-12' in n for n in notes)
+def test_exact_gelu_source_reads_as_exact_gelu(tmp_path):
+  """transformers' defaults: exact GELU (the architecture's `act`, so logits match) and eps 1e-12
+  (noted: this project's LayerNorm uses 1e-6)."""
+  _hf_model().save_pretrained(tmp_path)
+  ckpt = read_checkpoint(tmp_path)
+  assert ckpt.architecture.model_config['act'] == 'gelu'
+  assert any('1e-12' in n for n in ckpt.notes)

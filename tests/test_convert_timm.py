@@ -20,9 +20,11 @@ from safetensors.torch import save_file  # noqa: E402
 
 from tests.test_npz import D, HEADS, make_params  # noqa: E402
 from vit_jax.checkpoints import read_checkpoint  # noqa: E402
-from vit_jax.checkpoints.arch import infer_architecture  # noqa: E402
+from vit_jax.families.vit import FAMILY as VIT  # noqa: E402
 from vit_jax.checkpoints.npz import write_npz  # noqa: E402
-from vit_jax.convert import convert, timm as timm_lib, verify  # noqa: E402
+from vit_jax.convert import convert, verify  # noqa: E402
+from vit_jax.families import vit_interop  # noqa: E402
+from vit_jax.formats import timm as timm_lib  # noqa: E402
 
 
 def _run(model, images):
@@ -33,7 +35,7 @@ def _run(model, images):
 @pytest.mark.parametrize('classifier,grid', [('token', (4, 4)), ('gap', (4, 6)), ('map', (6, 4))])
 def test_export_to_timm_matches_logits(tmp_path, classifier, grid):
   flat = make_params('vit_jax', classifier=classifier, grid=grid, seed=21)
-  arch = infer_architecture(flat, image_size=(grid[0] * 4, grid[1] * 4))
+  arch = VIT.infer(flat, image_size=(grid[0] * 4, grid[1] * 4))
   timm_lib.write_timm(tmp_path, flat, arch, class_names=list('abcde'))
   images = verify.sample_images(arch)
   ours = verify.our_logits(flat, arch, images)
@@ -53,9 +55,9 @@ def test_npz_export_loads_in_timm(tmp_path, classifier):
   flat = make_params('vit_jax', classifier=classifier, seed=22)
   write_npz(tmp_path / 'm.npz', flat)
   convert(tmp_path / 'm.npz', 'npz', tmp_path / 'out.npz', log=None)
-  arch = infer_architecture(flat)
+  arch = VIT.infer(flat)
   model = timm.create_model('vit_base_patch16_224', pretrained=False,
-                            **timm_lib.timm_model_args(arch)).eval()
+                            **vit_interop.to_timm(flat, arch)[1]['model_args']).eval()
   model.load_pretrained(str(tmp_path / 'out.npz'))
   images = verify.sample_images(arch)
   assert np.abs(verify.our_logits(flat, arch, images) - _run(model, images)).max() <= 1e-4

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from vit_jax.checkpoints.posemb import resample_grid, resample_posemb, square_grid
+from vit_jax.families.resample import resample_grid, resample_posemb, square_grid
 
 
 def _posemb(prefix, gh, gw, d=8, seed=0):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import models as registry
+from vit_jax.families import registry
 from vit_jax import predict
 from vit_jax.checkpoints import manager
-from vit_jax.checkpoints.arch import Architecture
+from vit_jax.families.base import Architecture
 from vit_jax.checkpoints.npz import write_npz
-from vit_jax.models import create_model
+from vit_jax.families.registry import create_model
 from vit_jax.models import params as params_lib
 
 NAMES = ['ant', 'bee', 'cat', 'dog', 'eel']

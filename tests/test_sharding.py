@@ -30,6 +30,7 @@ import pytest
 
 from tests import sharding_worker as worker
 from vit_jax import sharding as sharding_lib
+from vit_jax.families.vit import TENSOR_RULES as VIT_RULES
 from vit_jax.models import VisionTransformer
 from vit_jax.train import optim
 from vit_jax.train import state as state_lib
@@ -61,7 +62,7 @@ def specs(tree, mesh, fsdp_min_size: int = 2 ** 14) -> dict[str, P]:
   """{path: PartitionSpec} with trailing Nones dropped, so P(None, 'x', None) == P(None, 'x')."""
   out = {}
   for path, s in jax.tree_util.tree_flatten_with_path(
-      sharding_lib.tree_shardings(tree, mesh, fsdp_min_size))[0]:
+      sharding_lib.tree_shardings(tree, mesh, fsdp_min_size, VIT_RULES))[0]:
     spec = list(s.spec)
     while spec and spec[-1] is None:
       spec.pop()
@@ -245,7 +246,7 @@ def test_optimizer_state_and_ema_get_the_spec_of_their_parameter(optimizer, opt,
 
 def test_describe_lists_every_leaf():
   params = abstract_state(tiny_model()).params
-  shardings = sharding_lib.tree_shardings(params, abstract_mesh(tensor=4))
+  shardings = sharding_lib.tree_shardings(params, abstract_mesh(tensor=4), tensor_rules=VIT_RULES)
   described = sharding_lib.describe(shardings)
   assert len(described) == len(jax.tree.leaves(params))
   assert described[f'{ATTN}/query/kernel'] == str(P(None, 'tensor', None))
@@ -336,3 +337,30 @@ def test_fsdp_and_tensor_run_shards_one_parameter_over_both_axes(runs):
   _assert_sharded(info, f'{ATTN}/query/kernel', ('fsdp', 'tensor'), (16, 1, 8))
   _assert_sharded(info, f'{MLP}/Dense_0/kernel', ('fsdp', 'tensor'), (16, 16))
   _assert_sharded(info, f'{MLP}/Dense_1/kernel', ('tensor', 'fsdp'), (16, 16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Every other family: its tiny test model on 1 device and on FSDP, tensor and FSDP x tensor meshes
+# (tensor=2: the tiny models have few heads), with its own tensor rules.
+
+FAMILY_MESHES = ('one', 'fsdp', 'tensor2', 'fsdp_tensor2')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['deit', 'hybrid', 'mixer', 'swin', 'pvt'])
+def test_every_family_trains_sharded_like_one_device(family):
+  with tempfile.TemporaryDirectory() as out:
+    cmd = worker.worker_cmd(out, devices=8, meshes=FAMILY_MESHES, steps=6, family=family)
+    worker.check_ok(worker.run_all([cmd], timeout=600))
+    runs = {name: worker.load_run(out, name) for name in FAMILY_MESHES}
+  ref, _ = runs['one']
+  assert np.all(np.isfinite(ref['losses'])) and ref['losses'][-1] < ref['losses'][0]
+  for name in FAMILY_MESHES[1:]:
+    print(family, name, worker.assert_equivalent(ref, runs[name][0], f'{family} {name}'))
+  # The tensor run really splits something, and the FSDP run really shards something.
+  for name, axis in (('tensor2', 'tensor'), ('fsdp', 'fsdp')):
+    info = runs[name][1]
+    split = [p for p, leaf in info['leaves'].items()
+             if p.startswith('params/') and not leaf['is_fully_replicated']
+             and any(axis in (e if isinstance(e, list) else [e]) for e in leaf['spec'])]
+    assert split, f'{family} {name}: nothing sharded over {axis}'

@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import models as registry
+from vit_jax.families import registry
 from vit_jax import sharding as sharding_lib
-from vit_jax.models import create_model
+from vit_jax.families.registry import create_model
 from vit_jax.train import optim, state as state_lib, step as step_lib
 
 

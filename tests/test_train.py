@@ -239,9 +239,9 @@ def test_finetune_recipe_loads_a_google_npz_at_a_new_resolution(tmp_path):
   """configs/finetune.py with pretrained=.npz: new head, resampled position embeddings, SGD."""
   import jax
   import numpy as np
-  from configs import models as registry
+  from vit_jax.families import registry
   from vit_jax.checkpoints.npz import write_npz
-  from vit_jax.models import create_model
+  from vit_jax.families.registry import create_model
   from vit_jax.models import params as params_lib
   src = create_model(registry.get_model_config('ViT-testing'), 1000, head_zeroinit=False)
   params = src.init(jax.random.PRNGKey(0), np.zeros((1, 8, 8, 3), np.float32))['params']
@@ -287,6 +287,7 @@ def test_model_overrides_reach_the_module():
   c.model.dropout_rate = 0.2
   c.model.classifier = 'map'
   c.model.representation_size = 0   # 0: no pre-logits layer
-  m = loop.build_model(c, 7)
+  family, m, _ = loop.build_model(c, 7)
+  assert family.name == 'vit'
   assert (m.dropout_rate, m.classifier, m.representation_size, m.patch_size) == (0.2, 'map', None, 2)
   assert (m.num_classes, m.hidden_size) == (7, 32)

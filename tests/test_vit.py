@@ -4,10 +4,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tests.numerics import assert_trees_close_to_scale
 import pytest
 
-from configs import models as registry
-from vit_jax.models import create_model
+from vit_jax.families import registry
+from vit_jax.families.registry import create_model
+from vit_jax.families import vit as vit_family
 from vit_jax.models import params as params_lib
 
 # Google's released models at 224x224 with 1000 classes and a class token (issue A's table).
@@ -34,7 +37,7 @@ def hand_count(cfg, num_classes, size, channels):
 
 
 def test_every_registered_name_is_counted():
-  assert set(EXPECTED_COUNTS) | set(SMALL) == set(registry.names())
+  assert set(EXPECTED_COUNTS) | set(SMALL) == set(registry.names('vit'))
 
 
 @pytest.mark.parametrize('name', sorted(EXPECTED_COUNTS))
@@ -224,17 +227,17 @@ def test_scan_and_loop_give_same_outputs_from_converted_params():
   p_scan = scan.init(jax.random.PRNGKey(0), x)['params']
   assert p_scan['Transformer']['encoderblock']['LayerNorm_0']['scale'].shape == (2, 32)
   # Same tree structure both ways.
-  assert jax.tree.structure(params_lib.stack_blocks(p_loop)) == jax.tree.structure(p_scan)
-  assert jax.tree.structure(params_lib.unstack_blocks(p_scan)) == jax.tree.structure(p_loop)
+  assert jax.tree.structure(vit_family.stack_blocks(p_loop)) == jax.tree.structure(p_scan)
+  assert jax.tree.structure(vit_family.unstack_blocks(p_scan)) == jax.tree.structure(p_loop)
   out_loop, aux_loop = loop.apply({'params': p_loop}, x, return_aux=True)
-  out_scan, aux_scan = scan.apply({'params': params_lib.stack_blocks(p_loop)}, x, return_aux=True)
+  out_scan, aux_scan = scan.apply({'params': vit_family.stack_blocks(p_loop)}, x, return_aux=True)
   np.testing.assert_allclose(out_loop, out_scan, atol=1e-6)
   np.testing.assert_allclose(aux_loop['attention_weights'], aux_scan['attention_weights'], atol=1e-6)
   # And back: scanned init converted to loop layout.
   np.testing.assert_allclose(scan.apply({'params': p_scan}, x),
-                             loop.apply({'params': params_lib.unstack_blocks(p_scan)}, x), atol=1e-6)
+                             loop.apply({'params': vit_family.unstack_blocks(p_scan)}, x), atol=1e-6)
   # Round trip is exact.
-  back = params_lib.unstack_blocks(params_lib.stack_blocks(p_loop))
+  back = vit_family.unstack_blocks(vit_family.stack_blocks(p_loop))
   jax.tree.map(np.testing.assert_array_equal, back, p_loop)
 
 
@@ -247,7 +250,10 @@ def test_remat_matches_plain_and_trains():
     p = plain.init(jax.random.PRNGKey(0), x)['params']
     loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
     g1, g2 = jax.grad(loss(plain))(p), jax.grad(loss(remat))(p)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g1, g2)
+    # Remat recomputes the same forward, so only float32 summation order may differ: 1e-5 of the
+    # gradients' scale (~50 here; an absolute 1e-5 failed on some CPUs).
+    assert_trees_close_to_scale(g2, g1, rtol=1e-5)
+    assert any(float(jnp.max(jnp.abs(g))) > 1.0 for g in jax.tree.leaves(g1))  # not all zero
 
 
 def test_dropout_and_stochastic_depth_only_in_training():

@@ -2,10 +2,12 @@
 
     python -m vit_jax.predict --checkpoint PATH IMAGE_OR_FOLDER... [--model NAME] [--logits_out F.npy]
 
-PATH: a workdir or orbax checkpoint of this project, a Google `.npz`, a timm or Hugging Face export.
-For a bare `.npz`, `--model` names the architecture; the class count comes from the head. Prints the
-top-5 class names (indices when the checkpoint has none) with probabilities per image. Images are
-resized to the model's size (an image already at that size passes unchanged) and scaled to [-1, 1].
+PATH: a workdir or orbax checkpoint of this project, a Google `.npz`, a timm or Hugging Face
+directory, of any registered family. For a bare `.npz`, `--model` names the architecture; the class
+count comes from the head. Prints the top-5 class names (indices when the checkpoint has none) with
+probabilities per image. Images are resized to the model's size (an image already at that size passes
+unchanged) and normalised as the checkpoint declares: timm's pretrained_cfg mean/std, Hugging Face's
+preprocessor_config.json, [-1, 1] for Google's files and this project's runs.
 `--logits_out` writes float32 logits [num_images, num_classes] in the order the images were given
 (the files of a folder in sorted order).
 """
@@ -20,16 +22,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import cli
 from vit_jax.checkpoints import read_checkpoint
-from vit_jax.checkpoints.arch import Architecture
 from vit_jax.data import IMAGE_EXTENSIONS, BadImageError
 from vit_jax.data import preprocess
+from vit_jax.families.base import Architecture
 from vit_jax.models import params as params_lib
 
 
 @dataclasses.dataclass
 class Predictor:
-  """A model ready to classify: architecture, parameters (unscanned tree) and class names."""
+  """A model ready to classify: architecture, parameters (the module's layout) and class names."""
   arch: Architecture
   params: Any
   class_names: Optional[list[str]]
@@ -39,14 +42,15 @@ class Predictor:
     self._apply = jax.jit(lambda p, x: self.model.apply({'params': p}, x))
 
   def preprocess(self, path: str) -> np.ndarray:
-    """float32 [H, W, C] in [-1, 1] at the model's size; raises BadImageError naming the file."""
+    """float32 [H, W, C] at the model's size, normalised with the checkpoint's mean/std; raises
+    BadImageError naming the file."""
     with open(path, 'rb') as f:
       raw = f.read()
     img = preprocess.eval_example(raw, tuple(self.arch.image_size), self.arch.channels, name=path)
-    return preprocess.normalize(img)
+    return preprocess.normalize(img, self.arch.mean, self.arch.std)
 
   def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """float32 [N, num_classes] for float32 [N, H, W, C] images in [-1, 1]."""
+    """float32 [N, num_classes] for float32 [N, H, W, C] normalised images."""
     out = [np.asarray(self._apply(self.params, jnp.asarray(images[i:i + batch_size])),
                       np.float32) for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.arch.num_classes or 0), np.float32)
@@ -62,8 +66,7 @@ def load_predictor(path: str, model: Optional[str] = None,
   ckpt = read_checkpoint(path)
   arch = resolve_architecture(ckpt, model=model, image_size=image_size)
   tree = params_lib.unflatten({k: np.asarray(v) for k, v in ckpt.params.items()})
-  if arch.model_config.get('scan'):
-    tree = params_lib.stack_blocks(tree)
+  tree = arch.get_family().to_module_layout(tree, arch.model_config)
   return Predictor(arch, tree, ckpt.class_names)
 
 
@@ -92,23 +95,19 @@ def top_k(logits: np.ndarray, k: int = 5) -> list[list[tuple[int, float]]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  ap = argparse.ArgumentParser(prog='python -m vit_jax.predict', description=__doc__.split('\n')[0])
+  ap = cli.parser('vit_jax.predict', __doc__.split('\n')[0])
   ap.add_argument('--checkpoint', required=True)
-  ap.add_argument('--model', default=None, help='registry name, for checkpoints without one')
-  ap.add_argument('--image_size', default=None, help="the model's input size: H or H,W pixels")
+  cli.add_model(ap, help_text='registry name, for checkpoints without one')
+  cli.add_image_size(ap)
   ap.add_argument('--logits_out', default=None, help='write float32 logits [N, K] here (.npy)')
   ap.add_argument('--batch_size', type=int, default=64)
   ap.add_argument('images', nargs='+', help='image files or folders')
   args = ap.parse_args(argv)
   try:
-    size = [int(v) for v in args.image_size.split(',')] if args.image_size else None
-    predictor = load_predictor(args.checkpoint, args.model,
-                               tuple(size * (2 // len(size))) if size else None)
+    predictor = load_predictor(args.checkpoint, args.model, args.image_size)
     paths = list_images(args.images)
-  except (FileNotFoundError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  except cli.USAGE_ERRORS as e:
+    return cli.fail(e)
   images, kept, failed = [], [], []
   for p in paths:
     try:
@@ -133,4 +132,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.main_entry(main)

@@ -7,6 +7,7 @@ The mesh has three named axes (any may have size 1):
   tensor  Megatron-style tensor parallelism: attention heads and MLP hidden units split.
 The batch dimension of inputs is sharded over ('data', 'fsdp'). Rules match parameter paths with
 regular expressions, so optimizer moments (whose paths end in the parameter path) follow their
+parameter. The tensor rules are the model family's (`Family.tensor_rules`): this module names no
 parameter.
 """
 from __future__ import annotations
@@ -22,19 +23,6 @@ import numpy as np
 
 AXES = ('data', 'fsdp', 'tensor')
 BATCH_AXES = ('data', 'fsdp')
-
-# Megatron tensor parallelism for ViT blocks: (path regex, spec of the unscanned parameter).
-# q/k/v kernels [D, heads, K] and biases [heads, K] split heads; out kernel [heads, K, D] splits heads;
-# MLP Dense_0 [D, M] splits M (column parallel), Dense_1 [M, D] splits M (row parallel).
-TENSOR_RULES: tuple[tuple[str, tuple], ...] = (
-    (r'MultiHeadDotProductAttention_\d+/(query|key|value)/kernel$', (None, 'tensor', None)),
-    (r'MultiHeadDotProductAttention_\d+/(query|key|value)/bias$', ('tensor', None)),
-    (r'MultiHeadDotProductAttention_\d+/out/kernel$', ('tensor', None, None)),
-    (r'MlpBlock_\d+/Dense_0/kernel$', (None, 'tensor')),
-    (r'MlpBlock_\d+/Dense_0/bias$', ('tensor',)),
-    (r'MlpBlock_\d+/Dense_1/kernel$', ('tensor', None)),
-)
-
 
 def mesh_shape(mesh_spec: Sequence[Sequence[Any]], num_devices: int) -> dict[str, int]:
   """Resolves (('data', -1), ('fsdp', 2), ...) against the device count; -1 takes what is left."""
@@ -76,11 +64,15 @@ def _path_str(path) -> str:
   return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))) for k in path)
 
 
-def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int) -> P:
+Rules = Sequence[tuple[str, tuple]]
+
+
+def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int,
+              tensor_rules: Rules) -> P:
   axis_size = dict(mesh.shape)  # Mesh or AbstractMesh: the rules need only the axis sizes
   spec: list[Any] = [None] * len(shape)
   if axis_size.get('tensor', 1) > 1:
-    for pattern, rule in TENSOR_RULES:
+    for pattern, rule in tensor_rules:
       if re.search(pattern, path):
         offset = len(shape) - len(rule)  # a leading [layers] axis when blocks are scanned
         if offset < 0:
@@ -103,14 +95,16 @@ def _spec_for(path: str, shape: tuple[int, ...], mesh: Mesh, fsdp_min_size: int)
   return P(*spec)
 
 
-def tree_shardings(tree: Any, mesh: Mesh, fsdp_min_size: int = 2 ** 14) -> Any:
+def tree_shardings(tree: Any, mesh: Mesh, fsdp_min_size: int = 2 ** 14,
+                   tensor_rules: Rules = ()) -> Any:
   """NamedShardings for a tree of arrays or ShapeDtypeStructs (parameters, optimizer state, ...).
 
-  Scalars and small leaves are replicated; see the module docstring for the rules.
+  tensor_rules: the model family's (path regex, spec) pairs. Scalars and small leaves are
+  replicated; see the module docstring for the rules.
   """
   def one(path, leaf):
     shape = tuple(getattr(leaf, 'shape', ()))
-    return NamedSharding(mesh, _spec_for(_path_str(path), shape, mesh, fsdp_min_size))
+    return NamedSharding(mesh, _spec_for(_path_str(path), shape, mesh, fsdp_min_size, tensor_rules))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 

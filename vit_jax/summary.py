@@ -1,23 +1,23 @@
 """Prints a model's layer table (or every parameter path), its forward GFLOPs and parameter count.
 
-    python -m vit_jax.summary --model ViT-B_16 --num_classes 1000 --image_size 224 [--params]
+    python -m vit_jax.summary --model NAME --num_classes 1000 --image_size 224 [--params]
 
-Nothing is allocated: shapes come from `jax.eval_shape`, so ViT-H/14 answers in seconds. The last line
-is `params: <count>`.
+Any registered model of any family (`--model list` prints them). Nothing is allocated: shapes come
+from `jax.eval_shape`, so ViT-H/14 answers in seconds. The forward FLOPs are the family's analytic
+count; the last line is `params: <count>`.
 """
 from __future__ import annotations
 
 import math
 import re
-import sys
 from typing import Any, Optional, Sequence
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from configs import models as model_registry
-from vit_jax.models import create_model, num_prefix_tokens
+from vit_jax import cli
+from vit_jax.families import registry
+from vit_jax.families.base import hw
 from vit_jax.models import params as params_lib
 
 
@@ -25,31 +25,6 @@ def param_shapes(model, image_size: Sequence[int], channels: int = 3) -> dict[st
   """The model's `params` tree as ShapeDtypeStructs, for an input of [1, H, W, channels]."""
   x = jax.ShapeDtypeStruct((1, *image_size, channels), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)['params']
-
-
-def forward_macs(model, image_size: Sequence[int], channels: int = 3) -> int:
-  """Multiply-accumulates of one forward pass for one image (matmuls and convolutions only).
-
-  Counted analytically from the architecture; LayerNorm, softmax, GELU and additions (under 1% for
-  ViT-B) are left out, as in the figures the papers and timm report.
-  """
-  ph, pw = model.patch_hw
-  h, w = image_size
-  n_patch = (h // ph) * (w // pw)
-  n = n_patch + num_prefix_tokens(model.classifier)
-  d, m, layers = model.hidden_size, model.mlp_dim, model.num_layers
-  macs = n_patch * ph * pw * channels * d  # patch embedding
-  per_block = 4 * n * d * d + 2 * n * n * d + 2 * n * d * m  # qkv+out, qk^T and av, MLP
-  macs += layers * per_block
-  if model.classifier == 'map':
-    macs += 2 * d * d + 2 * n * d * d + 2 * n * d + 2 * d * m  # probe q/out, k/v over tokens, MLP
-  width = d
-  if model.representation_size:
-    macs += d * model.representation_size
-    width = model.representation_size
-  if model.num_classes:
-    macs += width * model.num_classes
-  return int(macs)
 
 
 # Rank of each path component in forward order; unknown names sort after, by their numeric suffix.
@@ -95,10 +70,15 @@ def _module_rows(shapes: dict[str, Any]) -> list[tuple[str, str, int]]:
 def summarize(model_name: str, num_classes: Optional[int], image_size: Sequence[int],
               list_params: bool = False, channels: int = 3, **overrides: Any) -> str:
   """The text `python -m vit_jax.summary` prints."""
-  model = create_model(model_registry.get_model_config(model_name), num_classes, **overrides)
-  shapes = param_shapes(model, image_size, channels)
-  lines = [f'model: {model_name}  image: {image_size[0]}x{image_size[1]}x{channels}  '
-           f'classes: {num_classes}  classifier: {model.classifier}  posemb: {model.posemb}']
+  family = registry.family_of(model_name)
+  fields = {**registry.get_model_config(model_name), **overrides}
+  size = hw(image_size)
+  family.validate(fields, size)
+  model = family.create(fields, num_classes)
+  shapes = param_shapes(model, size, channels)
+  lines = [f'model: {model_name}  family: {family.name}  image: {size[0]}x{size[1]}x{channels}  '
+           f'classes: {num_classes}']
+  lines += family.summary_rows(fields, size)
   if list_params:
     for path, leaf in ordered(shapes).items():
       lines.append(f'{path:<72} {str(tuple(leaf.shape)):>20} {leaf.dtype}')
@@ -108,29 +88,27 @@ def summarize(model_name: str, num_classes: Optional[int], image_size: Sequence[
     lines.append(f'{"module":<{width}}  {"params":>12}  shapes')
     for module, desc, n in rows:
       lines.append(f'{module:<{width}}  {n:>12,}  {desc}')
-  macs = forward_macs(model, image_size, channels)
+  macs = family.forward_macs(fields, num_classes, size, channels)
   lines.append(f'forward: {2 * macs / 1e9:.2f} GFLOPs per image ({macs / 1e9:.2f} GMACs)')
   lines.append(f'params: {params_lib.count(shapes)}')
   return '\n'.join(lines)
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string('model', 'ViT-B_16', 'registered model name (configs/models.py)')
-flags.DEFINE_integer('num_classes', 1000, 'classes of the head; 0 for no head')
-flags.DEFINE_list('image_size', ['224'], 'H or H,W in pixels')
-flags.DEFINE_integer('channels', 3, 'input channels')
-flags.DEFINE_bool('params', False, 'list every parameter path with its shape')
-
-
-def main(argv: Sequence[str]) -> None:
-  del argv
-  size = [int(s) for s in FLAGS.image_size]
-  size = size * 2 if len(size) == 1 else size
-  try:
-    print(summarize(FLAGS.model, FLAGS.num_classes or None, size, FLAGS.params, FLAGS.channels))
-  except (KeyError, ValueError) as e:
-    sys.exit(f'error: {e.args[0] if e.args else e}')
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = cli.parser('vit_jax.summary', __doc__)
+  cli.add_model(p, default='ViT-B_16', help_text="registered model name ('list' prints them)")
+  p.add_argument('--num_classes', type=int, default=1000, help='classes of the head; 0 for none')
+  cli.add_image_size(p, default='224')
+  p.add_argument('--channels', type=int, default=3, help='input channels')
+  p.add_argument('--params', action='store_true', help='list every parameter path with its shape')
+  args = p.parse_args(argv)
+  if args.model == 'list':
+    for family in registry.families():
+      print(f'{family.name}: {", ".join(registry.names(family.name))}')
+    return 0
+  return cli.run(lambda: print(summarize(args.model, args.num_classes or None, args.image_size,
+                                         args.params, args.channels)) or 0)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.main_entry(main)

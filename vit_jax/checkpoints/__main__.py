@@ -7,12 +7,11 @@ how the run was sharded). Exits non-zero with a message on a missing or unreadab
 from __future__ import annotations
 
 import json
-import sys
+from typing import Optional, Sequence
 
+from vit_jax import cli
 from vit_jax.checkpoints.manager import CheckpointError, load_params, params_digest
 from vit_jax.models import params as params_lib
-
-USAGE = 'usage: python -m vit_jax.checkpoints info PATH'
 
 
 def info(path: str) -> str:
@@ -26,17 +25,20 @@ def info(path: str) -> str:
   return '\n'.join(lines)
 
 
-def main(argv: list[str]) -> int:
-  if len(argv) != 2 or argv[0] != 'info':
-    print(USAGE, file=sys.stderr)
-    return 2
-  try:
-    print(info(argv[1]))
-  except CheckpointError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  return 0
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  p = cli.parser('vit_jax.checkpoints', __doc__)
+  p.add_argument('command', choices=['info'])
+  p.add_argument('path', help='a workdir, its checkpoints/ directory or one step directory')
+  args = p.parse_args(argv)
+
+  def body() -> int:
+    try:
+      print(info(args.path))
+    except CheckpointError as e:
+      raise ValueError(str(e)) from e
+    return 0
+  return cli.run(body)
 
 
 if __name__ == '__main__':
-  sys.exit(main(sys.argv[1:]))
+  cli.main_entry(main)

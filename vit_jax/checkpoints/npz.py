@@ -1,7 +1,8 @@
-"""Google's released ViT `.npz` files, both layouts, to and from this project's flat parameter dict.
+"""Google's released `.npz` files, both layouts, to and from this project's flat parameter dict.
 
-A flat dict maps '/'-joined paths of the *unscanned* `VisionTransformer` tree to numpy arrays
-(`vit_jax.models.params.flatten`). Two layouts exist on disk:
+A flat dict maps '/'-joined paths of a family's file layout (the unscanned tree) to numpy arrays
+(`vit_jax.models.params.flatten`). google-research/vision_transformer's ViT, hybrid and Mixer files
+hold exactly those names. For the ViT, two layouts exist on disk:
 
   vit_jax (google-research/vision_transformer; what timm's `.npz` loader reads): exactly this
     project's names: `Transformer/posembed_input/pos_embedding` [1, prefix + gh*gw, D] with the
@@ -33,6 +34,8 @@ _PREFIXES = ('opt/target/', 'params/img/', 'params/')
 _BV_BLOCK = {'LayerNorm_0': 'LayerNorm_0',
              'MultiHeadDotProductAttention_0': 'MultiHeadDotProductAttention_1',
              'LayerNorm_1': 'LayerNorm_2', 'MlpBlock_0': 'MlpBlock_3'}
+# The input layers of Google's families (ViT and hybrid patch embedding, hybrid root, Mixer stem).
+_STEMS = ('embedding/kernel', 'conv_root/kernel', 'stem/kernel')
 _MAP_MODULES = ('probe', 'MlpBlock_0', 'MultiHeadDotProductAttention_0', 'LayerNorm_0')
 _BLOCK_KEY = re.compile(r'^Transformer/encoderblock_(\d+)/([^/]+)/(.*)$')
 _SCANNED_KEY = re.compile(r'^Transformer/encoderblock/([^/]+)/(.*)$')
@@ -53,7 +56,7 @@ def strip_prefix(flat: Mapping[str, np.ndarray]) -> tuple[Flat, str]:
   state, the text tower) are dropped.
   """
   for prefix in _PREFIXES:
-    if f'{prefix}embedding/kernel' in flat:
+    if any(f'{prefix}{stem}' in flat for stem in _STEMS):
       return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}, prefix
   return dict(flat), ''
 
@@ -69,8 +72,8 @@ def detect_layout(flat: Mapping[str, np.ndarray], prefix: str = '') -> str:
     return 'big_vision'
   if 'pos_embedding' in keys or prefix.startswith('params/'):
     return 'big_vision'
-  if 'embedding/kernel' not in keys:
-    raise ValueError('not a ViT checkpoint: no `embedding/kernel` (keys: '
+  if not any(stem in keys for stem in _STEMS):
+    raise ValueError(f'not a Google ViT, hybrid or Mixer checkpoint: none of {_STEMS} (keys: '
                      f'{sorted(keys)[:8]}{"..." if len(keys) > 8 else ""})')
   return 'vit_jax'
 
@@ -161,19 +164,9 @@ def write_npz(path: str | os.PathLike, flat: Mapping[str, Any], *, dtype: Any = 
   """Writes a flat dict in Google's vit_jax layout (no pickle; bfloat16 and others cast to `dtype`).
 
   The result loads in google-research/vision_transformer, in timm (`model.load_pretrained`) and
-  here (`read_npz`).
+  here (`read_npz`). Which keys a family allows is its descriptor's `npz_keys_ok`.
   """
   arrays = {k: np.asarray(v, dtype=dtype) for k, v in flat.items()}
-  bad = [k for k in arrays if not _is_vit_jax_key(k)]
-  if bad:
-    raise ValueError(f'not in the vit_jax layout (unscanned, Google names): {bad[:5]}')
   with open(path, 'wb') as f:
     np.savez(f, **arrays)
 
-
-def _is_vit_jax_key(key: str) -> bool:
-  if key.startswith('Transformer/encoderblock/'):
-    return False
-  m = _BLOCK_KEY.match(key)
-  return m is None or m.group(2) in ('LayerNorm_0', 'MultiHeadDotProductAttention_1', 'LayerNorm_2',
-                                     'MlpBlock_3')

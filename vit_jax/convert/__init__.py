@@ -1,10 +1,9 @@
-"""Export to and import from other ViT implementations: timm, Hugging Face, Google's `.npz`.
+"""Export to and import from other implementations: timm, Hugging Face, Google's `.npz`, orbax.
 
 Writing needs only numpy and safetensors; torch is imported lazily, only to `--verify`.
-  convert(input, to, output, ...)            api.py   (`python -m vit_jax.convert`)
-  to_timm / from_timm / write_timm / read_timm   timm.py
-  to_hf / from_hf / write_hf / read_hf           hf.py
-  verify_export(target, out_dir, flat, arch)     verify.py (torch)
+  convert(input, to, output, ...)                 api.py   (`python -m vit_jax.convert`)
+  write_timm / read_timm, write_hf / read_hf       vit_jax/formats (the families own the key maps)
+  verify_export(target, out_dir, flat, arch)      verify.py (torch)
 """
 from __future__ import annotations
 

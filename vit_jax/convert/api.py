@@ -1,21 +1,22 @@
 """`convert(...)`: read any supported checkpoint, settle its architecture, write it in another format.
 
-Targets are a registry (`WRITERS`): 'timm', 'hf', 'npz', and 'orbax' through the ORBAX HOOK below
-(`vit_jax.checkpoints.manager.save_params`). `python -m vit_jax.convert` is a thin face over this.
+Targets are a registry (`WRITERS`): 'timm', 'hf', 'npz' (Google's layout, for the families that have
+one) and 'orbax' (this project's checkpoint). The family's descriptor maps the keys and says what a
+target cannot express; `python -m vit_jax.convert` is a thin face over this.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from vit_jax.checkpoints.arch import Architecture, infer_architecture
 from vit_jax.checkpoints.npz import read_npz, write_npz
 from vit_jax.checkpoints.readers import Checkpoint, read_checkpoint
-from vit_jax.convert import hf, timm
+from vit_jax.families import registry
+from vit_jax.families.base import Architecture
+from vit_jax.formats import hf, timm
 
 Flat = dict[str, np.ndarray]
 # writer(output, flat params, architecture, class names or None) -> the path written.
@@ -23,7 +24,14 @@ Writer = Callable[[str, Flat, Architecture, Optional[Sequence[str]]], str]
 
 
 def _write_npz(output: str, flat: Flat, arch: Architecture, class_names) -> str:
-  del arch, class_names  # Google's layout carries neither.
+  del class_names  # Google's layout carries none.
+  family = arch.get_family()
+  if not family.writes_npz:
+    raise ValueError(f'Google released no .npz layout for the {family.name} family; export with '
+                     '`--to timm` or `--to orbax`')
+  bad = family.npz_keys_ok(flat)
+  if bad:
+    raise ValueError(f'not in Google\'s layout (unscanned, Google names): {bad[:5]}')
   path = output if output.endswith('.npz') else os.path.join(output, 'model.npz')
   if os.path.dirname(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -31,23 +39,12 @@ def _write_npz(output: str, flat: Flat, arch: Architecture, class_names) -> str:
   return path
 
 
-# ---------- ORBAX HOOK ----------
-# The lead's `vit_jax/checkpoints/manager.py` is expected to offer
-#   save_params(path, params_tree, meta) -> str
-# meta here: {'architecture': Architecture.to_meta(), 'class_names': [...] or None}; the params tree
-# is unscanned (`params_lib.stack_blocks` it for a scanned model).
-
 def _write_orbax(output: str, flat: Flat, arch: Architecture, class_names) -> str:
-  try:
-    manager = importlib.import_module('vit_jax.checkpoints.manager')
-  except ImportError as e:
-    raise NotImplementedError('--to orbax needs vit_jax.checkpoints.manager') from e
-  if not hasattr(manager, 'save_params'):
-    raise NotImplementedError('--to orbax needs vit_jax.checkpoints.manager.save_params(path, '
-                              'params, meta)')
+  from vit_jax.checkpoints import manager  # pylint: disable=import-outside-toplevel
   from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
   meta = {'architecture': arch.to_meta(), 'class_names': list(class_names) if class_names else None}
-  return manager.save_params(output, params_lib.unflatten(flat), meta)
+  tree = arch.get_family().to_module_layout(params_lib.unflatten(flat), arch.model_config)
+  return manager.save_params(output, tree, meta)
 
 
 WRITERS: dict[str, Writer] = {'timm': timm.write_timm, 'hf': hf.write_hf, 'npz': _write_npz,
@@ -79,18 +76,26 @@ def resolve_architecture(ckpt: Checkpoint, *, model: Optional[str] = None,
   Size fields that disagree with the parameters are a ValueError naming the field and both values.
   """
   cfg: dict[str, Any] = {}
+  family = None
   if model is not None:
-    from configs import models as registry  # pylint: disable=import-outside-toplevel
+    family = registry.family_of(model)
     cfg = dict(registry.get_model_config(model))
   carried = ckpt.architecture
   if carried is not None:
-    if model is not None:
-      infer_architecture(ckpt.params, model_config=cfg, image_size=image_size or carried.image_size,
-                         posemb=carried.model_config.get('posemb'))  # Only to cross-check.
+    if family is not None and family.name != carried.family:
+      raise ValueError(f'{ckpt.path} holds a {carried.family} model, not {model} ({family.name})')
+    family = carried.get_family()
+    if model is not None:  # Only to cross-check the sizes.
+      family.infer(ckpt.params, model_config={**carried.model_config, **cfg},
+                   image_size=image_size or carried.image_size)
     cfg = {**cfg, **carried.model_config}
     if image_size is None:
       image_size = carried.image_size
-  return infer_architecture(ckpt.params, model_config=cfg, image_size=image_size)
+  family = family or registry.detect(ckpt.params)
+  arch = family.infer(ckpt.params, model_config=cfg, image_size=image_size)
+  if carried is not None:
+    arch.mean, arch.std, arch.channels = carried.mean, carried.std, carried.channels
+  return arch
 
 
 def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *,
@@ -101,11 +106,11 @@ def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *
 
   Args:
     input_path: a Google `.npz`, a timm safetensors file/directory, a Hugging Face directory, or an
-      orbax checkpoint (with the manager).
+      orbax checkpoint, of any registered family.
     to: 'timm', 'hf', 'npz' or 'orbax'.
     output: a directory (timm, hf, orbax) or a `.npz` path (npz; a directory gets model.npz).
-    model: a registry name (`ViT-B_16`) where the input does not carry its architecture; checked
-      against the parameters.
+    model: a registry name (`ViT-B_16`, `Mixer-B_16`) where the input does not carry its
+      architecture; checked against the parameters.
     image_size: (h, w), for non-square inputs whose files do not say.
     class_names: a list or a file with one per line (else the checkpoint's, when it has them).
     verify: run both models on the same images (needs torch) and fail above 1e-4 (npz: re-read
@@ -115,8 +120,7 @@ def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *
     raise ValueError(f'unknown target {to!r}; known: {sorted(WRITERS)}')
   kwargs = {}
   if model is not None:
-    from configs import models as registry  # pylint: disable=import-outside-toplevel
-    kwargs['num_heads'] = registry.get_model_config(model).num_heads
+    kwargs['model_config'] = dict(registry.get_model_config(model))
   ckpt = read_checkpoint(input_path, **kwargs)
   arch = resolve_architecture(ckpt, model=model, image_size=image_size)
   names = read_class_names(class_names) if isinstance(class_names, str) else class_names
@@ -130,9 +134,8 @@ def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *
   if log is not None:
     for note in result.notes:
       log(f'note: {note}')
-    log(f'wrote {to} to {written} ({arch.model_config.get("name", "ViT")}, '
-        f'{arch.num_classes} classes, {arch.image_size[0]}x{arch.image_size[1]}, '
-        f'classifier={arch.model_config["classifier"]})')
+    log(f'wrote {to} to {written} ({arch.family} {arch.name}, {arch.num_classes} classes, '
+        f'{arch.image_size[0]}x{arch.image_size[1]})')
     if result.max_abs_diff is not None:
       log(f'verify: largest |logit difference| = {result.max_abs_diff:.3g}')
   return result

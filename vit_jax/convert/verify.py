@@ -12,13 +12,14 @@ from typing import Mapping
 
 import numpy as np
 
-from vit_jax.checkpoints.arch import Architecture
+from vit_jax.families.base import Architecture
 
 TOLERANCE = 1e-4
 
 
 def sample_images(arch: Architecture, batch: int = 2, seed: int = 0) -> np.ndarray:
-  """[batch, h, w, channels] float32 uniform in [-1, 1]."""
+  """[batch, h, w, channels] float32 uniform in [-1, 1] (any normalisation: both sides get the
+  same tensor)."""
   rng = np.random.RandomState(seed)
   return rng.uniform(-1, 1, (batch, *arch.image_size, arch.channels)).astype(np.float32)
 
@@ -29,6 +30,7 @@ def our_logits(flat: Mapping[str, np.ndarray], arch: Architecture, images: np.nd
   from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
   model = arch.create_model()
   params = params_lib.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  params = arch.get_family().to_module_layout(params, arch.model_config)
   apply = jax.jit(lambda p, x: model.apply({'params': p}, x))  # Jitted: op-by-op is far slower.
   with jax.default_matmul_precision('highest'):
     return np.asarray(apply(params, images), np.float32)
@@ -60,9 +62,10 @@ def timm_logits(out_dir: str, images: np.ndarray) -> np.ndarray:
 
 
 def load_hf_model(out_dir: str):
-  """`ViTForImageClassification.from_pretrained(out_dir)`; raises if any key is missing/unexpected."""
+  """`AutoModelForImageClassification.from_pretrained(out_dir)` (ViTForImageClassification, ...);
+  raises if any key is missing/unexpected."""
   import transformers  # pylint: disable=import-outside-toplevel
-  model, info = transformers.ViTForImageClassification.from_pretrained(
+  model, info = transformers.AutoModelForImageClassification.from_pretrained(
       out_dir, output_loading_info=True)
   bad = {k: v for k, v in info.items() if v and k in ('missing_keys', 'unexpected_keys',
                                                        'mismatched_keys')}

@@ -13,7 +13,7 @@ Modules: sources*.py (what the examples are), imageio.py (decoding), augment.py 
 (what is done to them), batches.py (which examples and random numbers batch s holds), loader.py
 (workers, prefetching, sharding, state).
 """
-from vit_jax.data.augment import DEFAULTS, PRESETS, augment_config, label_smoothing
+from vit_jax.data.augment import DEFAULTS, PRESETS, augment_config
 from vit_jax.data.imageio import IMAGE_EXTENSIONS, BadImageError
 from vit_jax.data.loader import (EvalIterator, TrainIterator, eval_batches, num_eval_batches,
                                  train_iterator)
@@ -22,5 +22,5 @@ from vit_jax.data.sources import ArraySource, Source, dataset_info, get_source
 __all__ = [
     'ArraySource', 'BadImageError', 'DEFAULTS', 'EvalIterator', 'IMAGE_EXTENSIONS', 'PRESETS',
     'Source', 'TrainIterator', 'augment_config', 'dataset_info', 'eval_batches', 'get_source',
-    'label_smoothing', 'num_eval_batches', 'train_iterator',
+    'num_eval_batches', 'train_iterator',
 ]

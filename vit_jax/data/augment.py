@@ -215,8 +215,3 @@ def mix_batch(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray,
   lam = np.float32(1.0 - (y1 - y0) * (x1 - x0) / (h * w))
   return out, lam * labels + (1 - lam) * other_labels
 
-
-def label_smoothing(labels: np.ndarray, amount: float) -> np.ndarray:
-  """Soft targets [..., K]: (1 - amount) * labels + amount / K. Works on NumPy and JAX arrays."""
-  k = labels.shape[-1]
-  return labels * (1.0 - amount) + amount / k

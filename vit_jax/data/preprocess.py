@@ -8,25 +8,32 @@ interpolation matrices, the same triangle filter, so 28x28 batches cost microsec
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from vit_jax.data import augment as aug
 from vit_jax.data.imageio import Raw, convert_channels, load_image, open_image, to_array
+from vit_jax.families.base import hw
 
 
-def normalize(images: np.ndarray) -> np.ndarray:
-  """uint8 or float pixels in [0, 255] -> float32 in [-1, 1]."""
-  return np.asarray(images, np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+def normalize(images: np.ndarray, mean: Optional[Sequence[float]] = None,
+              std: Optional[Sequence[float]] = None) -> np.ndarray:
+  """uint8 or float pixels in [0, 255] -> float32 (x / 255 - mean) / std per channel.
+
+  Without mean/std: [-1, 1] (mean = std = 0.5), what this project trains on and Google's checkpoints
+  expect; a timm or Hugging Face checkpoint declares its own (e.g. ImageNet's).
+  """
+  x = np.asarray(images, np.float32)
+  if mean is None and std is None:
+    return x * np.float32(2.0 / 255.0) - np.float32(1.0)
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  return (x * np.float32(1.0 / 255.0) - mean) / std
 
 
-def as_hw(image_size: int | tuple[int, int]) -> tuple[int, int]:
-  if isinstance(image_size, int):
-    return (image_size, image_size)
-  h, w = image_size
-  return (int(h), int(w))
+as_hw = hw  # int or (h, w) -> (h, w): spelled once, in families.base
 
 
 def _pad_of(cfg: Mapping[str, Any], out_hw: tuple[int, int]) -> int:

@@ -28,8 +28,9 @@ def dot_product_attention(
     dropout_rng: Optional[jax.Array] = None,
     deterministic: bool = True,
     return_weights: bool = False,
+    bias: Optional[jax.Array] = None,
 ) -> tuple[jax.Array, Optional[jax.Array]]:
-  """softmax(q k^T / sqrt(K)) v.
+  """softmax(q k^T / sqrt(K) + bias) v.
 
   Args:
     query: [B, T, H, K]; key, value: [B, S, H, K].
@@ -38,6 +39,8 @@ def dot_product_attention(
       implementation. The fused path is used only when neither weights nor dropout are needed.
     dropout_rate: attention-weight dropout, applied only when `deterministic` is False.
     return_weights: also return the attention probabilities [B, H, T, S] in float32.
+    bias: optional additive logits bias broadcastable to [B, H, T, S] (relative position bias,
+      additive masks), added in float32 to the scaled logits before the softmax.
 
   Returns:
     (output [B, T, H, K] in query.dtype, weights or None).
@@ -46,12 +49,17 @@ def dot_product_attention(
     raise ValueError(f'attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}')
   use_dropout = dropout_rate > 0.0 and not deterministic
   if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
-    return jax.nn.dot_product_attention(query, key, value, implementation=implementation), None
+    if bias is not None and implementation == 'cudnn':
+      bias = bias.astype(query.dtype)  # cuDNN takes the bias in the activations' dtype
+    return jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                        implementation=implementation), None
 
   depth = query.shape[-1]
   query = query / jnp.sqrt(depth).astype(query.dtype)
   # Logits and softmax in float32: bf16 softmax over long sequences loses the small weights.
   logits = jnp.einsum('bthk,bshk->bhts', query, key, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   weights = jax.nn.softmax(logits, axis=-1)
   probs = weights
   if use_dropout:

@@ -27,6 +27,7 @@ Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'map')
 POSEMBS = ('learned', 'sincos2d', 'none')
+ACTIVATIONS = ('gelu', 'gelu_tanh')
 LN_EPS = 1e-6
 
 
@@ -78,10 +79,19 @@ class AddPositionEmbs(nn.Module):
     return x + jnp.asarray(pe, x.dtype)
 
 
+def gelu(x: jax.Array, act: str) -> jax.Array:
+  """'gelu_tanh': the tanh approximation (Google's checkpoints, Flax's default); 'gelu': exact erf
+  (timm, Hugging Face, PyTorch's nn.GELU)."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f'act {act!r} is not one of {ACTIVATIONS}')
+  return nn.gelu(x, approximate=act == 'gelu_tanh')
+
+
 class MlpBlock(nn.Module):
-  """Dense_0 -> GELU (tanh approximation, as the released checkpoints) -> dropout -> Dense_1."""
+  """Dense_0 -> GELU (`act`) -> dropout -> Dense_1."""
   mlp_dim: int
   dropout_rate: float = 0.0
+  act: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -92,7 +102,7 @@ class MlpBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     d = x.shape[-1]
-    x = nn.gelu(dense(self.mlp_dim, 'Dense_0')(x), approximate=True)
+    x = gelu(dense(self.mlp_dim, 'Dense_0')(x), self.act)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(d, 'Dense_1')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
@@ -117,6 +127,7 @@ class Encoder1DBlock(nn.Module):
   deterministic: bool = True
   return_weights: bool = False
   attention_impl: Optional[str] = None
+  act: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -138,7 +149,8 @@ class Encoder1DBlock(nn.Module):
     x = x + y
 
     y = norm('LayerNorm_2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.dtype, self.param_dtype, name='MlpBlock_3')(
+    y = MlpBlock(self.mlp_dim, self.dropout_rate, self.act, self.dtype, self.param_dtype,
+                 name='MlpBlock_3')(
         y, deterministic=self.deterministic)
     if use_drop_path:
       y = drop_path(y, drop_rate, self.make_rng('dropout'))
@@ -159,6 +171,7 @@ class Encoder(nn.Module):
   attention_impl: Optional[str] = None
   remat: bool = False
   scan: bool = False
+  act: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -174,7 +187,7 @@ class Encoder(nn.Module):
                   attention_dropout_rate=self.attention_dropout_rate,
                   stochastic_depth=self.stochastic_depth > 0, deterministic=not train,
                   return_weights=return_weights, attention_impl=self.attention_impl,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
+                  act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
     block = nn.remat(Encoder1DBlock, prevent_cse=not self.scan) if self.remat else Encoder1DBlock
     if self.scan:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
@@ -195,6 +208,7 @@ class MAPHead(nn.Module):
   """Multi-head attention pooling (big_vision `MAPHead`): a learned probe attends over the tokens."""
   num_heads: int
   mlp_dim: int
+  act: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -208,7 +222,7 @@ class MAPHead(nn.Module):
                                         name='MultiHeadDotProductAttention_0')(probe, x)
     y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='LayerNorm_0')(x)
-    x = x + MlpBlock(self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype,
+    x = x + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='MlpBlock_0')(y)
     return x[:, 0]
 
@@ -229,6 +243,7 @@ class VisionTransformer(nn.Module):
     dtype: computation dtype (bfloat16 for mixed precision); param_dtype: parameter dtype.
     remat: recompute block activations in the backward pass; scan: `nn.scan` over the blocks.
     attention_impl: None/'explicit', 'xla' or 'cudnn' (see `attention.dot_product_attention`).
+    act: 'gelu_tanh' (Google's checkpoints) or 'gelu' (exact; timm and Hugging Face).
   """
   num_classes: Optional[int]
   patch_size: Union[int, Sequence[int]]
@@ -249,6 +264,7 @@ class VisionTransformer(nn.Module):
   remat: bool = False
   scan: bool = False
   attention_impl: Optional[str] = None
+  act: str = 'gelu_tanh'
 
   @property
   def patch_hw(self) -> tuple[int, int]:
@@ -256,7 +272,8 @@ class VisionTransformer(nn.Module):
     return (p, p) if isinstance(p, int) else tuple(p)
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False):
+  def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
+               features: bool = False):
     """Classifies images.
 
     Args:
@@ -264,6 +281,8 @@ class VisionTransformer(nn.Module):
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
       return_aux: also return a dict with 'pre_logits' [B, D or representation_size] and
         'attention_weights' [L, B, heads, N, N] float32 (N = prefix + patches).
+      features: return [feature map [B, H/ph, W/pw, D]] (the patch tokens after the final
+        LayerNorm, one scale) instead of logits: the multi-scale interface every family shares.
 
     Returns:
       logits [B, num_classes] in `dtype` (or pre-logits when there is no head); with return_aux,
@@ -291,15 +310,19 @@ class VisionTransformer(nn.Module):
         posemb=self.posemb, grid=(gh, gw), num_prefix=num_prefix_tokens(self.classifier),
         dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
         stochastic_depth=self.stochastic_depth, attention_impl=self.attention_impl,
-        remat=self.remat, scan=self.scan, dtype=self.dtype, param_dtype=self.param_dtype,
-        name='Transformer')(x, train=train, return_weights=return_aux)
+        remat=self.remat, scan=self.scan, act=self.act, dtype=self.dtype,
+        param_dtype=self.param_dtype, name='Transformer')(x, train=train, return_weights=return_aux)
+    if features:
+      prefix = num_prefix_tokens(self.classifier)
+      return [jnp.reshape(x[:, prefix:], (b, gh, gw, d))]
 
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=1)
     else:
-      x = MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.param_dtype, name='MAPHead_0')(x)
+      x = MAPHead(self.num_heads, self.mlp_dim, self.act, self.dtype, self.param_dtype,
+                  name='MAPHead_0')(x)
 
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,

@@ -5,6 +5,7 @@ train_and_evaluate(config, workdir) reads top to bottom:
   2. state: restored from workdir/checkpoints if one exists (with the data pipeline's position),
      else initialised (optionally from `config.pretrained`), always directly in its sharded layout
   3. steps: one jitted train step per global batch; a non-finite loss stops the run naming the step
+     (with `config.distill.teacher`, a frozen teacher runs inside it: `load_teacher`)
   4. every `log_every` steps metrics.jsonl + TensorBoard; every `eval_every` the full eval split;
      every `checkpoint_every` an asynchronous checkpoint; SIGTERM saves one and returns
 """
@@ -23,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from configs import common as config_common
 from vit_jax import data
 from vit_jax import sharding as sharding_lib
 from vit_jax.checkpoints import manager as ckpt_lib
-from vit_jax.models import create_model
+from vit_jax.families import registry
+from vit_jax.families.base import Architecture, Family, hw
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import optim
 from vit_jax.train import state as state_lib
@@ -55,24 +56,46 @@ def compute_dtype(name: str):
   return jnp.dtype(name)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  """The VisionTransformer of `config.model` (registry name plus overrides) for `num_classes`."""
-  return create_model(config_common.resolve_model(config), num_classes,
-                      dtype=compute_dtype(config.dtype))
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[Family, Any, dict]:
+  """(family, module, fields) of `config.model` (registry name plus overrides) for `num_classes`."""
+  family, fields = registry.resolve(config.model)
+  return family, family.create(fields, num_classes, dtype=compute_dtype(config.dtype)), fields
 
 
-def run_meta(config, model, train_src) -> dict[str, Any]:
-  """JSON saved with each checkpoint: enough to rebuild the model and name its classes."""
-  arch = {f: getattr(model, f) for f in ('patch_size', 'hidden_size', 'num_layers', 'num_heads',
-                                          'mlp_dim', 'classifier', 'posemb', 'representation_size')}
-  return {'config': json.loads(config.to_json_best_effort()), 'model': arch,
-          'model_name': config.model.name, 'num_classes': train_src.num_classes,
-          'class_names': train_src.class_names, 'image_size': list(_hw(config.image_size)),
-          'channels': config.channels}
+def load_teacher(config: ml_collections.ConfigDict, mesh, num_classes: int
+                 ) -> step_lib.Distillation:
+  """The frozen teacher of `config.distill`: any checkpoint `read_checkpoint` reads (a run workdir,
+  .npz, timm or Hugging Face directory) of any family, its parameters placed on the mesh with its
+  family's sharding rules. Its input is adapted to the student's batch (`teacher_input_fn`)."""
+  from vit_jax.checkpoints import read_checkpoint  # pylint: disable=g-import-not-at-top
+  from vit_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
+  path = config.distill.teacher
+  ckpt = read_checkpoint(path)
+  arch = ckpt.architecture or registry.detect(ckpt.params).infer(ckpt.params)
+  if arch.num_classes != num_classes:
+    raise ValueError(f'the teacher {path} predicts {arch.num_classes} classes, the student\'s '
+                     f'dataset has {num_classes}: distil from a teacher of the same classes')
+  family = arch.get_family()
+  model = arch.create_model(dtype=compute_dtype(config.dtype))
+  tree = family.to_module_layout(params_lib.unflatten(ckpt.params), arch.model_config)
+  shardings = sharding_lib.tree_shardings(tree, mesh, config.fsdp_min_size, family.tensor_rules)
+  params = jax.device_put(tree, shardings)
+  input_fn = step_lib.teacher_input_fn(hw(config.image_size), config.channels, arch.image_size,
+                                       arch.channels, arch.mean, arch.std)
+  logging.info('distillation (%s, alpha %g, T %g) from %s: %s %s at %s, %d channels',
+               config.distill.kind, config.distill.alpha, config.distill.temperature, path,
+               family.name, arch.name, arch.image_size, arch.channels)
+  return step_lib.Distillation(model, params, shardings, input_fn, config.distill.kind,
+                               float(config.distill.alpha), float(config.distill.temperature))
 
 
-def _hw(size) -> tuple[int, int]:
-  return (size, size) if isinstance(size, int) else tuple(size)
+def run_meta(config, family: Family, fields: dict[str, Any], train_src) -> dict[str, Any]:
+  """JSON saved with each checkpoint: the run's config, the class names and the architecture (the
+  one metadata schema, `Architecture.to_meta()`), which records the family and its fields."""
+  arch = Architecture(dict(fields), train_src.num_classes, hw(config.image_size), config.channels,
+                      family.name)
+  return {'config': json.loads(config.to_json_best_effort()), 'architecture': arch.to_meta(),
+          'class_names': train_src.class_names}
 
 
 def _sources(config):
@@ -134,18 +157,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   """Trains `config` in `workdir`, resuming from its latest checkpoint when there is one."""
   t_start = time.time()
   is_main = jax.process_index() == 0
-  hw = _hw(config.image_size)
+  size = hw(config.image_size)
 
   # 1. Mesh, data, model, optimizer.
   mesh = sharding_lib.make_mesh(config.mesh)
   train_src, eval_src = _sources(config)
   num_classes = train_src.num_classes
-  model = build_model(config, num_classes)
+  family, model, fields = build_model(config, num_classes)
   schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
                                  config.lr_decay, config.end_lr)
   tx = optim.make_optimizer(config, schedule)
   use_ema = bool(config.ema_decay)
-  input_shape = (1, *hw, config.channels)
+  input_shape = (1, *size, config.channels)
   _check_batch_sizes(config, mesh)
 
   # 2. State: resume, or initialise (from pretrained weights when asked).
@@ -157,7 +180,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   if ckpt.latest_step() is not None:
     abstract, shardings = state_lib.abstract_state(
         model, tx, input_shape, config.seed, mesh, use_ema=use_ema,
-        fsdp_min_size=config.fsdp_min_size)
+        fsdp_min_size=config.fsdp_min_size, tensor_rules=family.tensor_rules)
     state, data_state, _, restored = ckpt.restore(abstract)
     logging.info('resumed from %s step %d', ckpt.directory, restored)
   else:
@@ -168,32 +191,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
       fresh = jax.jit(lambda: model.init(jax.random.PRNGKey(config.seed),
                                          jnp.zeros(input_shape))['params'])()
       init_params, _ = pretrained_lib.load_pretrained(
-          config.pretrained, fresh, model=model, image_size=hw,
+          config.pretrained, fresh, model=model, image_size=size,
           keep_pre_logits=config.keep_pre_logits, posemb_resize=config.posemb_resize)
     state, shardings = state_lib.create_train_state(
         model, tx, input_shape, config.seed, mesh, use_ema=use_ema,
-        fsdp_min_size=config.fsdp_min_size, init_params=init_params)
+        fsdp_min_size=config.fsdp_min_size, init_params=init_params,
+        tensor_rules=family.tensor_rules)
   start_step = int(jax.device_get(state.step))
 
+  distill = None
+  if config.get('distill') is not None and config.distill.teacher:
+    distill = load_teacher(config, mesh, num_classes)
   train_step = step_lib.make_train_step(
       model, tx, schedule, mesh, shardings, loss=config.loss,
       label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-      ema_decay=config.ema_decay if use_ema else None)
+      ema_decay=config.ema_decay if use_ema else None, distill=distill)
   eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
   batch_sharding = sharding_lib.batch_sharding(mesh)
   train_it = data.train_iterator(
-      train_src, image_size=hw, channels=config.channels, global_batch_size=config.batch_size,
+      train_src, image_size=size, channels=config.channels, global_batch_size=config.batch_size,
       seed=config.seed, augment=_augment(config), num_classes=num_classes,
       sharding=batch_sharding, workers=config.workers, prefetch=config.prefetch)
   if data_state:
     train_it.set_state(data_state)
   eval_bs = config.eval_batch_size or config.batch_size
   make_eval_it = lambda: data.eval_batches(
-      eval_src, image_size=hw, channels=config.channels, global_batch_size=eval_bs,
+      eval_src, image_size=size, channels=config.channels, global_batch_size=eval_bs,
       sharding=batch_sharding, crop=config.eval_crop, workers=config.workers,
       prefetch=config.prefetch)
 
-  meta = run_meta(config, model, train_src)
+  meta = run_meta(config, family, fields, train_src)
   writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
   bar = metrics_lib.ProgressBar(config.total_steps, start_step, enabled=is_main and config.progress)
   result = RunResult(step=start_step)

@@ -8,7 +8,7 @@ cosine decay with warm-up, clipping at 1.0. Gradient clipping comes first, as in
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +95,3 @@ def ema_update(ema: Any, params: Any, decay: float) -> Any:
   return jax.tree.map(lambda e, p: (decay * e + (1.0 - decay) * p.astype(e.dtype)).astype(e.dtype),
                       ema, params)
 
-
-def ema_decay(config: Mapping[str, Any]) -> Optional[float]:
-  d = config.get('ema_decay')
-  return float(d) if d else None

@@ -48,27 +48,31 @@ def init_fn(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...
   return fn
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp_min_size: int) -> TrainState:
-  """Shardings for every leaf of the state by the rules of `vit_jax.sharding`."""
-  return sharding_lib.tree_shardings(abstract_state, mesh, fsdp_min_size)
+def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp_min_size: int,
+                    tensor_rules: sharding_lib.Rules = ()) -> TrainState:
+  """Shardings for every leaf of the state by the rules of `vit_jax.sharding` and the family's
+  tensor rules."""
+  return sharding_lib.tree_shardings(abstract_state, mesh, fsdp_min_size, tensor_rules)
 
 
 def create_train_state(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
                        seed: int, mesh: Mesh, *, use_ema: bool = False, fsdp_min_size: int = 2 ** 14,
-                       init_params: Optional[Any] = None) -> tuple[TrainState, TrainState]:
+                       init_params: Optional[Any] = None, tensor_rules: sharding_lib.Rules = ()
+                       ) -> tuple[TrainState, TrainState]:
   """(state, shardings): the initial state created directly in its sharded layout."""
   fn = init_fn(model, tx, input_shape, seed, use_ema, init_params)
   abstract = jax.eval_shape(fn)
-  shardings = state_shardings(abstract, mesh, fsdp_min_size)
+  shardings = state_shardings(abstract, mesh, fsdp_min_size, tensor_rules)
   state = jax.jit(fn, out_shardings=shardings)()
   return state, shardings
 
 
-def abstract_state(model, tx, input_shape, seed, mesh, *, use_ema=False, fsdp_min_size=2 ** 14):
+def abstract_state(model, tx, input_shape, seed, mesh, *, use_ema=False, fsdp_min_size=2 ** 14,
+                   tensor_rules: sharding_lib.Rules = ()):
   """(ShapeDtypeStructs with shardings, shardings): the target for restoring a checkpoint."""
   fn = init_fn(model, tx, input_shape, seed, use_ema)
   abstract = jax.eval_shape(fn)
-  shardings = state_shardings(abstract, mesh, fsdp_min_size)
+  shardings = state_shardings(abstract, mesh, fsdp_min_size, tensor_rules)
   with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                abstract, shardings)
   return with_sharding, shardings

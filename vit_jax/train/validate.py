@@ -8,9 +8,9 @@ from typing import Sequence
 
 import ml_collections
 
-from configs import models as model_registry
 from vit_jax import sharding as sharding_lib
-from vit_jax.models import CLASSIFIERS, POSEMBS
+from vit_jax.families import registry
+from vit_jax.families.base import hw
 from vit_jax.train import optim, step as step_lib
 
 REQUIRED = ('model.name', 'dataset', 'data_dir', 'image_size', 'batch_size', 'total_steps',
@@ -70,17 +70,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   keys = set(flat_keys(config))
   missing = [k for k in REQUIRED if k not in keys]
   _need(not missing, f'config lacks {missing}; start from configs/common.py')
-  _need(config.model.name in model_registry.MODELS,
-        f'model.name {config.model.name!r} is not registered; one of {model_registry.names()}')
-  arch = model_registry.get_model_config(config.model.name)
-  cls = config.model.get('classifier') or arch.classifier
-  _need(cls in CLASSIFIERS, f'model.classifier {cls!r} is not one of {CLASSIFIERS}')
-  pe = config.model.get('posemb') or arch.posemb
-  _need(pe in POSEMBS, f'model.posemb {pe!r} is not one of {POSEMBS}')
-  patch = config.model.get('patch_size') or arch.patch_size
-  size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
-  _need(all(int(s) > 0 and int(s) % patch == 0 for s in size),
-        f'image_size {config.image_size} must be a positive multiple of the patch size {patch}')
+  _need(config.model.name in registry.names(),
+        f'model.name {config.model.name!r} is not registered; one of {registry.names()}')
+  try:
+    size = hw(config.image_size)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'image_size {config.image_size!r} must be an int or (height, width)') from e
+  try:
+    family, fields = registry.resolve(config.model)
+    family.validate(fields, size)
+  except (ValueError, TypeError, KeyError) as e:  # a wrong type reads as a TypeError here
+    raise ConfigError(f'model: {e}') from e
   for key in ('batch_size', 'total_steps', 'accum_steps', 'channels'):
     _need(isinstance(config[key], int) and config[key] > 0, f'{key} must be a positive integer')
   _need(config.batch_size % config.accum_steps == 0,
@@ -108,6 +108,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       f'(\'tensor\', 1)) with axes from {sharding_lib.AXES}: {e}') from e
   from vit_jax.data import PRESETS  # pylint: disable=g-import-not-at-top
   _need(config.augment in PRESETS, f'augment {config.augment!r}: one of {sorted(PRESETS)}')
+  _validate_distill(config, family)
   if config.get('randaugment'):
     _need(re.fullmatch(r'\d+,\d+', str(config.randaugment)) is not None,
           f"randaugment {config.randaugment!r} must be 'layers,magnitude', e.g. '2,15'")
+
+
+def _validate_distill(config: ml_collections.ConfigDict, family) -> None:
+  """`distill.*`: kind, alpha and temperature in range; a teacher needs a DeiT student and a
+  path that exists."""
+  distill = config.get('distill')
+  if distill is None:
+    return
+  _need(distill.kind in step_lib.DISTILL_KINDS,
+        f'distill.kind {distill.kind!r}: one of {step_lib.DISTILL_KINDS}')
+  _need(isinstance(distill.alpha, (int, float)) and 0 <= distill.alpha <= 1,
+        f'distill.alpha must be in [0, 1], got {distill.alpha!r}')
+  _need(isinstance(distill.temperature, (int, float)) and distill.temperature > 0,
+        f'distill.temperature must be > 0, got {distill.temperature!r}')
+  if not distill.teacher:
+    return
+  if not step_lib.has_distillation_head(family.module_class()):
+    deit = [n for n in registry.names() if step_lib.has_distillation_head(
+        registry.family_of(n).module_class())]
+    raise ConfigError(f'distill.teacher is set, but the student {config.model.name} ({family.name} '
+                      f'family) has no distillation head; distil into a DeiT: one of {deit}')
+  _need(os.path.exists(distill.teacher),
+        f'distill.teacher {distill.teacher!r} does not exist (a run workdir, .npz, timm or Hugging '
+        'Face checkpoint)')

@@ -1,0 +1,416 @@
+"""MLP-Mixer: sizes, the paper's equations, Google's npz layout and timm interop (tiny models)."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.numerics import assert_close_to_scale, assert_trees_close_to_scale
+from vit_jax.families import mixer as fam
+from vit_jax.families import registry
+from vit_jax.models.mixer import MixerBlock, MlpMixer
+from vit_jax.models.params import count, flatten, unflatten
+
+TINY = fam.MODELS['Mixer-testing']  # patch 4, 2 blocks, hidden 32, tokens 16, channels 64
+# timm 1.0.31 `mixer_*_224` parameter counts at 224 px, 1000 classes.
+COUNTS = {'Mixer-S_16': 18_528_264, 'Mixer-S_32': 19_104_624, 'Mixer-B_16': 59_880_472,
+          'Mixer-B_32': 60_293_428, 'Mixer-L_16': 208_196_168, 'Mixer-L_32': 206_939_264}
+
+
+def _model(num_classes=5, **kw) -> MlpMixer:
+  return MlpMixer(num_classes=num_classes, **{**TINY, **kw})
+
+
+def _images(h=16, w=16, seed=0) -> np.ndarray:
+  return np.random.RandomState(seed).uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
+
+
+def _perturbed(params, seed=1, std=0.2):
+  """Every parameter (zero head and LayerNorm ones included) moved, so each one matters."""
+  rng = np.random.RandomState(seed)
+  return jax.tree.map(lambda x: (np.asarray(x) + std * rng.normal(size=x.shape)).astype(np.float32),
+                      params)
+
+
+def _random_params(module, *inputs, seed=1, std=0.2):
+  """Random parameters of the module's shapes (LayerNorm scales around 1), without compiling init."""
+  shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *inputs)['params']
+  return _perturbed(jax.tree_util.tree_map_with_path(
+      lambda path, s: np.full(s.shape, float(path[-1].key == 'scale'), np.float32), shapes),
+      seed, std)
+
+
+@pytest.mark.parametrize('name', sorted(COUNTS))
+def test_registered_sizes_have_timms_parameter_counts(name):
+  model = MlpMixer(num_classes=1000, **fam.MODELS[name])
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  assert count(shapes) == COUNTS[name]
+
+
+def test_forward_and_features_shapes():
+  model, x = _model(), _images(16, 24)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  assert model.apply({'params': params}, x).shape == (2, 5)
+  feats = model.apply({'params': params}, x, features=True)
+  assert len(feats) == 1 and feats[0].shape == (2, 4, 6, 32)
+  assert _model(num_classes=0).apply({'params': {k: v for k, v in params.items() if k != 'head'}},
+                                     x).shape == (2, 32)
+  # Zero-initialised head, as Google's recipe: logits start at exactly 0.
+  assert not np.any(np.asarray(model.apply({'params': params}, x)))
+
+
+def _np_layernorm(x, scale, bias, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * scale + bias
+
+
+def _np_gelu(x, act):
+  if act == 'gelu':
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+  return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+@pytest.mark.parametrize('act', ['gelu_tanh', 'gelu'])
+def test_block_matches_the_papers_equations(act):
+  """U = X + W2 σ(W1 LN(X)^T)^T ; Y = U + W4 σ(W3 LN(U)), in float64 numpy."""
+  block = MixerBlock(tokens_mlp_dim=12, channels_mlp_dim=40, act=act)
+  x = np.random.RandomState(3).normal(size=(2, 9, 16)).astype(np.float32)
+  p = _random_params(block, x, std=0.3)
+  f = {k: np.asarray(v, np.float64) for k, v in flatten(p).items()}
+  mlp = lambda z, m: (_np_gelu(z @ f[f'{m}/Dense_0/kernel'] + f[f'{m}/Dense_0/bias'], act)
+                      @ f[f'{m}/Dense_1/kernel'] + f[f'{m}/Dense_1/bias'])
+  x64 = x.astype(np.float64)
+  y = _np_layernorm(x64, f['LayerNorm_0/scale'], f['LayerNorm_0/bias'])
+  u = x64 + mlp(y.transpose(0, 2, 1), 'token_mixing').transpose(0, 2, 1)
+  want = u + mlp(_np_layernorm(u, f['LayerNorm_1/scale'], f['LayerNorm_1/bias']), 'channel_mixing')
+  got = block.apply({'params': p}, x)
+  assert_close_to_scale(got, want, rtol=1e-5, what='MixerBlock')
+  assert np.abs(want - x64).max() > 0.1  # the block does something
+
+
+def test_token_count_is_tied_to_the_parameters():
+  model = _model()
+  params = _random_params(model, _images(16, 16))
+  with pytest.raises(ValueError, match=r'mix 16 tokens, but the images give 25'):
+    model.apply({'params': params}, _images(20, 20))
+  # Same token count, other aspect ratio: the parameters fit (4x4 = 2x8 patches).
+  assert model.apply({'params': params}, _images(8, 32)).shape == (2, 5)
+  with pytest.raises(ValueError, match='not divisible by the patch size'):
+    model.apply({'params': params}, _images(18, 16))
+  fam.check_image_size(TINY, 16, 16)
+  with pytest.raises(ValueError, match=r'mix 16 tokens, but 32x32 px images give 64'):
+    fam.check_image_size(TINY, 32, 16)
+
+
+def test_unknown_activation_is_a_clear_error():
+  with pytest.raises(ValueError, match="act 'relu' is not one of"):
+    _model(act='relu').init(jax.random.PRNGKey(0), _images())
+
+
+def test_stochastic_depth_and_dropout_only_in_training():
+  model = _model(stochastic_depth=0.5)
+  x = _images()
+  params = _random_params(model, x)
+  run = lambda seed, train=True: np.asarray(model.apply(
+      {'params': params}, x, train=train, rngs={'dropout': jax.random.PRNGKey(seed)}))
+  assert not np.allclose(run(0), run(1))
+  np.testing.assert_array_equal(run(0), run(0))
+  np.testing.assert_array_equal(run(0, train=False), model.apply({'params': params}, x))
+  # Nothing to drop: training equals evaluation.
+  plain = _model()
+  np.testing.assert_allclose(plain.apply({'params': params}, x, train=True,
+                                         rngs={'dropout': jax.random.PRNGKey(0)}),
+                             plain.apply({'params': params}, x), atol=1e-6)
+  dropout = _model(dropout_rate=0.3)
+  assert not np.allclose(dropout.apply({'params': params}, x, train=True,
+                                       rngs={'dropout': jax.random.PRNGKey(0)}),
+                         dropout.apply({'params': params}, x))
+
+
+def test_remat_matches_plain():
+  x = _images()
+  plain, remat = _model(), _model(remat=True)
+  params = _random_params(plain, x)
+  assert jax.tree.structure(_random_params(remat, x)) == jax.tree.structure(params)
+  loss = lambda m: lambda p: jnp.sum(m.apply({'params': p}, x) ** 2)
+  g1, g2 = jax.grad(loss(plain))(params), jax.grad(loss(remat))(params)
+  assert_trees_close_to_scale(g2, g1, rtol=1e-5)
+  assert any(float(jnp.max(jnp.abs(g))) > 0.1 for g in jax.tree.leaves(g1))
+
+
+def test_flat_params_are_googles_npz_layout(tmp_path):
+  model = MlpMixer(num_classes=7, patch_size=4, num_blocks=1, hidden_dim=32, tokens_mlp_dim=16,
+                   channels_mlp_dim=64)
+  x = _images()
+  flat = flatten(_random_params(model, x))
+  # Google's models_mixer.py names, written out by hand (not derived from the code under test).
+  google = ['stem/kernel', 'stem/bias', 'pre_head_layer_norm/scale', 'pre_head_layer_norm/bias',
+            'head/kernel', 'head/bias'] + [
+                f'MixerBlock_0/{m}/{p}' for m in ('LayerNorm_0', 'LayerNorm_1')
+                for p in ('scale', 'bias')] + [
+                f'MixerBlock_0/{m}/Dense_{j}/{p}' for m in ('token_mixing', 'channel_mixing')
+                for j in (0, 1) for p in ('kernel', 'bias')]
+  assert sorted(flat) == sorted(google)
+  assert flat['MixerBlock_0/token_mixing/Dense_0/kernel'].shape == (16, 16)  # [tokens, D_S]
+  fam.check_npz_layout(flat, model_fields(model), num_tokens=16, num_classes=7)
+
+  np.savez(tmp_path / 'mixer.npz', **flat)
+  with np.load(tmp_path / 'mixer.npz', allow_pickle=False) as npz:
+    loaded = {k: npz[k] for k in npz.files}
+  fields, tokens, classes, channels = fam.infer_fields(loaded)
+  assert (fields, tokens, classes, channels) == (model_fields(model), 16, 7, 3)
+  np.testing.assert_array_equal(model.apply({'params': unflatten(loaded)}, x),
+                                model.apply({'params': unflatten(flat)}, x))
+  # Training checkpoints carry an optimizer-state prefix; the parameters are found under it.
+  saved = {**{f'opt/target/{k}': v for k, v in flat.items()}, 'opt/state/step': np.zeros(())}
+  assert sorted(fam.strip_prefix(saved)) == sorted(flat)
+
+  renamed = dict(flat)
+  renamed['MixerBlock_0/MlpBlock_0/Dense_0/kernel'] = renamed.pop(
+      'MixerBlock_0/channel_mixing/Dense_0/kernel')
+  with pytest.raises(ValueError, match='not Google.s Mixer .npz layout'):
+    fam.check_npz_layout(renamed, fields, num_tokens=16, num_classes=7)
+  with pytest.raises(ValueError, match='wrong shapes'):
+    fam.check_npz_layout(flat, fields, num_tokens=25, num_classes=7)
+
+
+def model_fields(model: MlpMixer) -> dict:
+  return {k: getattr(model, k) for k in fam.SIZE_FIELDS}
+
+
+def test_registry_names():
+  assert fam.fields_from_timm_name('mixer_b16_224.goog_in21k') == {**fam.MODELS['Mixer-B_16'],
+                                                                   'act': 'gelu'}
+  with pytest.raises(ValueError, match='not one of timm'):
+    fam.fields_from_timm_name('resmlp_12_224')
+
+
+# ---------- timm (CPU torch) ----------
+
+@pytest.fixture(scope='module')
+def timm():
+  pytest.importorskip('torch')
+  from tests.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
+  try:
+    return import_timm()
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f'timm cannot be imported here, even through tests/torchvision_stub: {e}')
+
+
+def _timm_tiny(timm, act_layer=None, img_size=(16, 24), num_classes=5):
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  kw = {} if act_layer is None else dict(act_layer=act_layer)
+  # timm's `mixer_*_224` functions fix patch_size/num_blocks/embed_dim, so tiny sizes need the class.
+  model = timm.models.mlp_mixer.MlpMixer(img_size=img_size, patch_size=4, num_blocks=2,
+                                         embed_dim=32, mlp_ratio=(0.5, 2.0),
+                                         num_classes=num_classes, **kw).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.2 * torch.randn_like(p))  # the zero head and unit LayerNorms too
+  return model
+
+
+def _timm_run(model, images, features=False):
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.no_grad():
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    return (model.forward_features(x) if features else model(x)).numpy()
+
+
+@pytest.mark.parametrize('act', ['gelu', 'gelu_tanh'])
+def test_timm_weights_give_timms_logits(timm, act):
+  import torch  # pylint: disable=import-outside-toplevel
+  act_layer = None if act == 'gelu' else functools.partial(torch.nn.GELU, approximate='tanh')
+  tmodel = _timm_tiny(timm, act_layer)
+  sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+  fields, tokens, classes, channels = fam.fields_from_timm_state(sd)
+  assert (tokens, classes, channels) == (24, 5, 3)
+  fields['act'] = act
+  flat = fam.from_timm(sd, fields)
+  model = MlpMixer(num_classes=classes, **fields)
+  x = _images(16, 24, seed=4)
+  want = _timm_run(tmodel, x)
+  got = np.asarray(model.apply({'params': unflatten(flat)}, x))
+  diff = float(np.abs(got - want).max())
+  print(f'timm MlpMixer ({act}) max |logit diff| {diff:.3g}, logit scale {np.abs(want).max():.3g}')
+  assert 0.3 < np.abs(want).max() < 30 and diff <= 1e-4
+  # The token map is row-major like timm's [B, N, D] sequence after `norm`.
+  feats = np.asarray(model.apply({'params': unflatten(flat)}, x, features=True)[0])
+  assert_close_to_scale(feats.reshape(2, 24, 32), _timm_run(tmodel, x, features=True), rtol=1e-5)
+  if act == 'gelu':  # Exact vs tanh GELU is a visible difference, so the act field matters.
+    other = MlpMixer(num_classes=classes, **{**fields, 'act': 'gelu_tanh'})
+    assert np.abs(np.asarray(other.apply({'params': unflatten(flat)}, x)) - want).max() > 1e-4
+
+
+def test_timm_state_round_trip_is_bitwise(timm):
+  sd = {k: v.numpy() for k, v in _timm_tiny(timm).state_dict().items()}
+  fields = fam.fields_from_timm_state(sd)[0]
+  back = fam.to_timm(fam.from_timm(sd, fields), fields)
+  assert sorted(back) == sorted(sd)
+  for k, v in sd.items():
+    assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
+  with pytest.raises(ValueError, match='not part of an MlpMixer'):
+    fam.from_timm({**sd, 'blocks.0.ls1': sd['norm.bias']}, fields)
+
+
+def test_export_builds_in_timm_with_the_same_logits(timm):
+  import torch  # pylint: disable=import-outside-toplevel
+  model = _model(num_classes=3, act='gelu')
+  x = _images(16, 24, seed=5)
+  flat = flatten(_random_params(model, x))
+  fields = {**model_fields(model), 'act': 'gelu'}
+  args = fam.timm_model_args(fields, 3, (16, 24))
+  tmodel = timm.models.mlp_mixer.MlpMixer(**args).eval()
+  tmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in fam.to_timm(flat, fields).items()},
+                         strict=True)
+  want = _timm_run(tmodel, x)
+  assert np.abs(np.asarray(model.apply({'params': unflatten(flat)}, x)) - want).max() <= 1e-4
+  assert np.abs(want).max() > 0.3
+
+
+@pytest.mark.parametrize('timm_name,ours', sorted(fam.TIMM_NAMES.items()))
+def test_timm_registry_counts_and_create_args(timm, timm_name, ours):
+  import torch  # pylint: disable=import-outside-toplevel
+  with torch.device('meta'):  # shapes only, nothing allocated
+    tmodel = timm.create_model(timm_name, pretrained=False)
+  assert sum(p.numel() for p in tmodel.parameters()) == COUNTS[ours]
+  assert fam.fields_from_timm_name(timm_name) == {**fam.MODELS[ours], 'act': 'gelu'}
+  # timm.create_model(name, **model_args) at another image size and head builds our shapes.
+  name, args = fam.timm_create_args(fam.MODELS[ours], 10, (64, 96))
+  assert name == timm_name
+  with torch.device('meta'):
+    tmodel = timm.create_model(name, pretrained=False, **args)
+  ours_shapes = jax.eval_shape(MlpMixer(num_classes=10, **fam.MODELS[ours]).init,
+                               jax.random.PRNGKey(0), jnp.zeros((1, 64, 96, 3)))
+  # Same tensors up to layout (Dense kernels are transposed Linear weights, HWIO vs OIHW): compare
+  # the multisets of sorted shapes, which needs no arrays at L/16 size.
+  canon = lambda shapes: sorted(tuple(sorted(s)) for s in shapes)
+  assert canon(v.shape for v in tmodel.state_dict().values()) == \
+      canon(x.shape for x in jax.tree.leaves(ours_shapes))
+  assert len(tmodel.state_dict()) == len(jax.tree.leaves(ours_shapes))
+
+
+def test_timm_create_args_refuses_unregistered_sizes():
+  with pytest.raises(ValueError, match='only at the paper.s sizes'):
+    fam.timm_create_args(TINY, 5, 16)
+
+
+# ---------- the family descriptor ----------
+
+def test_family_is_registered_and_builds_the_module():
+  family = registry.get_family('mixer')
+  assert family is fam.FAMILY and registry.family_of('Mixer-B_16') is family
+  assert set(registry.names('mixer')) == set(fam.MODELS)
+  model = registry.create_model(registry.get_model_config('Mixer-testing'), 5, act='gelu')
+  assert isinstance(model, MlpMixer) and model.act == 'gelu' and model.hidden_dim == 32
+  with pytest.raises(ValueError, match='unknown field'):
+    registry.create_model(registry.get_model_config('Mixer-testing'), 5, num_heads=2)
+  flat = flatten(_random_params(_model(), _images()))
+  assert registry.detect(flat) is family
+  assert family.npz_keys_ok(flat) == []
+  assert family.npz_keys_ok({**flat, 'MixerBlock_0/MlpBlock_0/bias': 0}) == [
+      'MixerBlock_0/MlpBlock_0/bias']
+
+
+def test_forward_macs():
+  # Mixer-B/16 at 224: stem 196*768*768 + 12 * (2*196*384*768 + 2*196*768*3072) + 768*1000
+  # = 12.60 GMACs (timm's table lists 12.62 for mixer_b16_224, counting the norms too).
+  macs = fam.FAMILY.forward_macs(fam.MODELS['Mixer-B_16'], 1000, (224, 224))
+  assert macs == 115_605_504 + 12 * 1_040_449_536 + 768_000
+  # Tiny model at 16x24: 24 tokens.
+  assert fam.FAMILY.forward_macs(TINY, 5, (16, 24)) == (
+      24 * 48 * 32 + 2 * (2 * 24 * 16 * 32 + 2 * 24 * 32 * 64) + 32 * 5)
+
+
+def test_family_validate():
+  fam.FAMILY.validate(TINY, (16, 24))
+  with pytest.raises(ValueError, match='multiple of the Mixer patch size'):
+    fam.FAMILY.validate(TINY, (18, 24))
+  with pytest.raises(ValueError, match="model.act 'relu'"):
+    fam.FAMILY.validate({**TINY, 'act': 'relu'}, (16, 16))
+
+
+def test_infer_reads_the_architecture_and_refuses_other_token_counts():
+  model = _model(num_classes=7)
+  flat = flatten(_random_params(model, _images(16, 24)))
+  arch = fam.FAMILY.infer(flat, image_size=(16, 24))
+  assert arch.family == 'mixer' and arch.num_classes == 7 and arch.image_size == (16, 24)
+  assert {k: arch.model_config[k] for k in fam.SIZE_FIELDS} == TINY
+  assert arch.create_model().hidden_dim == 32
+  with pytest.raises(ValueError, match='not a perfect square|square'):
+    fam.FAMILY.infer(flat)  # 24 tokens: no square grid, the aspect ratio must be given
+  with pytest.raises(ValueError, match=r'mix 24 tokens, but 16x16 px images give 16'):
+    fam.FAMILY.infer(flat, image_size=16)
+  with pytest.raises(ValueError, match=r'hidden_dim=32 \(the config has 64\)'):
+    fam.FAMILY.infer(flat, model_config={**TINY, 'hidden_dim': 64}, image_size=(16, 24))
+  square = flatten(_random_params(model, _images(16, 16)))
+  assert fam.FAMILY.infer(square).image_size == (16, 16)
+
+
+def test_transfer_to_another_token_count_is_a_clear_error():
+  src = flatten(_random_params(_model(), _images(16, 16)))
+  target = flatten(_random_params(_model(), _images(32, 32)))
+  src_arch = fam.FAMILY.infer(src)
+  fam.FAMILY.check_transfer(src_arch, TINY, (8, 32))  # 2x8 = 16 tokens: fine
+  with pytest.raises(ValueError, match='mix 16 tokens, but 32x32 px images give 64'):
+    fam.FAMILY.check_transfer(src_arch, TINY, (32, 32))
+  with pytest.raises(ValueError, match='mixes 16 tokens.*has 64'):
+    fam.FAMILY.adapt(src, target, src_arch, TINY, (32, 32), 'bilinear', None)
+  assert fam.FAMILY.adapt(src, src, src_arch, TINY, (16, 16), 'bilinear', None) is src
+
+
+def test_tensor_rules_split_the_hidden_units_of_both_mlps():
+  import re  # pylint: disable=import-outside-toplevel
+  flat = flatten(_random_params(_model(), _images()))
+  hidden = {'token_mixing': TINY['tokens_mlp_dim'], 'channel_mixing': TINY['channels_mlp_dim']}
+  for key, value in flat.items():
+    rule = next((r for p, r in fam.TENSOR_RULES if re.search(p, key)), None)
+    m = re.search(r'(token_mixing|channel_mixing)/Dense_([01])/(kernel|bias)$', key)
+    if m and (m.group(2), m.group(3)) != ('1', 'bias'):
+      assert rule is not None and len(rule) == value.ndim, key
+      split = [value.shape[i] for i, ax in enumerate(rule) if ax == 'tensor']
+      assert split == [hidden[m.group(1)]], key  # exactly the hidden axis
+    else:
+      assert not rule, key  # replicated
+
+
+def test_timm_directory_round_trip_at_a_registered_size(timm, tmp_path):
+  """Mixer-S_32 at 64 px (4 tokens): config.json rebuilds it in timm with the same logits."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  from vit_jax.formats import timm as timm_format  # pylint: disable=import-outside-toplevel
+  fields = {**fam.MODELS['Mixer-S_32'], 'act': 'gelu'}
+  rng = np.random.RandomState(0)
+  flat = {k: (rng.normal(size=s) / np.sqrt(s[0] if len(s) == 2 else 1) * (0.5 if len(s) > 1 else
+             0.2) + (k.endswith('scale'))).astype(np.float32)
+          for k, s in fam.npz_shapes(fields, 4, 6).items()}
+  arch = Architecture(dict(fields, name='Mixer-S_32'), 6, (64, 64), family='mixer')
+  timm_format.write_timm(tmp_path, flat, arch, class_names=list('abcdef'))
+  config = timm_format.load_config(str(tmp_path))
+  assert config['architecture'] == 'mixer_s32_224'
+  tmodel = timm.create_model(config['architecture'], pretrained=True, pretrained_cfg_overlay=dict(
+      file=str(tmp_path / 'model.safetensors'), num_classes=6), **config['model_args']).eval()
+  x = _images(64, 64, seed=6)
+  want = _timm_run(tmodel, x)
+  ours = np.asarray(arch.create_model().apply({'params': unflatten(flat)}, x))
+  print(f'timm mixer_s32_224 export: max |logit diff| {np.abs(ours - want).max():.3g}')
+  assert np.abs(want).max() > 0.3 and np.abs(ours - want).max() <= 1e-4
+  back, back_arch, info = timm_format.read_timm(tmp_path)
+  assert back_arch.family == 'mixer' and back_arch.image_size == (64, 64)
+  assert back_arch.model_config['name'] == 'Mixer-S_32' and back_arch.num_classes == 6
+  assert sorted(back) == sorted(flat) and all(np.array_equal(back[k], flat[k]) for k in flat)
+  assert info['class_names'] == list('abcdef')
+  del torch
+
+
+def test_to_timm_refuses_sizes_timm_cannot_build():
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  arch = Architecture(dict(TINY), 5, (16, 16), family='mixer')
+  with pytest.raises(ValueError, match='only at the paper.s sizes'):
+    fam.FAMILY.to_timm({}, arch)

@@ -1,0 +1,257 @@
+"""What a model family is: `Family` (the descriptor) and `Architecture` (one model, fully described).
+
+A family is two files: its pure Flax modules under `vit_jax/models/` and one descriptor here, a
+subclass of `Family` that owns everything else that knows the family's parameter names: the named
+sizes, the analytic FLOPs, how its parameter trees are recognised and their architecture read back,
+how a pretrained tree is adapted to a new head or resolution, its tensor-parallel rules, and its timm
+/ Hugging Face key maps. The trainer, `summary`, `predict`, `convert`, `sharding` and pretrained
+loading ask the family (through `registry`) and never name a parameter themselves.
+
+Flat parameter dicts ("flat") map '/'-joined paths of the family's *file layout* (the unscanned tree
+that Google's or this project's checkpoints hold) to numpy arrays.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+Flat = dict[str, np.ndarray]
+Rule = tuple[str, tuple]
+
+# The two GELUs in use: Google's checkpoints and Flax's default use the tanh approximation; timm,
+# Hugging Face and PyTorch's nn.GELU the exact (erf) form. They differ by up to ~3e-4 in logits.
+ACTIVATIONS = ('gelu', 'gelu_tanh')
+# Pixels scaled to [0, 1] then normalised as (x - mean) / std. This project trains on [-1, 1].
+SIGNED_UNIT = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def hw(value: Any) -> tuple[int, int]:
+  """An int or an (h, w) pair (tuple, list, array) -> (h, w) ints. The one place this is spelled."""
+  if np.ndim(value) == 0:
+    return int(value), int(value)
+  value = [int(v) for v in value]
+  if len(value) != 2:
+    raise ValueError(f'expected an int or an (h, w) pair, got {value}')
+  return value[0], value[1]
+
+
+@dataclasses.dataclass
+class Architecture:
+  """One model, fully described: enough to build it, feed it and name its outputs.
+
+  family: a registered family name ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt').
+  model_config: the family module's fields (and 'name' when it is a registered model).
+  num_classes: head width, or None for a headless feature extractor.
+  image_size: (height, width) pixels the model was built or trained for.
+  channels: input channels.
+  mean, std: per-channel input normalisation applied to pixels in [0, 1] ((x - mean) / std), as the
+    checkpoint declares (timm pretrained_cfg, HF preprocessor_config, 0.5/0.5 for Google and here).
+  """
+  model_config: dict[str, Any]
+  num_classes: Optional[int]
+  image_size: tuple[int, int]
+  channels: int = 3
+  family: str = 'vit'
+  mean: Optional[tuple[float, ...]] = None
+  std: Optional[tuple[float, ...]] = None
+
+  def __post_init__(self):
+    self.image_size = hw(self.image_size)
+    c = self.channels
+    if self.mean is None:
+      self.mean = SIGNED_UNIT[0][:1] * c if c != 3 else SIGNED_UNIT[0]
+    if self.std is None:
+      self.std = SIGNED_UNIT[1][:1] * c if c != 3 else SIGNED_UNIT[1]
+    self.mean, self.std = tuple(float(m) for m in self.mean), tuple(float(s) for s in self.std)
+
+  @property
+  def name(self) -> str:
+    return str(self.model_config.get('name') or self.family)
+
+  def get_family(self) -> 'Family':
+    from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+    return registry.get_family(self.family)
+
+  def create_model(self, **overrides: Any):
+    """The Flax module of this architecture (overrides: module options such as dtype)."""
+    return self.get_family().create(self.model_config, self.num_classes, **overrides)
+
+  def to_meta(self) -> dict[str, Any]:
+    """The one metadata schema (orbax runs, converted files); `from_meta` inverts it."""
+    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.model_config.items()}
+    return {'family': self.family, 'model_config': cfg, 'num_classes': self.num_classes,
+            'image_size': list(self.image_size), 'channels': self.channels,
+            'mean': list(self.mean), 'std': list(self.std)}
+
+  @classmethod
+  def from_meta(cls, meta: Mapping[str, Any]) -> 'Architecture':
+    """Reads `to_meta()` output; files written before families existed are ViTs."""
+    family = meta.get('family', 'vit')
+    from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+    cfg = registry.get_family(family).normalize_fields(dict(meta['model_config']))
+    return cls(cfg, meta.get('num_classes'), hw(meta['image_size']), int(meta.get('channels', 3)),
+               family, meta.get('mean'), meta.get('std'))
+
+
+class Family:
+  """The descriptor of one model family; subclass it once per family and register an instance.
+
+  Class attributes a subclass sets:
+    name: the family's registry name.
+    models: registered model name -> its fields (what `registry.get_model_config` returns).
+    head_prefixes: parameter path prefixes of the classifier head(s): re-created when the class count
+      changes.
+    optional_prefixes: paths or prefixes that one side of a transfer may lack (pre-logits, a class
+      token, an attention-pooling head): taken from the initialisation or dropped, and reported.
+    stem_kernel: path of the input convolution kernel [kh, kw, C, D] (grey-scale adaptation).
+    pre_logits_prefix: prefix of an optional pre-logits layer (`keep_pre_logits` decides).
+    tensor_rules: (path regex, PartitionSpec entries of the unscanned parameter) for Megatron-style
+      tensor parallelism; an entry of () marks a parameter deliberately replicated.
+    layout_fields: fields that change the parameter tree's layout without changing the maths (scan).
+    timm_prefixes, hf_model_types: timm architecture-name prefixes and HF `model_type`s this family
+      reads (empty: no counterpart).
+    writes_npz: whether `--to npz` (Google's layout) is meaningful for this family.
+    test_model, test_image_size: a registered tiny model and its input size: what the
+      registry-parametrised tests (tests/test_families.py) build, train, save and export.
+  """
+  name: str = ''
+  models: Mapping[str, Mapping[str, Any]] = {}
+  head_prefixes: tuple[str, ...] = ('head/',)
+  optional_prefixes: tuple[str, ...] = ()
+  stem_kernel: Optional[str] = None
+  pre_logits_prefix: Optional[str] = None
+  tensor_rules: tuple[Rule, ...] = ()
+  layout_fields: tuple[str, ...] = ()
+  timm_prefixes: tuple[str, ...] = ()
+  hf_model_types: tuple[str, ...] = ()
+  writes_npz: bool = False
+  test_model: Optional[str] = None
+  test_image_size: int = 16
+
+  # ---- building ----
+  def module_class(self) -> type:
+    raise NotImplementedError
+
+  def field_names(self) -> tuple[str, ...]:
+    """Every field the module takes besides num_classes (architecture and options)."""
+    cls = self.module_class()
+    return tuple(sorted(set(cls.__dataclass_fields__) - {'parent', 'name', 'num_classes'}))
+
+  def normalize_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+    """JSON round trips turn tuples into lists; the module wants tuples back."""
+    return {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                if isinstance(v, list) else v) for k, v in fields.items()}
+
+  def create(self, fields: Mapping[str, Any], num_classes: Optional[int], **overrides: Any):
+    """The family's module from registry fields plus overrides; unknown fields are a ValueError
+    naming them and the valid ones."""
+    merged = {k: v for k, v in dict(fields).items() if k not in ('name', 'family')}
+    merged.update(overrides)
+    merged = self.normalize_fields(merged)
+    valid = set(self.field_names())
+    unknown = sorted(set(merged) - valid)
+    if unknown:
+      raise ValueError(f'unknown field(s) {unknown} for the {self.name} family; valid fields: '
+                       f'{sorted(valid)}')
+    return self.module_class()(num_classes=num_classes, **merged)
+
+  def validate(self, fields: Mapping[str, Any], image_size: tuple[int, int]) -> None:
+    """Raises ValueError naming the field when the fields cannot work at this image size."""
+
+  # ---- counting ----
+  def forward_macs(self, fields: Mapping[str, Any], num_classes: Optional[int],
+                   image_size: tuple[int, int], channels: int = 3) -> int:
+    """Multiply-accumulates of one forward pass of one image (matmuls and convolutions only)."""
+    raise NotImplementedError
+
+  def summary_rows(self, fields: Mapping[str, Any], image_size: tuple[int, int]) -> list[str]:
+    """Extra lines for `python -m vit_jax.summary` (per-stage tokens, widths, windows)."""
+    del fields, image_size
+    return []
+
+  # ---- reading parameter trees ----
+  def matches(self, flat: Mapping[str, Any]) -> bool:
+    """Whether a flat dict (file layout) is a parameter set of this family."""
+    raise NotImplementedError
+
+  def infer(self, flat: Mapping[str, Any], *, model_config: Optional[Mapping[str, Any]] = None,
+            image_size: Optional[Any] = None) -> Architecture:
+    """The architecture a flat dict describes; size fields that disagree with `model_config` are a
+    ValueError naming the field and both values."""
+    raise NotImplementedError
+
+  def to_file_layout(self, tree: Any) -> Any:
+    """A module params tree -> the file layout (e.g. scanned blocks unstacked)."""
+    return tree
+
+  def to_module_layout(self, tree: Any, fields: Mapping[str, Any]) -> Any:
+    """The file layout -> what the module with `fields` expects (e.g. stacked for scan=True)."""
+    del fields
+    return tree
+
+  def adapt(self, src: Flat, target: Mapping[str, Any], src_arch: Optional[Architecture],
+            target_fields: Mapping[str, Any], image_size: Optional[tuple[int, int]], method: str,
+            report: Any) -> Flat:
+    """Resolution- or classifier-dependent tables of `src` adapted to `target` (flat, file layout)
+    before the generic transfer; appends to report.reshaped / report.notes / report.dropped."""
+    del target, src_arch, target_fields, image_size, method, report
+    return src
+
+  def check_transfer(self, src_arch: Optional[Architecture], target_fields: Mapping[str, Any],
+                     image_size: Optional[tuple[int, int]]) -> None:
+    """Raises a ValueError when a checkpoint of src_arch cannot move to this image size."""
+
+  # ---- interop ----
+  def reads_timm(self, architecture: str, keys: set[str]) -> bool:
+    """Whether a timm checkpoint (config.json `architecture`, state-dict keys) is of this family."""
+    del keys
+    return any(architecture.startswith(p) for p in self.timm_prefixes)
+
+  def to_timm(self, flat: Flat, arch: Architecture) -> tuple[Flat, dict[str, Any]]:
+    """(timm state dict, timm `config.json`) for this architecture; ValueError if not expressible."""
+    raise ValueError(f'the {self.name} family has no timm counterpart')
+
+  def from_timm(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]
+                ) -> tuple[Flat, Architecture, list[str]]:
+    """(flat, architecture, notes) from a timm state dict and its config.json."""
+    raise ValueError(f'the {self.name} family reads no timm checkpoints')
+
+  def to_hf(self, flat: Flat, arch: Architecture) -> tuple[Flat, dict[str, Any]]:
+    raise ValueError(f'the {self.name} family has no Hugging Face counterpart that this project '
+                     'writes; export with `--to timm`')
+
+  def from_hf(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]
+              ) -> tuple[Flat, Architecture, list[str]]:
+    raise ValueError(f'the {self.name} family reads no Hugging Face checkpoints')
+
+  def npz_keys_ok(self, flat: Mapping[str, Any]) -> list[str]:
+    """Keys of `flat` that are not in Google's npz layout (empty: writable)."""
+    del flat
+    return []
+
+  def __repr__(self) -> str:
+    return f'<family {self.name}: {len(self.models)} models>'
+
+
+def check_sizes(found: Mapping[str, Any], wanted: Mapping[str, Any], fields: Sequence[str],
+                name: str = '') -> None:
+  """Raises a ValueError listing every size field where `wanted` (a config) disagrees with `found`
+  (what the parameters hold)."""
+  wrong = []
+  for f in fields:
+    if wanted.get(f) is None or f not in found:
+      continue
+    a, b = found[f], wanted[f]
+    if f.endswith('patch_size'):
+      a, b = hw(a), hw(b)
+    elif isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+      a, b = tuple(np.atleast_1d(a).tolist()), tuple(np.atleast_1d(b).tolist())
+    if a != b:
+      wrong.append(f'{f}={found[f]!r} (the config has {wanted[f]!r})')
+  if wrong:
+    raise ValueError(f'the checkpoint does not match the model config {name!r}: it has '
+                     f'{", ".join(wrong)}')
+

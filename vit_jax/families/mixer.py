@@ -1,0 +1,414 @@
+"""The MLP-Mixer family (Tolstikhin et al., 2021): sizes, Google's `.npz` layout, timm key maps.
+
+Our flat parameters ('/'-joined paths of `vit_jax.models.mixer.MlpMixer`) *are* Google's released
+Mixer `.npz` layout, so those files load as they are (`check_npz_layout` checks keys and shapes):
+  stem/{kernel [ph, pw, C_in, D], bias}
+  MixerBlock_{i}/LayerNorm_0, token_mixing/Dense_{0,1}, LayerNorm_1, channel_mixing/Dense_{0,1}
+  pre_head_layer_norm/{scale, bias}, head/{kernel [D, classes], bias}
+timm 1.0.31's `MlpMixer` names (PyTorch: Linear weights [out, in], conv weights OIHW):
+  stem.proj, blocks.{i}.norm1, blocks.{i}.mlp_tokens.fc1/fc2, blocks.{i}.norm2,
+  blocks.{i}.mlp_channels.fc1/fc2, norm, head.
+timm's MlpMixer has no `.npz` reader (`load_pretrained`) in 1.0.31, always uses the exact GELU (it
+runs Google's tanh-GELU checkpoints that way too), and its `mixer_*_224` entry points fix the patch
+size, depth and width, so only the paper's sizes are expressible as a timm `config.json`.
+The token-mixing kernels are [S, tokens_mlp_dim]: parameters fix the token count S = (H/p)(W/p).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vit_jax.families import resample
+from vit_jax.families.base import ACTIVATIONS, Architecture, Family, Flat, check_sizes, hw
+from vit_jax.models import mixer as mixer_models
+
+# The paper's Table 1 sizes (patch, blocks L, hidden C, tokens MLP D_S, channels MLP D_C). Parameter
+# counts at 224 px with 1000 classes equal timm 1.0.31's `mixer_*_224` (tests/test_mixer.py).
+_S, _B = dict(hidden_dim=512, tokens_mlp_dim=256, channels_mlp_dim=2048, num_blocks=8), dict(
+    hidden_dim=768, tokens_mlp_dim=384, channels_mlp_dim=3072, num_blocks=12)
+_L = dict(hidden_dim=1024, tokens_mlp_dim=512, channels_mlp_dim=4096, num_blocks=24)
+MODELS: dict[str, dict[str, Any]] = {
+    'Mixer-S_16': dict(_S, patch_size=16),    # 18,528,264
+    'Mixer-S_32': dict(_S, patch_size=32),    # 19,104,624
+    'Mixer-B_16': dict(_B, patch_size=16),    # 59,880,472
+    'Mixer-B_32': dict(_B, patch_size=32),    # 60,293,428
+    'Mixer-L_16': dict(_L, patch_size=16),    # 208,196,168
+    'Mixer-L_32': dict(_L, patch_size=32),    # 206,939,264
+    'Mixer-testing': dict(patch_size=4, num_blocks=2, hidden_dim=32, tokens_mlp_dim=16,
+                          channels_mlp_dim=64),
+}
+TIMM_NAMES = {f'mixer_{s.lower()}{p}_224': f'Mixer-{s}_{p}' for s in 'SBL' for p in (16, 32)}
+SIZE_FIELDS = ('patch_size', 'num_blocks', 'hidden_dim', 'tokens_mlp_dim', 'channels_mlp_dim')
+TOKEN_KERNEL = 'MixerBlock_0/token_mixing/Dense_0/kernel'
+# Megatron tensor parallelism: both MLPs split their hidden units, Dense_0 [in, hidden] column
+# parallel, Dense_1 [hidden, out] row parallel (one all-reduce per MLP). Stem and head replicated.
+TENSOR_RULES = (
+    (r'(token|channel)_mixing/Dense_0/kernel$', (None, 'tensor')),
+    (r'(token|channel)_mixing/Dense_0/bias$', ('tensor',)),
+    (r'(token|channel)_mixing/Dense_1/kernel$', ('tensor', None)),
+    (r'(^|/)(stem|head)/kernel$', ()),
+)
+_PREFIXES = ('opt/target/', 'params/')
+_BLOCK = re.compile(r'^MixerBlock_(\d+)/')
+_TIMM_BLOCK = re.compile(r'^blocks\.(\d+)\.')
+_NPZ_KEY = re.compile(r'^(stem/(kernel|bias)|(pre_head_layer_norm|MixerBlock_\d+/LayerNorm_[01])/'
+                      r'(scale|bias)|MixerBlock_\d+/(token|channel)_mixing/Dense_[01]/(kernel|bias)'
+                      r'|head/(kernel|bias))$')
+# Our sub-module path in a block -> timm's.
+_BLOCK_NAMES = (('LayerNorm_0', 'norm1'), ('token_mixing/Dense_0', 'mlp_tokens.fc1'),
+                ('token_mixing/Dense_1', 'mlp_tokens.fc2'), ('LayerNorm_1', 'norm2'),
+                ('channel_mixing/Dense_0', 'mlp_channels.fc1'),
+                ('channel_mixing/Dense_1', 'mlp_channels.fc2'))
+
+
+def grid(fields: Mapping[str, Any], image_size: Any) -> tuple[int, int]:
+  """(gh, gw) patches of an image; a ValueError if the size is not a multiple of the patch."""
+  (h, w), (ph, pw) = hw(image_size), hw(fields['patch_size'])
+  if h <= 0 or w <= 0 or h % ph or w % pw:
+    raise ValueError(f'image size {(h, w)} must be a positive multiple of the Mixer patch size '
+                     f'{(ph, pw)} (model.patch_size)')
+  return h // ph, w // pw
+
+
+def check_image_size(fields: Mapping[str, Any], image_size: Any, num_tokens: int) -> None:
+  """Raises a ValueError unless `image_size` gives the `num_tokens` the parameters were built for."""
+  gh, gw = grid(fields, image_size)
+  if gh * gw != num_tokens:
+    (h, w), (ph, pw) = hw(image_size), hw(fields['patch_size'])
+    raise ValueError(
+        f'the Mixer parameters mix {num_tokens} tokens, but {h}x{w} px images give {gh * gw} '
+        f'({gh}x{gw} patches of {ph}x{pw} px); the token-mixing MLP is tied to the token count, so '
+        f'use the image size the parameters were built for (a grid of {num_tokens} patches)')
+
+
+def _numpy(v: Any) -> np.ndarray:
+  """numpy view of an array or a (CPU) torch tensor."""
+  return np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v)
+
+
+def _count_blocks(keys: Sequence[str], pattern: re.Pattern) -> int:
+  found = sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+  if found != list(range(len(found))):
+    raise ValueError(f'Mixer blocks are not numbered 0..{len(found) - 1}: {found}')
+  return len(found)
+
+
+# ---------- Google's .npz layout ----------
+
+def strip_prefix(flat: Mapping[str, np.ndarray]) -> Flat:
+  """Drops a training-state prefix ('opt/target/', 'params/') and the keys outside it."""
+  for prefix in _PREFIXES:
+    if f'{prefix}stem/kernel' in flat:
+      return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+  return dict(flat)
+
+
+def is_mixer(keys: Any) -> bool:
+  """True for a flat Mixer parameter set (ours / Google's npz)."""
+  return 'stem/kernel' in keys and TOKEN_KERNEL in keys
+
+
+def npz_shapes(fields: Mapping[str, Any], num_tokens: int, num_classes: Optional[int],
+               channels: int = 3) -> dict[str, tuple[int, ...]]:
+  """Every key of Google's Mixer `.npz` for these sizes, with its shape."""
+  (ph, pw), d = hw(fields['patch_size']), fields['hidden_dim']
+  t, c = fields['tokens_mlp_dim'], fields['channels_mlp_dim']
+  shapes = {'stem/kernel': (ph, pw, channels, d), 'stem/bias': (d,),
+            'pre_head_layer_norm/scale': (d,), 'pre_head_layer_norm/bias': (d,)}
+  for i in range(fields['num_blocks']):
+    b = f'MixerBlock_{i}'
+    for ln in ('LayerNorm_0', 'LayerNorm_1'):
+      shapes[f'{b}/{ln}/scale'] = shapes[f'{b}/{ln}/bias'] = (d,)
+    for mlp, width, hidden in (('token_mixing', num_tokens, t), ('channel_mixing', d, c)):
+      shapes[f'{b}/{mlp}/Dense_0/kernel'] = (width, hidden)
+      shapes[f'{b}/{mlp}/Dense_0/bias'] = (hidden,)
+      shapes[f'{b}/{mlp}/Dense_1/kernel'] = (hidden, width)
+      shapes[f'{b}/{mlp}/Dense_1/bias'] = (width,)
+  if num_classes:
+    shapes['head/kernel'], shapes['head/bias'] = (d, num_classes), (num_classes,)
+  return shapes
+
+
+def check_npz_layout(flat: Mapping[str, Any], fields: Mapping[str, Any], num_tokens: int,
+                     num_classes: Optional[int], channels: int = 3) -> None:
+  """Raises a ValueError naming missing, extra and misshapen keys against Google's layout."""
+  want = npz_shapes(fields, num_tokens, num_classes, channels)
+  missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+  wrong = [f'{k} {tuple(flat[k].shape)} (expected {want[k]})' for k in sorted(set(want) & set(flat))
+           if tuple(flat[k].shape) != want[k]]
+  if missing or extra or wrong:
+    raise ValueError(f'not Google\'s Mixer .npz layout: missing {missing[:5]}, extra {extra[:5]}, '
+                     f'wrong shapes {wrong[:5]}')
+
+
+def infer_fields(flat: Mapping[str, Any]) -> tuple[dict[str, Any], int, Optional[int], int]:
+  """Reads (size fields, num_tokens, num_classes, channels) off a flat Mixer parameter dict."""
+  if not is_mixer(flat):
+    raise ValueError(f'not an MLP-Mixer parameter set: no `stem/kernel` and `{TOKEN_KERNEL}`')
+  ph, pw, channels, d = np.shape(flat['stem/kernel'])
+  num_tokens, t = np.shape(flat[TOKEN_KERNEL])
+  fields = dict(patch_size=int(ph) if ph == pw else (int(ph), int(pw)),
+                num_blocks=_count_blocks(list(flat), _BLOCK), hidden_dim=int(d), tokens_mlp_dim=int(t),
+                channels_mlp_dim=int(np.shape(flat['MixerBlock_0/channel_mixing/Dense_0/kernel'])[1]))
+  num_classes = int(np.shape(flat['head/kernel'])[1]) if 'head/kernel' in flat else None
+  return fields, int(num_tokens), num_classes, int(channels)
+
+
+# ---------- timm ----------
+
+def fields_from_timm_name(arch: str) -> dict[str, Any]:
+  """Our fields for a timm name ('mixer_b16_224', '.goog_in21k'-style tags allowed); act is 'gelu'
+  because timm's MlpMixer uses the exact GELU whatever weights it holds."""
+  base = arch.split('.', 1)[0]
+  if base not in TIMM_NAMES:
+    raise ValueError(f'{arch!r} is not one of timm\'s MLP-Mixer models {sorted(TIMM_NAMES)}')
+  return {**MODELS[TIMM_NAMES[base]], 'act': 'gelu'}
+
+
+def timm_model_args(fields: Mapping[str, Any], num_classes: Optional[int], image_size: Any,
+                    channels: int = 3) -> dict[str, Any]:
+  """JSON-able `timm.models.mlp_mixer.MlpMixer(**args)` arguments that build these sizes.
+
+  timm derives the MLP widths as int(ratio * hidden_dim); a width that no ratio reaches is an error.
+  """
+  d, ratios = fields['hidden_dim'], []
+  for name in ('tokens_mlp_dim', 'channels_mlp_dim'):
+    ratios.append(fields[name] / d)
+    if int(ratios[-1] * d) != fields[name]:
+      raise ValueError(f'timm builds Mixer MLPs of int(ratio * hidden_dim) units; {name}='
+                       f'{fields[name]} is not reachable from hidden_dim={d}')
+  (h, w), (ph, pw) = hw(image_size), hw(fields['patch_size'])
+  return dict(img_size=[h, w], patch_size=ph if ph == pw else [ph, pw], in_chans=channels,
+              num_classes=num_classes or 0, num_blocks=fields['num_blocks'], embed_dim=d,
+              mlp_ratio=ratios, global_pool='avg')
+
+
+def timm_architecture_name(fields: Mapping[str, Any]) -> Optional[str]:
+  """timm's registry name with this patch size, depth and width (None if there is none)."""
+  for timm_name, ours in TIMM_NAMES.items():
+    ref = MODELS[ours]
+    if hw(ref['patch_size']) == hw(fields['patch_size']) and all(
+        ref[k] == fields[k] for k in ('num_blocks', 'hidden_dim')):
+      return timm_name
+  return None
+
+
+def timm_create_args(fields: Mapping[str, Any], num_classes: Optional[int], image_size: Any,
+                     channels: int = 3) -> tuple[str, dict[str, Any]]:
+  """(architecture, kwargs) for `timm.create_model(architecture, **kwargs)`, i.e. timm's Hub
+  config.json `architecture` and `model_args`. timm's `mixer_*_224` functions set patch_size,
+  num_blocks and embed_dim and reject them as arguments: other sizes are a ValueError."""
+  name = timm_architecture_name(fields)
+  if name is None:
+    raise ValueError(
+        f'timm registers MLP-Mixers only at the paper\'s sizes {sorted(TIMM_NAMES)}, not patch_size='
+        f'{fields["patch_size"]}, num_blocks={fields["num_blocks"]}, hidden_dim={fields["hidden_dim"]}'
+        ': build `timm.models.mlp_mixer.MlpMixer(**timm_model_args(...))` and load the state dict')
+  args = timm_model_args(fields, num_classes, image_size, channels)
+  for k in ('patch_size', 'num_blocks', 'embed_dim'):
+    del args[k]
+  return name, args
+
+
+def to_timm(flat: Mapping[str, np.ndarray], fields: Mapping[str, Any]) -> Flat:
+  """Our flat parameters -> a timm `MlpMixer` state dict (numpy, same dtypes, contiguous)."""
+  flat = strip_prefix(flat)
+  if _count_blocks(list(flat), _BLOCK) != fields['num_blocks']:
+    raise ValueError(f'the parameters hold {_count_blocks(list(flat), _BLOCK)} Mixer blocks, the '
+                     f'fields say num_blocks={fields["num_blocks"]}')
+  out: Flat = {}
+  def copy(ours, theirs, linear):
+    w = np.asarray(flat[f'{ours}/kernel' if linear else f'{ours}/scale'])
+    out[f'{theirs}.weight'] = np.ascontiguousarray(w.T) if linear else w
+    out[f'{theirs}.bias'] = np.asarray(flat[f'{ours}/bias'])
+  out['stem.proj.weight'] = np.ascontiguousarray(
+      np.asarray(flat['stem/kernel']).transpose(3, 2, 0, 1))  # HWIO -> OIHW
+  out['stem.proj.bias'] = np.asarray(flat['stem/bias'])
+  for i in range(fields['num_blocks']):
+    for ours, theirs in _BLOCK_NAMES:
+      copy(f'MixerBlock_{i}/{ours}', f'blocks.{i}.{theirs}', 'Dense' in ours)
+  copy('pre_head_layer_norm', 'norm', False)
+  if 'head/kernel' in flat:
+    copy('head', 'head', True)
+  return out
+
+
+def is_timm_mixer(keys: Any) -> bool:
+  """True for a timm MlpMixer state dict (not ResMLP/gMLP, which share `stem.proj`)."""
+  return 'stem.proj.weight' in keys and 'blocks.0.mlp_tokens.fc1.weight' in keys
+
+
+def from_timm(state: Mapping[str, Any], fields: Mapping[str, Any]) -> Flat:
+  """A timm `MlpMixer` state dict (numpy arrays or torch tensors) -> our flat parameters.
+
+  A ValueError names keys that are not a Mixer's or that these fields would leave unused.
+  """
+  if not is_timm_mixer(state):
+    raise ValueError('not a timm MlpMixer state dict: no `stem.proj.weight` and '
+                     '`blocks.0.mlp_tokens.fc1.weight` (ResMLP and gMLP are not supported)')
+  if _count_blocks(list(state), _TIMM_BLOCK) != fields['num_blocks']:
+    raise ValueError(f'the timm state dict holds {_count_blocks(list(state), _TIMM_BLOCK)} blocks, '
+                     f'the fields say num_blocks={fields["num_blocks"]}')
+  out: Flat = {}
+  def copy(theirs, ours, linear):
+    w = _numpy(state[f'{theirs}.weight'])
+    out[f'{ours}/kernel' if linear else f'{ours}/scale'] = np.ascontiguousarray(w.T) if linear else w
+    out[f'{ours}/bias'] = _numpy(state[f'{theirs}.bias'])
+  out['stem/kernel'] = np.ascontiguousarray(_numpy(state['stem.proj.weight']).transpose(2, 3, 1, 0))
+  out['stem/bias'] = _numpy(state['stem.proj.bias'])
+  for i in range(fields['num_blocks']):
+    for ours, theirs in _BLOCK_NAMES:
+      copy(f'blocks.{i}.{theirs}', f'MixerBlock_{i}/{ours}', 'Dense' in ours)
+  copy('norm', 'pre_head_layer_norm', False)
+  if 'head.weight' in state:
+    copy('head', 'head', True)
+  unused = sorted(set(state) - set(to_timm(out, fields)))
+  if unused:
+    raise ValueError(f'timm keys that are not part of an MlpMixer: {unused[:5]}')
+  return out
+
+
+def fields_from_timm_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], int, Optional[int],
+                                                                 int]:
+  """(fields with act='gelu', num_tokens, num_classes, channels) of a timm MlpMixer state dict."""
+  if not is_timm_mixer(state):
+    raise ValueError('not a timm MlpMixer state dict')
+  d, channels, ph, pw = np.shape(state['stem.proj.weight'])
+  t, num_tokens = np.shape(state['blocks.0.mlp_tokens.fc1.weight'])
+  fields = dict(patch_size=int(ph) if ph == pw else (int(ph), int(pw)),
+                num_blocks=_count_blocks(list(state), _TIMM_BLOCK), hidden_dim=int(d),
+                tokens_mlp_dim=int(t),
+                channels_mlp_dim=int(np.shape(state['blocks.0.mlp_channels.fc1.weight'])[0]),
+                act='gelu')
+  num_classes = int(np.shape(state['head.weight'])[0]) if 'head.weight' in state else None
+  return fields, int(num_tokens), num_classes, int(channels)
+
+
+# ---------- the descriptor ----------
+
+def forward_macs(fields: Mapping[str, Any], num_classes: Optional[int], image_size: Any,
+                 channels: int = 3) -> int:
+  """Stem conv + per block 2*S*D_S*C (token MLP) + 2*S*C*D_C (channel MLP) + head."""
+  (ph, pw), (gh, gw) = hw(fields['patch_size']), grid(fields, image_size)
+  s, c = gh * gw, fields['hidden_dim']
+  block = 2 * s * fields['tokens_mlp_dim'] * c + 2 * s * c * fields['channels_mlp_dim']
+  return int(s * ph * pw * channels * c + fields['num_blocks'] * block + c * (num_classes or 0))
+
+
+class MixerFamily(Family):
+  """MLP-Mixer: Google's names, a timm counterpart at the paper's sizes, no Hugging Face one."""
+  name = 'mixer'
+  models = MODELS
+  head_prefixes = ('head/',)
+  stem_kernel = 'stem/kernel'
+  tensor_rules = TENSOR_RULES
+  timm_prefixes = ('mixer_',)
+  writes_npz = True
+  test_model = 'Mixer-testing'
+
+  def module_class(self) -> type:
+    return mixer_models.MlpMixer
+
+  def validate(self, fields, image_size) -> None:
+    if fields.get('act') is not None and fields['act'] not in ACTIVATIONS:
+      raise ValueError(f'model.act {fields["act"]!r} is not one of {ACTIVATIONS}')
+    grid(fields, image_size)
+    for key in SIZE_FIELDS[1:]:
+      if int(fields[key]) <= 0:
+        raise ValueError(f'model.{key} must be positive, got {fields[key]}')
+
+  def forward_macs(self, fields, num_classes, image_size, channels=3) -> int:
+    return forward_macs(fields, num_classes, image_size, channels)
+
+  def summary_rows(self, fields, image_size) -> list[str]:
+    gh, gw = grid(fields, image_size)
+    return [f'tokens: {gh}x{gw} patches (the token-mixing MLP is tied to {gh * gw}), width '
+            f'{fields["hidden_dim"]}, {fields["num_blocks"]} blocks, MLPs {fields["tokens_mlp_dim"]}'
+            f' (tokens) / {fields["channels_mlp_dim"]} (channels)']
+
+  def matches(self, flat) -> bool:
+    return is_mixer(flat)
+
+  def infer(self, flat, *, model_config=None, image_size=None) -> Architecture:
+    """Everything is in the shapes but the aspect ratio: a square grid of the token count is
+    assumed unless `image_size` is given (which must give that token count)."""
+    found, tokens, num_classes, channels = infer_fields(flat)
+    cfg = dict(model_config or {})
+    check_sizes(found, cfg, SIZE_FIELDS, cfg.get('name', ''))
+    cfg.update(found)
+    if image_size is not None:
+      size = hw(image_size)
+      check_image_size(cfg, size, tokens)
+    else:
+      (gh, gw), (ph, pw) = resample.square_grid(tokens), hw(cfg['patch_size'])
+      size = (gh * ph, gw * pw)
+    return Architecture(cfg, num_classes, size, channels, family=self.name)
+
+  def check_transfer(self, src_arch, target_fields, image_size) -> None:
+    if src_arch is None or src_arch.family != self.name or image_size is None:
+      return
+    gh, gw = grid(src_arch.model_config, src_arch.image_size)
+    check_image_size(target_fields, image_size, gh * gw)
+
+  def adapt(self, src, target, src_arch, target_fields, image_size, method, report) -> Flat:
+    """Nothing is resampled: a token-mixing MLP of another token count is an error, not a resize."""
+    if TOKEN_KERNEL in src and TOKEN_KERNEL in target:
+      have, want = np.shape(src[TOKEN_KERNEL])[0], np.shape(target[TOKEN_KERNEL])[0]
+      if have != want:
+        raise ValueError(
+            f'the checkpoint\'s token-mixing MLP mixes {have} tokens, the model at image size '
+            f'{image_size} has {want}; a Mixer cannot change its token count: use the image size '
+            'the checkpoint was trained at')
+    return src
+
+  def reads_timm(self, architecture, keys) -> bool:
+    return architecture.startswith(self.timm_prefixes) if architecture else is_timm_mixer(keys)
+
+  def to_timm(self, flat, arch):
+    cfg = arch.model_config
+    name, args = timm_create_args(cfg, arch.num_classes, arch.image_size, arch.channels)
+    if cfg.get('act', 'gelu_tanh') != 'gelu':
+      logging.warning('timm\'s MlpMixer uses the exact GELU; this model was built with %r, so timm '
+                      'logits will differ slightly (as for Google\'s Mixer weights in timm)',
+                      cfg.get('act', 'gelu_tanh'))
+    state = to_timm(flat, cfg)
+    pretrained_cfg = dict(num_classes=args['num_classes'], input_size=[arch.channels,
+                                                                       *arch.image_size],
+                          classifier='head', first_conv='stem.proj', interpolation='bilinear',
+                          crop_pct=1.0, mean=list(arch.mean), std=list(arch.std))
+    config = dict(architecture=name, num_classes=args['num_classes'], num_features=cfg['hidden_dim'],
+                  global_pool='avg', model_args=args, pretrained_cfg=pretrained_cfg)
+    return state, config
+
+  def from_timm(self, state, config):
+    """Sizes from the shapes (checked against `architecture` when named), act 'gelu' (what timm
+    computes), image size from model_args / pretrained_cfg, else the square grid of the tokens."""
+    args, pcfg = dict(config.get('model_args') or {}), config.get('pretrained_cfg') or {}
+    found = fields_from_timm_state(state)[0]
+    architecture = config.get('architecture', '')
+    if architecture:
+      check_sizes(found, fields_from_timm_name(architecture), ('patch_size', 'num_blocks',
+                                                               'hidden_dim'), architecture)
+    fields: dict[str, Any] = {'act': 'gelu'}
+    notes: list[str] = []
+    if 'vit_jax' in config:  # Written here: keep the registry name and options.
+      meta = config['vit_jax'].get('model_config', {})
+      fields = {**meta, 'act': 'gelu'}
+      if meta.get('act', 'gelu_tanh') != 'gelu':
+        notes.append(f'act: {meta.get("act", "gelu_tanh")!r} before the timm export; timm runs the '
+                     'exact GELU, so it is read back as act=\'gelu\'')
+    size = args.get('img_size') or (list(pcfg['input_size'][1:]) if pcfg.get('input_size') else None)
+    flat = from_timm(state, found)
+    arch = self.infer(flat, model_config=fields, image_size=size)
+    if pcfg.get('mean') and pcfg.get('std'):
+      arch.mean, arch.std = tuple(pcfg['mean']), tuple(pcfg['std'])
+    return flat, arch, notes
+
+  def npz_keys_ok(self, flat) -> list[str]:
+    return [k for k in flat if not _NPZ_KEY.match(k)]
+
+
+FAMILY = MixerFamily()

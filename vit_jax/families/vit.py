@@ -1,0 +1,348 @@
+"""The ViT family: "An Image is Worth 16x16 Words" (Dosovitskiy et al., 2021), Google's names.
+
+The file layout is Google's released one: `embedding`, `cls`, `Transformer/posembed_input/
+pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
+LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `MAPHead_0`, `pre_logits`, `head`. A module
+with `scan=True` stacks the blocks as `Transformer/encoderblock` with a leading [L] axis (big_vision);
+`to_file_layout` / `to_module_layout` convert. The timm and Hugging Face key maps are in
+`vit_interop.py`, shared with the hybrid and DeiT families.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+from vit_jax.families import resample
+from vit_jax.families.base import Architecture, Family, Flat, check_sizes, hw
+from vit_jax.models import vit as vit_models
+
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/')
+
+# size: (hidden_size D, num_layers L, num_heads, mlp_dim); the paper's Table 1 plus small CPU models.
+SIZES = {
+    'Ti': (192, 12, 3, 768), 'S': (384, 12, 6, 1536), 'B': (768, 12, 12, 3072),
+    'L': (1024, 24, 16, 4096), 'H': (1280, 32, 16, 5120),
+    'Mini': (128, 6, 4, 256), 'Micro': (96, 4, 3, 192),
+}
+
+
+def vit_fields(size: str, patch: int, **extra: Any) -> dict[str, Any]:
+  d, layers, heads, mlp = SIZES[size]
+  return dict(patch_size=patch, hidden_size=d, num_layers=layers, num_heads=heads, mlp_dim=mlp,
+              classifier='token', posemb='learned', representation_size=None, **extra)
+
+
+MODELS: dict[str, dict[str, Any]] = {
+    f'ViT-{size}_{patch}': vit_fields(size, patch)
+    for size, patch in (('Ti', 16), ('S', 16), ('S', 32), ('B', 16), ('B', 32), ('B', 8),
+                        ('L', 16), ('L', 32), ('H', 14), ('Mini', 4), ('Mini', 7), ('Micro', 4),
+                        ('Micro', 7))}
+# Google's `testing` config at patch 4: a 2-layer width-32 model for unit tests.
+MODELS['ViT-testing'] = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
+                             classifier='token', posemb='learned', representation_size=None)
+
+SIZE_FIELDS = ('patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
+
+# Megatron tensor parallelism (specs of the unscanned parameter; a scanned [L] axis is skipped):
+# q/k/v kernels [D, heads, K] and biases [heads, K] split heads; out [heads, K, D] splits heads;
+# MLP Dense_0 [D, M] splits M (column parallel), Dense_1 [M, D] splits M (row parallel). The patch
+# embedding, position table, head and pre-logits stay replicated under `tensor` (FSDP shards them).
+TENSOR_RULES = (
+    (r'MultiHeadDotProductAttention_\d+/(query|key|value)/kernel$', (None, 'tensor', None)),
+    (r'MultiHeadDotProductAttention_\d+/(query|key|value)/bias$', ('tensor', None)),
+    (r'MultiHeadDotProductAttention_\d+/out/kernel$', ('tensor', None, None)),
+    (r'MlpBlock_\d+/Dense_0/kernel$', (None, 'tensor')),
+    (r'MlpBlock_\d+/Dense_0/bias$', ('tensor',)),
+    (r'MlpBlock_\d+/Dense_1/kernel$', ('tensor', None)),
+    (r'(^|/)(embedding|pre_logits|head(_dist)?)/kernel$', ()),
+    (r'(^|/)pos_embedding$', ()),
+)
+
+
+def transformer_macs(n: int, d: int, m: int, layers: int) -> int:
+  """MACs of `layers` pre-LN blocks over n tokens of width d with an MLP of m units."""
+  return layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+
+
+def head_macs(fields: Mapping[str, Any], n: int, num_classes: Optional[int], heads: int = 1) -> int:
+  """Pooling head (MAP), pre-logits and classifier head(s) MACs."""
+  d, m = fields['hidden_size'], fields['mlp_dim']
+  macs = 0
+  if fields.get('classifier') == 'map':
+    macs += 2 * d * d + 2 * n * d * d + 2 * n * d + 2 * d * m
+  width = d
+  if fields.get('representation_size'):
+    macs += d * fields['representation_size']
+    width = fields['representation_size']
+  return macs + heads * width * (num_classes or 0)
+
+
+def unstack_blocks(tree: Any) -> Any:
+  """Scanned -> unscanned: `Transformer/encoderblock` [L, ...] -> `encoderblock_{i}`."""
+  enc = dict(tree.get('Transformer', {}))
+  if 'encoderblock' not in enc:
+    return tree
+  import jax  # pylint: disable=import-outside-toplevel
+  stacked = enc.pop('encoderblock')
+  depth = jax.tree.leaves(stacked)[0].shape[0]
+  for i in range(depth):
+    enc[f'encoderblock_{i}'] = jax.tree.map(lambda x, i=i: x[i], stacked)
+  return {**tree, 'Transformer': enc}
+
+
+def stack_blocks(tree: Any) -> Any:
+  """Unscanned -> scanned: `encoderblock_{0..L-1}` stacked into `Transformer/encoderblock`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  enc = dict(tree.get('Transformer', {}))
+  indices = sorted(int(k.rsplit('_', 1)[1]) for k in enc if re.fullmatch(r'encoderblock_\d+', k))
+  if not indices:
+    return tree
+  if indices != list(range(len(indices))):
+    raise ValueError(f'encoder blocks are not numbered 0..{len(indices) - 1}: {indices}')
+  blocks = [enc.pop(f'encoderblock_{i}') for i in indices]
+  stack = np.stack if isinstance(jax.tree.leaves(blocks[0])[0], np.ndarray) else jax.numpy.stack
+  enc['encoderblock'] = jax.tree.map(lambda *xs: stack(xs), *blocks)
+  return {**tree, 'Transformer': enc}
+
+
+def fixed_posemb(fields: Mapping[str, Any], grid: tuple[int, int], prefix: int) -> Optional[np.ndarray]:
+  """[1, prefix + gh*gw, D] values of a `sincos2d` or `none` position embedding (None for learned):
+  how a target with only learned embeddings expresses this model at this grid."""
+  kind = fields.get('posemb', 'learned')
+  if kind == 'learned':
+    return None
+  d = fields['hidden_size']
+  pe = (vit_models.sincos_2d(*grid, d) if kind == 'sincos2d'
+        else np.zeros((1, grid[0] * grid[1], d), np.float32))
+  return np.concatenate([np.zeros((1, prefix, d), np.float32), pe], axis=1)
+
+
+class VitFamily(Family):
+  """The plain ViT (and the transformer half of the hybrid and DeiT families)."""
+  name = 'vit'
+  models = MODELS
+  head_prefixes = ('head/',)
+  optional_prefixes = ('pre_logits/', 'MAPHead_0/', 'cls', POSEMB_KEY)
+  stem_kernel = 'embedding/kernel'
+  pre_logits_prefix = 'pre_logits/'
+  tensor_rules = TENSOR_RULES
+  layout_fields = ('scan',)
+  timm_prefixes = ('vit_', 'deit_')
+  hf_model_types = ('vit',)
+  writes_npz = True
+  test_model = 'ViT-testing'
+  num_tokens = 1  # prefix tokens a 'token' classifier adds (DeiT: 2)
+
+  def module_class(self) -> type:
+    return vit_models.VisionTransformer
+
+  def patch_hw(self, fields: Mapping[str, Any]) -> tuple[int, int]:
+    return hw(fields['patch_size'])
+
+  def num_prefix(self, fields: Mapping[str, Any]) -> int:
+    return self.num_tokens if fields.get('classifier', 'token') == 'token' else 0
+
+  def grid(self, fields: Mapping[str, Any], image_size: Any) -> tuple[int, int]:
+    (h, w), (ph, pw) = hw(image_size), self.patch_hw(fields)
+    return h // ph, w // pw
+
+  def validate(self, fields: Mapping[str, Any], image_size: tuple[int, int]) -> None:
+    for key, allowed in (('classifier', vit_models.CLASSIFIERS), ('posemb', vit_models.POSEMBS),
+                         ('act', vit_models.ACTIVATIONS)):
+      if fields.get(key) is not None and fields[key] not in allowed:
+        raise ValueError(f'model.{key} {fields[key]!r} is not one of {allowed}')
+    (h, w), (ph, pw) = hw(image_size), self.patch_hw(fields)
+    if h <= 0 or w <= 0 or h % ph or w % pw:
+      raise ValueError(f'image_size {(h, w)} must be a positive multiple of the patch size '
+                       f'{(ph, pw)} (model.patch_size)')
+    if fields['hidden_size'] % fields['num_heads']:
+      raise ValueError(f'model.hidden_size {fields["hidden_size"]} is not divisible by '
+                       f'model.num_heads {fields["num_heads"]}')
+
+  def forward_macs(self, fields, num_classes, image_size, channels=3) -> int:
+    (ph, pw), (gh, gw) = self.patch_hw(fields), self.grid(fields, image_size)
+    d = fields['hidden_size']
+    n = gh * gw + self.num_prefix(fields)
+    macs = gh * gw * ph * pw * channels * d
+    macs += transformer_macs(n, d, fields['mlp_dim'], fields['num_layers'])
+    return int(macs + head_macs(fields, n, num_classes, self.num_heads_out(fields)))
+
+  def num_heads_out(self, fields: Mapping[str, Any]) -> int:
+    del fields
+    return 1
+
+  def summary_rows(self, fields, image_size) -> list[str]:
+    gh, gw = self.grid(fields, image_size)
+    return [f'tokens: {gh}x{gw} patches + {self.num_prefix(fields)} prefix, width '
+            f'{fields["hidden_size"]}, {fields["num_layers"]} blocks of {fields["num_heads"]} heads']
+
+  # ---- reading parameter trees ----
+  def matches(self, flat) -> bool:
+    return ('embedding/kernel' in flat and any(BLOCK.match(k) for k in flat)
+            and 'conv_root/kernel' not in flat and 'dist_token' not in flat)
+
+  def to_file_layout(self, tree):
+    return unstack_blocks(tree)
+
+  def to_module_layout(self, tree, fields):
+    return stack_blocks(tree) if fields.get('scan') else tree
+
+  def found_fields(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a flat dict determines (sizes, classifier, pre-logits)."""
+    if 'embedding/kernel' not in flat:
+      raise ValueError(f'not a {self.name} parameter set: no `embedding/kernel`')
+    ph, pw, _, hidden = flat['embedding/kernel'].shape
+    depth = 1 + max((int(m.group(1)) for k in flat if (m := BLOCK.match(k))), default=-1)
+    if depth == 0:
+      raise ValueError('no `Transformer/encoderblock_{i}` parameters')
+    block = 'Transformer/encoderblock_0'
+    heads = flat[f'{block}/MultiHeadDotProductAttention_1/query/kernel'].shape[1]
+    mlp_dim = flat[f'{block}/MlpBlock_3/Dense_0/kernel'].shape[1]
+    classifier = ('map' if any(k.startswith('MAPHead_0/') for k in flat)
+                  else 'token' if 'cls' in flat else 'gap')
+    rep = int(flat['pre_logits/kernel'].shape[1]) if 'pre_logits/kernel' in flat else None
+    return dict(patch_size=int(ph) if ph == pw else (int(ph), int(pw)), hidden_size=int(hidden),
+                num_layers=depth, num_heads=int(heads), mlp_dim=int(mlp_dim),
+                classifier=classifier, representation_size=rep)
+
+  def infer(self, flat, *, model_config=None, image_size=None) -> Architecture:
+    """Reads the architecture off the shapes: everything but the image aspect ratio (a square grid
+    is assumed from the position table) and a fixed position embedding's kind (sincos2d assumed;
+    the file cannot tell it from 'none')."""
+    found = self.found_fields(flat)
+    cfg = dict(model_config or {})
+    check_sizes(found, cfg, SIZE_FIELDS + self.extra_size_fields, cfg.get('name', ''))
+    cfg.update(found)
+    has_posemb = POSEMB_KEY in flat
+    if has_posemb:
+      if cfg.get('posemb', 'learned') != 'learned':
+        raise ValueError(f'the checkpoint has learned position embeddings but the model config has '
+                         f'posemb={cfg["posemb"]!r}')
+      cfg['posemb'] = 'learned'
+    else:
+      if cfg.get('posemb') == 'learned':
+        raise ValueError(f'the model config has posemb=learned but the checkpoint has no {POSEMB_KEY}')
+      cfg['posemb'] = cfg.get('posemb') or 'sincos2d'
+    ph, pw = self.patch_hw(cfg)
+    prefix = self.num_prefix(cfg)
+    if image_size is not None:
+      size = hw(image_size)
+      if size[0] % ph or size[1] % pw:
+        raise ValueError(f'image size {size} is not a multiple of the patch size {(ph, pw)}')
+      if has_posemb:
+        n = flat[POSEMB_KEY].shape[1] - prefix
+        if (size[0] // ph) * (size[1] // pw) != n:
+          raise ValueError(f'image size {size} gives a {size[0] // ph}x{size[1] // pw} grid, but '
+                           f'the position embeddings hold {n} patches')
+    elif has_posemb:
+      gh, gw = resample.square_grid(flat[POSEMB_KEY].shape[1] - prefix)
+      size = (gh * ph, gw * pw)
+    else:
+      raise ValueError('the checkpoint has no learned position embeddings, so its image size is '
+                       'unknown: give it (image_size)')
+    return Architecture(cfg, self.num_classes_of(flat), size,
+                        int(flat[self.stem_kernel].shape[2]), family=self.name)
+
+  extra_size_fields: tuple[str, ...] = ()
+
+  def num_classes_of(self, flat: Mapping[str, Any]) -> Optional[int]:
+    return int(flat['head/kernel'].shape[1]) if 'head/kernel' in flat else None
+
+  # ---- transfer ----
+  def adapt(self, src, target, src_arch, target_fields, image_size, method, report) -> Flat:
+    """Position embeddings: a learned table dropped for a fixed target, prefix rows added or
+    dropped when the classifier changes, the grid resampled to the target's (`method`)."""
+    src = dict(src)
+    if POSEMB_KEY in src and POSEMB_KEY not in target:
+      report.dropped.append(POSEMB_KEY)
+      msg = (f'the target has posemb={target_fields.get("posemb")!r}: the checkpoint\'s learned '
+             'position embeddings are not used (fixed ones are recomputed)')
+      report.notes.append(msg)
+      logging.warning(msg)
+      src.pop(POSEMB_KEY)
+    if POSEMB_KEY in target and POSEMB_KEY in src:
+      src[POSEMB_KEY] = self._adapt_posemb(src, target, src_arch, target_fields, image_size,
+                                           method, report)
+    elif POSEMB_KEY in target:
+      msg = ('the checkpoint has no learned position embeddings (a fixed or no position embedding):'
+             ' the target\'s learned ones start from their initialisation')
+      report.notes.append(msg)
+      logging.warning(msg)
+    return src
+
+  def _adapt_posemb(self, src, target, src_arch, target_fields, image_size, method, report):
+    pe = np.asarray(src[POSEMB_KEY])
+    want = tuple(target[POSEMB_KEY].shape)
+    old_prefix = self.num_tokens if 'cls' in src else 0
+    new_prefix = self.num_tokens if 'cls' in target else 0
+    if pe.shape[-1] != want[-1]:
+      raise ValueError(f'{POSEMB_KEY}: the checkpoint has shape {tuple(pe.shape)}, the model '
+                       f'{want}; the widths differ, which cannot be adapted')
+    if tuple(pe.shape) == want and old_prefix == new_prefix:
+      return pe
+    old_grid = None
+    if src_arch is not None and src_arch.family == self.name:
+      old_grid = self.grid(src_arch.model_config, src_arch.image_size)
+      if old_grid[0] * old_grid[1] != pe.shape[1] - old_prefix:
+        old_grid = None
+    old_grid = old_grid or resample.square_grid(pe.shape[1] - old_prefix)
+    new_grid = (self.grid(target_fields, image_size) if image_size is not None and
+                target_fields.get('patch_size') else resample.square_grid(want[1] - new_prefix))
+    if new_grid[0] * new_grid[1] + new_prefix != want[1]:
+      raise ValueError(f'image size {image_size} does not match the model\'s {want[1]} position '
+                       'embeddings')
+    if old_prefix > new_prefix:
+      report.notes.append(f'{POSEMB_KEY}: dropped the prefix rows (the target has no class token)')
+      pe = pe[:, old_prefix:]
+    elif new_prefix > old_prefix:
+      report.notes.append(f'{POSEMB_KEY}: added prefix rows from the initialisation')
+      pe = np.concatenate([np.asarray(target[POSEMB_KEY])[:, :new_prefix].astype(pe.dtype), pe], 1)
+    out = resample.resample_posemb(pe, new_grid, num_prefix=new_prefix, old_grid=old_grid,
+                                   method=method)
+    if tuple(old_grid) != tuple(new_grid):
+      report.reshaped.append((POSEMB_KEY, tuple(src[POSEMB_KEY].shape), tuple(out.shape)))
+      report.notes.append(f'{POSEMB_KEY}: grid {old_grid[0]}x{old_grid[1]} -> '
+                          f'{new_grid[0]}x{new_grid[1]} ({method})')
+    return out
+
+  # ---- interop (vit_interop.py) ----
+  def reads_timm(self, architecture, keys) -> bool:
+    if any(k.startswith('patch_embed.backbone.') for k in keys) or 'dist_token' in keys:
+      return False
+    if architecture:
+      return architecture.startswith(self.timm_prefixes)
+    return 'patch_embed.proj.weight' in keys and not any(k.startswith(('layers.', 'stages.'))
+                                                          for k in keys)
+
+  def to_timm(self, flat, arch):
+    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
+    return vit_interop.to_timm(flat, arch)
+
+  def from_timm(self, state, config):
+    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
+    return vit_interop.from_timm(state, config, self)
+
+  def to_hf(self, flat, arch):
+    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
+    return vit_interop.to_hf(flat, arch)
+
+  def from_hf(self, state, config):
+    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
+    return vit_interop.from_hf(state, config)
+
+  def npz_keys_ok(self, flat) -> list[str]:
+    bad = []
+    for key in flat:
+      if key.startswith('Transformer/encoderblock/'):
+        bad.append(key)
+      elif (m := re.match(r'^Transformer/encoderblock_\d+/([^/]+)/', key)) and m.group(1) not in (
+          'LayerNorm_0', 'MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3'):
+        bad.append(key)
+    return bad
+
+
+FAMILY = VitFamily()

@@ -1,0 +1,415 @@
+"""ViT key maps: timm `VisionTransformer` and Hugging Face `ViTForImageClassification` <-> Google's.
+
+timm (PyTorch: Linear weights [out, in], conv kernels OIHW): patch_embed.proj, cls_token, pos_embed,
+blocks.{i}.{norm1, attn.qkv (q, k, v fused, heads-major), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm,
+head, and for global_pool='map' attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}.
+Hugging Face (the names every released ViT on the Hub uses): vit.embeddings.{cls_token,
+position_embeddings, patch_embeddings.projection}, vit.encoder.layer.{i}.{layernorm_before,
+attention.attention.{query,key,value}, attention.output.dense, layernorm_after, intermediate.dense,
+output.dense}, vit.layernorm, classifier; reading also takes transformers 5's in-memory names and bare
+`ViTModel` checkpoints. The block maps are public so that the hybrid and DeiT families reuse them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture, Flat, hw
+
+POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
+TIMM_GELU = {'gelu_tanh': 'gelu_tanh', 'gelu': 'gelu'}
+_TIMM_TANH = ('gelu_tanh', 'gelu_pytorch_tanh')
+HF_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_python_tanh')
+_TIMM_SIZES = {(192, 12, 3): 'tiny', (384, 12, 6): 'small', (768, 12, 12): 'base',
+               (1024, 24, 16): 'large', (1280, 32, 16): 'huge'}
+_TIMM_REGISTERED = ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_small_patch32_224',
+                    'vit_base_patch8_224', 'vit_base_patch16_224', 'vit_base_patch32_224',
+                    'vit_large_patch16_224', 'vit_large_patch32_224', 'vit_huge_patch14_224')
+HEADS_BY_NAME = {'tiny': 3, 'small': 6, 'base': 12, 'large': 16, 'huge': 16}
+
+
+# ---------- small converters (ours <-> PyTorch) ----------
+
+def dense_to_torch(flat: Mapping[str, np.ndarray], ours: str, out: Flat, theirs: str) -> None:
+  """A Dense/DenseGeneral kernel [in..., out...] -> Linear weight [out, in] (and its bias)."""
+  k = flat[f'{ours}/kernel']
+  if k.ndim == 3 and ours.endswith('/out'):
+    k = k.reshape(-1, k.shape[-1])          # [H, K, D] -> [H*K, D]
+  elif k.ndim == 3:
+    k = k.reshape(k.shape[0], -1)           # [D, H, K] -> [D, H*K]
+  out[f'{theirs}.weight'] = np.ascontiguousarray(k.T)
+  if f'{ours}/bias' in flat:
+    out[f'{theirs}.bias'] = flat[f'{ours}/bias'].reshape(-1)
+
+
+def ln_to_torch(flat: Mapping[str, np.ndarray], ours: str, out: Flat, theirs: str) -> None:
+  out[f'{theirs}.weight'] = flat[f'{ours}/scale']
+  out[f'{theirs}.bias'] = flat[f'{ours}/bias']
+
+
+def dense_from_torch(sd: Flat, theirs: str, out: Flat, ours: str,
+                     kernel_shape: Optional[tuple[int, ...]] = None,
+                     bias_shape: Optional[tuple[int, ...]] = None) -> None:
+  """A Linear weight [out, in] -> a Dense kernel [in, out] (reshaped), and its bias (popped)."""
+  w = sd.pop(f'{theirs}.weight').T
+  out[f'{ours}/kernel'] = np.ascontiguousarray(w.reshape(kernel_shape) if kernel_shape else w)
+  if f'{theirs}.bias' in sd:
+    b = sd.pop(f'{theirs}.bias')
+    out[f'{ours}/bias'] = b.reshape(bias_shape) if bias_shape else b
+
+
+def ln_from_torch(sd: Flat, theirs: str, out: Flat, ours: str) -> None:
+  out[f'{ours}/scale'] = sd.pop(f'{theirs}.weight')
+  out[f'{ours}/bias'] = sd.pop(f'{theirs}.bias')
+
+
+def conv_to_torch(kernel: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))  # HWIO -> OIHW
+
+
+def conv_from_torch(weight: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.asarray(weight).transpose(2, 3, 1, 0))  # OIHW -> HWIO
+
+
+def _qkv_to_torch(flat, att: str, names: Sequence[str], out: Flat, theirs: str) -> None:
+  ws = [flat[f'{att}/{n}/kernel'] for n in names]
+  out[f'{theirs}.weight'] = np.concatenate([w.reshape(w.shape[0], -1).T for w in ws], axis=0)
+  out[f'{theirs}.bias'] = np.concatenate([flat[f'{att}/{n}/bias'].reshape(-1) for n in names])
+
+
+def _split_from_torch(sd: Flat, theirs: str, names: Sequence[str], heads: int, out: Flat,
+                      att: str) -> None:
+  w, b = sd.pop(f'{theirs}.weight'), sd.pop(f'{theirs}.bias')
+  d = w.shape[1]
+  for n, wn, bn in zip(names, np.split(w, len(names)), np.split(b, len(names))):
+    out[f'{att}/{n}/kernel'] = np.ascontiguousarray(wn.T.reshape(d, heads, -1))
+    out[f'{att}/{n}/bias'] = bn.reshape(heads, -1)
+
+
+# ---------- timm ----------
+
+def check_timm_expressible(fields: Mapping[str, Any]) -> None:
+  if fields.get('representation_size'):
+    raise ValueError(
+        f'timm\'s VisionTransformer has no pre-logits layer, but this model has one '
+        f'(representation_size={fields["representation_size"]}): fine-tune or load it with '
+        '`keep_pre_logits=False` to drop it, or export with `--to npz`')
+  d, m = fields['hidden_size'], fields['mlp_dim']
+  if int(d * (m / d)) != m:
+    raise ValueError(f'timm builds an MLP of int(D * mlp_ratio) units; mlp_dim={m} is not reachable '
+                     f'from hidden_size={d}')
+
+
+def blocks_to_timm(flat: Mapping[str, np.ndarray], depth: int, out: Flat) -> None:
+  """Transformer blocks and the final norm, ours -> timm."""
+  for i in range(depth):
+    b = f'Transformer/encoderblock_{i}'
+    ln_to_torch(flat, f'{b}/LayerNorm_0', out, f'blocks.{i}.norm1')
+    _qkv_to_torch(flat, f'{b}/MultiHeadDotProductAttention_1', ('query', 'key', 'value'), out,
+                  f'blocks.{i}.attn.qkv')
+    dense_to_torch(flat, f'{b}/MultiHeadDotProductAttention_1/out', out, f'blocks.{i}.attn.proj')
+    ln_to_torch(flat, f'{b}/LayerNorm_2', out, f'blocks.{i}.norm2')
+    dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_0', out, f'blocks.{i}.mlp.fc1')
+    dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_1', out, f'blocks.{i}.mlp.fc2')
+  ln_to_torch(flat, 'Transformer/encoder_norm', out, 'norm')
+
+
+def blocks_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
+  """Transformer blocks and the final norm, timm -> ours (popping what it uses)."""
+  depth = 1 + max((int(m.group(1)) for k in sd if (m := re.match(r'blocks\.(\d+)\.', k))),
+                  default=-1)
+  for i in range(depth):
+    b, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
+    att = f'{b}/MultiHeadDotProductAttention_1'
+    ln_from_torch(sd, f'{t}.norm1', out, f'{b}/LayerNorm_0')
+    _split_from_torch(sd, f'{t}.attn.qkv', ('query', 'key', 'value'), num_heads, out, att)
+    dense_from_torch(sd, f'{t}.attn.proj', out, f'{att}/out', (num_heads, d // num_heads, d))
+    ln_from_torch(sd, f'{t}.norm2', out, f'{b}/LayerNorm_2')
+    dense_from_torch(sd, f'{t}.mlp.fc1', out, f'{b}/MlpBlock_3/Dense_0')
+    dense_from_torch(sd, f'{t}.mlp.fc2', out, f'{b}/MlpBlock_3/Dense_1')
+  if 'norm.weight' not in sd:
+    raise ValueError('the timm model has no final `norm` before pooling (fc_norm or final_norm='
+                     'False): not expressible by this project\'s ViT, whose gap pools after '
+                     'encoder_norm')
+  ln_from_torch(sd, 'norm', out, 'Transformer/encoder_norm')
+
+
+def map_head_to_timm(flat, out: Flat) -> None:
+  att = 'MAPHead_0/MultiHeadDotProductAttention_0'
+  out['attn_pool.latent'] = flat['MAPHead_0/probe']
+  _qkv_to_torch(flat, att, ('query',), out, 'attn_pool.q')
+  _qkv_to_torch(flat, att, ('key', 'value'), out, 'attn_pool.kv')
+  dense_to_torch(flat, f'{att}/out', out, 'attn_pool.proj')
+  ln_to_torch(flat, 'MAPHead_0/LayerNorm_0', out, 'attn_pool.norm')
+  dense_to_torch(flat, 'MAPHead_0/MlpBlock_0/Dense_0', out, 'attn_pool.mlp.fc1')
+  dense_to_torch(flat, 'MAPHead_0/MlpBlock_0/Dense_1', out, 'attn_pool.mlp.fc2')
+
+
+def map_head_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
+  att = 'MAPHead_0/MultiHeadDotProductAttention_0'
+  out['MAPHead_0/probe'] = sd.pop('attn_pool.latent')
+  _split_from_torch(sd, 'attn_pool.q', ('query',), num_heads, out, att)
+  _split_from_torch(sd, 'attn_pool.kv', ('key', 'value'), num_heads, out, att)
+  dense_from_torch(sd, 'attn_pool.proj', out, f'{att}/out', (num_heads, d // num_heads, d))
+  ln_from_torch(sd, 'attn_pool.norm', out, 'MAPHead_0/LayerNorm_0')
+  dense_from_torch(sd, 'attn_pool.mlp.fc1', out, 'MAPHead_0/MlpBlock_0/Dense_0')
+  dense_from_torch(sd, 'attn_pool.mlp.fc2', out, 'MAPHead_0/MlpBlock_0/Dense_1')
+
+
+def timm_pretrained_cfg(arch: Architecture, num_classes: int, first_conv: str = 'patch_embed.proj',
+                        classifier: Any = 'head') -> dict[str, Any]:
+  return dict(num_classes=num_classes, input_size=[arch.channels, *arch.image_size],
+              classifier=classifier, first_conv=first_conv, interpolation='bilinear', crop_pct=1.0,
+              mean=list(arch.mean), std=list(arch.std))
+
+
+def timm_vit_args(arch: Architecture) -> dict[str, Any]:
+  """`timm.create_model` keyword arguments of the transformer part of this network."""
+  cfg = arch.model_config
+  check_timm_expressible(cfg)
+  pool = {'token': 'token', 'gap': 'avg', 'map': 'map'}[cfg['classifier']]
+  return dict(
+      img_size=list(arch.image_size), in_chans=arch.channels, num_classes=arch.num_classes or 0,
+      global_pool=pool, class_token=cfg['classifier'] == 'token',
+      # Our `gap` normalises every token with encoder_norm and then averages: timm's `norm` before
+      # the pool, not its default `fc_norm` after it.
+      fc_norm=False, embed_dim=cfg['hidden_size'], depth=cfg['num_layers'],
+      num_heads=cfg['num_heads'], mlp_ratio=cfg['mlp_dim'] / cfg['hidden_size'], qkv_bias=True,
+      act_layer=TIMM_GELU[cfg.get('act', 'gelu_tanh')],
+      pos_embed='none' if cfg.get('posemb') == 'none' else 'learn', no_embed_class=False,
+      dynamic_img_size=False)  # timm's LayerNorm default eps is 1e-6, as ours.
+
+
+def to_timm(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
+  """(timm state dict, timm Hub config.json) of a ViT; `model_args` rebuild exactly this network."""
+  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
+  cfg = arch.model_config
+  args = timm_vit_args(arch)
+  ph, pw = hw(cfg['patch_size'])
+  args['patch_size'] = ph if ph == pw else [ph, pw]
+  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  out: Flat = {'patch_embed.proj.weight': conv_to_torch(flat['embedding/kernel']),
+               'patch_embed.proj.bias': flat['embedding/bias']}
+  if 'cls' in flat:
+    out['cls_token'] = flat['cls']
+  grid = vit_family.FAMILY.grid(cfg, arch.image_size)
+  pe = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, vit_family.FAMILY.num_prefix(cfg)))
+  if pe is not None and cfg.get('posemb') != 'none':
+    out['pos_embed'] = pe
+  blocks_to_timm(flat, cfg['num_layers'], out)
+  if cfg['classifier'] == 'map':
+    map_head_to_timm(flat, out)
+  if 'head/kernel' in flat:
+    dense_to_torch(flat, 'head', out, 'head')
+  size = _TIMM_SIZES.get((cfg['hidden_size'], cfg['num_layers'], cfg['num_heads']))
+  name = f'vit_{size}_patch{ph}_224'
+  config = dict(architecture=name if name in _TIMM_REGISTERED else 'vit_base_patch16_224',
+                num_classes=args['num_classes'], num_features=cfg['hidden_size'],
+                global_pool=args['global_pool'], model_args=args,
+                pretrained_cfg=timm_pretrained_cfg(arch, args['num_classes']))
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}, config
+
+
+def _lacks_class_row(rows: int, args: Mapping[str, Any], patch: Sequence[int]) -> bool:
+  """Whether a class-token model's pos_embed has only grid rows (timm's no_embed_class)."""
+  if 'no_embed_class' in args:
+    return bool(args['no_embed_class'])
+  if args.get('img_size') is not None:
+    h, w = hw(args['img_size'])
+    return rows == (h // patch[0]) * (w // patch[1])
+  # No config: only a square grid can be recognised (and a grid of s*s - 1 patches is ambiguous).
+  return math.isqrt(rows) ** 2 == rows and math.isqrt(rows - 1) ** 2 != rows - 1
+
+
+def timm_act(args: Mapping[str, Any]) -> str:
+  """timm's act_layer (absent: nn.GELU, the exact form) -> ours."""
+  return 'gelu_tanh' if args.get('act_layer') in _TIMM_TANH else 'gelu'
+
+
+def timm_norm(config: Mapping[str, Any], architecture: str) -> tuple[tuple, tuple]:
+  """The checkpoint's declared input normalisation (pretrained_cfg), else the family's default."""
+  pcfg = config.get('pretrained_cfg') or {}
+  if pcfg.get('mean') and pcfg.get('std'):
+    return tuple(pcfg['mean']), tuple(pcfg['std'])
+  return IMAGENET if architecture.startswith('deit') else SIGNED_UNIT
+
+
+def timm_num_heads(config: Mapping[str, Any]) -> int:
+  args = config.get('model_args') or {}
+  m = re.match(r'(?:vit|deit)_([a-z]+)_', config.get('architecture', ''))
+  heads = args.get('num_heads') or (HEADS_BY_NAME.get(m.group(1)) if m else None)
+  if heads is None:
+    raise ValueError('timm fuses q/k/v, so the head count is not in the weights; give it '
+                     '(`--model NAME`, or a config.json with model_args.num_heads)')
+  return int(heads)
+
+
+def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family: Any
+              ) -> tuple[Flat, Architecture, list[str]]:
+  """A timm ViT state dict and its config.json -> (flat, architecture, notes)."""
+  args = dict(config.get('model_args') or {})
+  sd = {k: np.asarray(v) for k, v in state.items()}
+  if any(k.startswith('fc_norm.') for k in sd):
+    raise ValueError('the timm model normalises after pooling (`fc_norm`); this project\'s gap '
+                     'normalises every token before averaging (timm fc_norm=False): not expressible')
+  num_heads = timm_num_heads(config)
+  notes: list[str] = []
+  out: Flat = {'embedding/kernel': conv_from_torch(sd.pop('patch_embed.proj.weight')),
+               'embedding/bias': sd.pop('patch_embed.proj.bias')}
+  if 'cls_token' in sd:
+    out['cls'] = sd.pop('cls_token')
+  if 'pos_embed' in sd:
+    out[POSEMB_KEY] = sd.pop('pos_embed')
+  d = out['embedding/kernel'].shape[-1]
+  blocks_from_timm(sd, num_heads, d, out)
+  if 'attn_pool.latent' in sd:
+    map_head_from_timm(sd, num_heads, d, out)
+  if 'head.weight' in sd:
+    dense_from_torch(sd, 'head', out, 'head')
+  if sd:
+    raise ValueError(f'timm parameters this project\'s ViT cannot express: {sorted(sd)}')
+  patch = out['embedding/kernel'].shape[:2]
+  if 'cls' in out and POSEMB_KEY in out and _lacks_class_row(out[POSEMB_KEY].shape[1], args, patch):
+    pe = out[POSEMB_KEY]  # timm's no_embed_class: the class token gets no position embedding.
+    out[POSEMB_KEY] = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+    notes.append('added a zero class-token row to pos_embed (timm no_embed_class)')
+  fields: dict[str, Any] = {'act': timm_act(args)}
+  if args.get('pos_embed') == 'none':
+    fields['posemb'] = 'none'
+  if 'vit_jax' in config:  # Written here: keep the registry name and options.
+    fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': None}
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if POSEMB_KEY in out:
+      fields['posemb'] = 'learned'  # Fixed kinds were written as values of pos_embed.
+  arch = family.infer(out, model_config=fields, image_size=args.get('img_size'))
+  arch.mean, arch.std = timm_norm(config, config.get('architecture', ''))
+  return out, arch, notes
+
+
+# ---------- Hugging Face ----------
+
+_V5_RENAMES = ((r'^vit\.layers\.(\d+)\.', r'vit.encoder.layer.\1.'),
+               (r'\.attention\.([qkv])_proj\.', None),  # -> .attention.attention.{query,key,value}.
+               (r'\.attention\.o_proj\.', '.attention.output.dense.'),
+               (r'\.mlp\.fc1\.', '.intermediate.dense.'), (r'\.mlp\.fc2\.', '.output.dense.'))
+_QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
+
+
+def check_hf_expressible(fields: Mapping[str, Any]) -> None:
+  if fields['classifier'] != 'token':
+    what = 'average pool' if fields['classifier'] == 'gap' else 'MAP (attention-pooling) head'
+    raise ValueError(f'Hugging Face\'s ViTForImageClassification classifies the class token; it has '
+                     f'no {what} (classifier={fields["classifier"]!r}). Export with `--to timm`, '
+                     'which can express it.')
+  if fields.get('representation_size'):
+    raise ValueError(
+        'Hugging Face\'s ViTForImageClassification has no pre-logits layer, but this model has one '
+        f'(representation_size={fields["representation_size"]}); neither has timm. Drop it when '
+        'fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
+
+
+def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
+  """(ViTForImageClassification state dict, its config.json without labels) of a ViT."""
+  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
+  cfg = arch.model_config
+  check_hf_expressible(cfg)
+  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+  e = 'vit.embeddings'
+  out: Flat = {f'{e}.patch_embeddings.projection.weight': conv_to_torch(flat['embedding/kernel']),
+               f'{e}.patch_embeddings.projection.bias': flat['embedding/bias'],
+               f'{e}.cls_token': flat['cls']}
+  # HF always adds position embeddings: fixed kinds are written as their values at this size.
+  grid = vit_family.FAMILY.grid(cfg, arch.image_size)
+  out[f'{e}.position_embeddings'] = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, 1))
+  for i in range(cfg['num_layers']):
+    b, t = f'Transformer/encoderblock_{i}', f'vit.encoder.layer.{i}'
+    att = f'{b}/MultiHeadDotProductAttention_1'
+    ln_to_torch(flat, f'{b}/LayerNorm_0', out, f'{t}.layernorm_before')
+    for n in ('query', 'key', 'value'):
+      dense_to_torch(flat, f'{att}/{n}', out, f'{t}.attention.attention.{n}')
+    dense_to_torch(flat, f'{att}/out', out, f'{t}.attention.output.dense')
+    ln_to_torch(flat, f'{b}/LayerNorm_2', out, f'{t}.layernorm_after')
+    dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_0', out, f'{t}.intermediate.dense')
+    dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_1', out, f'{t}.output.dense')
+  ln_to_torch(flat, 'Transformer/encoder_norm', out, 'vit.layernorm')
+  if 'head/kernel' in flat:
+    dense_to_torch(flat, 'head', out, 'classifier')
+  ph, pw = hw(cfg['patch_size'])
+  h, w = arch.image_size
+  config = {
+      'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
+      'hidden_size': cfg['hidden_size'], 'num_hidden_layers': cfg['num_layers'],
+      'num_attention_heads': cfg['num_heads'], 'intermediate_size': cfg['mlp_dim'],
+      'hidden_act': 'gelu' if cfg.get('act') == 'gelu' else 'gelu_pytorch_tanh',
+      'layer_norm_eps': 1e-6, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
+      'initializer_range': 0.02, 'qkv_bias': True, 'num_channels': arch.channels,
+      'image_size': h if h == w else [h, w], 'patch_size': ph if ph == pw else [ph, pw],
+      'encoder_stride': ph, 'dtype': 'float32'}
+  return {k: np.ascontiguousarray(v) for k, v in out.items()}, config
+
+
+def canonical_hf_names(state: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
+  """Any ViT state-dict spelling -> the on-disk names with the `vit.` prefix; returns (sd, notes)."""
+  notes: list[str] = []
+  out: Flat = {}
+  for key, value in state.items():
+    k = key if key.startswith(('vit.', 'classifier.')) else f'vit.{key}'
+    for pattern, repl in _V5_RENAMES:
+      if repl is None:
+        k = re.sub(pattern, lambda m: f'.attention.attention.{_QKV[m.group(1)]}.', k)
+      else:
+        k = re.sub(pattern, repl, k)
+    if k.startswith('vit.pooler.'):
+      notes.append(f'dropped the ViTModel pooler ({key}): the classifier does not use it')
+      continue
+    out[k] = np.asarray(value)
+  return out, notes
+
+
+def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
+            ) -> tuple[Flat, Architecture, list[str]]:
+  """A ViT(ForImageClassification) state dict and config.json -> (flat, architecture, notes)."""
+  num_heads = int(config['num_attention_heads'])
+  sd, notes = canonical_hf_names(state)
+  sd.pop('vit.embeddings.mask_token', None)
+  e = 'vit.embeddings'
+  out: Flat = {
+      'embedding/kernel': conv_from_torch(sd.pop(f'{e}.patch_embeddings.projection.weight')),
+      'embedding/bias': sd.pop(f'{e}.patch_embeddings.projection.bias'),
+      'cls': sd.pop(f'{e}.cls_token'), POSEMB_KEY: sd.pop(f'{e}.position_embeddings')}
+  d = out['cls'].shape[-1]
+  hk = (num_heads, d // num_heads)
+  depth = 1 + max((int(m.group(1)) for k in sd
+                   if (m := re.match(r'vit\.encoder\.layer\.(\d+)\.', k))), default=-1)
+  for i in range(depth):
+    b, t = f'Transformer/encoderblock_{i}', f'vit.encoder.layer.{i}'
+    att = f'{b}/MultiHeadDotProductAttention_1'
+    ln_from_torch(sd, f'{t}.layernorm_before', out, f'{b}/LayerNorm_0')
+    for n in ('query', 'key', 'value'):
+      dense_from_torch(sd, f'{t}.attention.attention.{n}', out, f'{att}/{n}', (d, *hk), hk)
+    dense_from_torch(sd, f'{t}.attention.output.dense', out, f'{att}/out', (*hk, d))
+    ln_from_torch(sd, f'{t}.layernorm_after', out, f'{b}/LayerNorm_2')
+    dense_from_torch(sd, f'{t}.intermediate.dense', out, f'{b}/MlpBlock_3/Dense_0')
+    dense_from_torch(sd, f'{t}.output.dense', out, f'{b}/MlpBlock_3/Dense_1')
+  ln_from_torch(sd, 'vit.layernorm', out, 'Transformer/encoder_norm')
+  if 'classifier.weight' in sd:
+    dense_from_torch(sd, 'classifier', out, 'head')
+  if sd:
+    raise ValueError(f'Hugging Face ViT parameters this project\'s ViT cannot express: {sorted(sd)}')
+  act = config.get('hidden_act', 'gelu')
+  if act not in HF_TANH + ('gelu',):
+    raise ValueError(f'hidden_act={act!r} is neither GELU form this project implements')
+  eps = config.get('layer_norm_eps', 1e-12)
+  if abs(eps - 1e-6) > 1e-12:
+    notes.append(f'the source uses layer_norm_eps={eps}; this project uses 1e-6')
+  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
+  fields: dict[str, Any] = {'act': 'gelu_tanh' if act in HF_TANH else 'gelu'}
+  if 'vit_jax' in config:
+    fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': 'learned'}
+  size = config.get('image_size', 224)
+  arch = vit_family.FAMILY.infer(out, model_config=fields, image_size=size)
+  arch.channels = int(config.get('num_channels', 3))
+  return out, arch, notes

@@ -1,0 +1,111 @@
+"""Hugging Face model directories: `config.json` (`model_type`, sizes, id2label) + `model.safetensors`
+(or sharded with an index) + `preprocessor_config.json`.
+
+The family that reads a `model_type` is `registry.family_for_hf`; its descriptor maps the keys.
+Writing needs only numpy and safetensors; only safetensors weights are read (no pickle).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+
+from vit_jax.families import registry
+from vit_jax.families.base import Architecture, Flat
+
+WEIGHTS = 'model.safetensors'
+INDEX = 'model.safetensors.index.json'
+CONFIG = 'config.json'
+PREPROCESSOR = 'preprocessor_config.json'
+
+
+def _config(path: str) -> dict[str, Any]:
+  with open(os.path.join(path, CONFIG)) as f:
+    return json.load(f)
+
+
+def is_hf_dir(path: str) -> bool:
+  if not (os.path.isdir(path) and os.path.exists(os.path.join(path, CONFIG))):
+    return False
+  model_type = _config(path).get('model_type')
+  if not model_type:
+    return False
+  try:
+    registry.family_for_hf(model_type)
+  except ValueError:
+    return False
+  return True
+
+
+def load_weights(directory: str) -> Flat:
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+  single = os.path.join(directory, WEIGHTS)
+  if os.path.exists(single):
+    return load_file(single)
+  index = os.path.join(directory, INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      shards = sorted(set(json.load(f)['weight_map'].values()))
+    state: Flat = {}
+    for shard in shards:
+      state.update(load_file(os.path.join(directory, shard)))
+    return state
+  raise FileNotFoundError(
+      f'{directory}: no {WEIGHTS} or {INDEX} (only safetensors weights are read; re-save a '
+      'pytorch_model.bin with `save_pretrained(safe_serialization=True)`)')
+
+
+def read_hf(path: str | os.PathLike) -> tuple[Flat, Architecture, dict[str, Any]]:
+  """(flat params, architecture, info with 'class_names' and 'notes') of a Hugging Face directory.
+
+  The input normalisation comes from preprocessor_config.json when present.
+  """
+  path = os.fspath(path)
+  config = _config(path)
+  family = registry.family_for_hf(config.get('model_type', ''))
+  flat, arch, notes = family.from_hf(load_weights(path), config)
+  pre = os.path.join(path, PREPROCESSOR)
+  if os.path.exists(pre):
+    with open(pre) as f:
+      pcfg = json.load(f)
+    if pcfg.get('do_normalize', True) and pcfg.get('image_mean') and pcfg.get('image_std'):
+      arch.mean, arch.std = tuple(pcfg['image_mean']), tuple(pcfg['image_std'])
+  id2label = config.get('id2label') or {}
+  names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
+  if names and all(re.fullmatch(r'LABEL_\d+', n) for n in names):
+    names = None  # transformers' placeholders carry no information.
+  return flat, arch, {'class_names': names, 'notes': notes}
+
+
+def preprocessor_config(arch: Architecture) -> dict[str, Any]:
+  """Image-processor settings that feed the model as trained: resize, /255, (x - mean) / std."""
+  h, w = arch.image_size
+  return {'image_processor_type': 'ViTImageProcessor', 'do_resize': True,
+          'size': {'height': h, 'width': w}, 'resample': 2, 'do_rescale': True,
+          'rescale_factor': 1 / 255, 'do_normalize': True, 'image_mean': list(arch.mean),
+          'image_std': list(arch.std)}
+
+
+def write_hf(out_dir: str | os.PathLike, flat: Mapping[str, np.ndarray], arch: Architecture,
+             class_names: Optional[Sequence[str]] = None) -> str:
+  """Writes config.json, model.safetensors and preprocessor_config.json; returns out_dir."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  state, config = arch.get_family().to_hf(dict(flat), arch)
+  n = arch.num_classes or 0
+  if class_names is not None and len(class_names) != n:
+    raise ValueError(f'{len(class_names)} class names for a head of {n} classes')
+  labels = list(class_names) if class_names is not None else [f'LABEL_{i}' for i in range(n)]
+  config['id2label'] = {str(i): name for i, name in enumerate(labels)}
+  config['label2id'] = {name: i for i, name in enumerate(labels)}
+  config['vit_jax'] = arch.to_meta()  # Ours (HF ignores it): a round trip keeps the name.
+  os.makedirs(out_dir, exist_ok=True)
+  save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state.items()},
+            os.path.join(out_dir, WEIGHTS), metadata={'format': 'pt'})
+  with open(os.path.join(out_dir, CONFIG), 'w') as f:
+    json.dump(config, f, indent=2)
+  with open(os.path.join(out_dir, PREPROCESSOR), 'w') as f:
+    json.dump(preprocessor_config(arch), f, indent=2)
+  return os.fspath(out_dir)

@@ -1,0 +1,377 @@
+"""Swin Transformer (Liu et al., 2021, "Hierarchical Vision Transformer using Shifted Windows").
+
+    x_0 = LN(PatchPartition(image))                       (p x p conv, `patch_embed` + `patch_norm`)
+    stage s: x = PatchMerging(x) (s > 0), then depths[s] blocks alternating
+      z' = z + W-MSA(LN(z)),  z'' = z' + MLP(LN(z'))      (even blocks: regular windows)
+      z' = z + SW-MSA(LN(z)), z'' = z' + MLP(LN(z'))      (odd blocks: windows shifted by M // 2)
+    y = head(mean_hw(LN(x)))
+
+Attention is computed inside non-overlapping M x M windows with a learned relative position bias
+(a [(2M-1)^2, heads] table per block, indexed by a fixed relative-position index). The computation
+follows timm 1.0's `swin_transformer.py` so that converted weights give the same logits:
+  - a stage whose feature map is no larger than the window shrinks the window to the map and does
+    not shift (so Swin-T at 224 has 7 x 7 windows and no shift in its last stage);
+  - a map the window does not divide is zero-padded at the bottom/right after the cyclic shift;
+    the padded tokens take part in attention as keys, as in timm;
+  - the shifted-window mask adds -100 (not -inf) to logits between tokens of different regions;
+  - patch merging (between stages, at the start of stages 1..S-1) concatenates the 2 x 2
+    neighbours in the order (0,0), (1,0), (0,1), (1,1) (row, column) before LayerNorm and a
+    bias-free 4C -> 2C projection.
+
+Parameter paths: `patch_embed` (conv), `patch_norm`, `stage_{s}/downsample/{norm,reduction}`,
+`stage_{s}/block_{b}/{norm1, attn/{qkv, proj, relative_position_bias_table}, norm2, mlp/{fc1,fc2}}`,
+`norm`, `head`. `qkv` is timm's fused projection with its output axes kept apart: kernel
+[C, 3, heads, K] (q|k|v, head, head dim: timm's column order), bias [3, heads, K]; `proj` kernel
+[heads, K, C]. The head axis is what tensor parallelism splits.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.attention import dot_product_attention
+from vit_jax.models.vit import drop_path
+
+Dtype = Any
+
+LN_EPS = 1e-5  # PyTorch's LayerNorm default, which timm's Swin uses.
+MASK_VALUE = -100.0  # What timm adds between shifted regions; exp(-100) underflows to 0 in float32.
+ACTS = ('gelu', 'gelu_tanh')
+
+
+def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
+  return (int(v), int(v)) if np.ndim(v) == 0 else (int(v[0]), int(v[1]))
+
+
+def stage_windows(grid: tuple[int, int], window: Union[int, Sequence[int]]
+                  ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """(window, shift) that a stage with an [h, w] token map uses, per axis (timm's clamping).
+
+  A map no larger than the window along an axis gets a window equal to the map there and no shift.
+  """
+  wh, ww = _pair(window)
+  win = tuple(min(r, w) for r, w in zip(grid, (wh, ww)))
+  shift = tuple(0 if r <= w else w // 2 for r, w in zip(grid, win))
+  return win, shift
+
+
+def stage_grids(image_hw: tuple[int, int], patch_size: int, num_stages: int
+                ) -> list[tuple[int, int]]:
+  """Token-map sizes [(h_s, w_s)] of the stages; raises ValueError if merging cannot halve them."""
+  h, w = image_hw
+  need = patch_size * 2 ** (num_stages - 1)
+  if h % need or w % need:
+    raise ValueError(
+        f'image size {h}x{w} does not work for Swin with patch_size {patch_size} and {num_stages} '
+        f'stages: height and width must be multiples of patch_size * 2^{num_stages - 1} = {need} '
+        f'(e.g. {max(need, h // need * need)}x{max(need, w // need * need)})')
+  return [(h // patch_size // 2 ** s, w // patch_size // 2 ** s) for s in range(num_stages)]
+
+
+def check_fields(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
+                 window_size: Union[int, Sequence[int]], act: str = 'gelu') -> None:
+  """Raises a ValueError naming the field when these sizes cannot build a Swin."""
+  if len(depths) != len(num_heads) or not len(depths):
+    raise ValueError(f'depths {tuple(depths)} and num_heads {tuple(num_heads)} must be non-empty '
+                     'and of equal length (one entry per stage)')
+  for s, heads in enumerate(num_heads):
+    if (embed_dim * 2 ** s) % heads:
+      raise ValueError(f'stage {s} width {embed_dim * 2 ** s} is not divisible by its {heads} '
+                       'heads; choose embed_dim or num_heads so that it is')
+  if min(_pair(window_size)) < 1:
+    raise ValueError(f'window_size must be positive, got {window_size}')
+  _gelu(act)
+
+
+def relative_position_index(window: Union[int, Sequence[int]]) -> np.ndarray:
+  """[N, N] int32 (N = wh*ww): the row of the bias table for query token i and key token j.
+
+  Row = (dy + wh - 1) * (2*ww - 1) + (dx + ww - 1) for the offset (dy, dx) = pos_i - pos_j.
+  """
+  wh, ww = _pair(window)
+  yy, xx = np.meshgrid(np.arange(wh), np.arange(ww), indexing='ij')
+  y, x = yy.reshape(-1), xx.reshape(-1)
+  dy = y[:, None] - y[None, :] + wh - 1
+  dx = x[:, None] - x[None, :] + ww - 1
+  return (dy * (2 * ww - 1) + dx).astype(np.int32)
+
+
+def shifted_window_mask(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
+                        ) -> Optional[np.ndarray]:
+  """[num_windows, N, N] float32 additive mask (0 or MASK_VALUE) of the shifted windows, or None.
+
+  After the cyclic shift by -shift, the last window along each axis holds tokens from both ends of
+  the map. Each axis is split into [0, H-M), [H-M, H-s), [H-s, H) (H padded up to a multiple of M);
+  tokens attend only to tokens of the same (row segment, column segment) region.
+  """
+  if not any(shift):
+    return None
+  hp, wp = (-(-g // w) * w for g, w in zip(grid, window))
+  def segments(n, m, s):
+    seg = np.zeros(n, np.int32)
+    seg[n - m:n - s] = 1
+    seg[n - s:] = 2
+    return seg
+  region = segments(hp, window[0], shift[0])[:, None] * 3 + segments(wp, window[1], shift[1])
+  r = window_partition(region[None, :, :, None], window).reshape(-1, window[0] * window[1])
+  return np.where(r[:, :, None] == r[:, None, :], 0.0, MASK_VALUE).astype(np.float32)
+
+
+def window_partition(x, window: tuple[int, int]):
+  """[B, H, W, C] -> [B * H/wh * W/ww, wh, ww, C], windows in row-major order per image."""
+  b, h, w, c = x.shape
+  wh, ww = window
+  x = x.reshape(b, h // wh, wh, w // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, wh, ww, c)
+
+
+def window_reverse(windows: jax.Array, window: tuple[int, int], h: int, w: int) -> jax.Array:
+  """Inverse of `window_partition`: [B * nW, wh, ww, C] -> [B, h, w, C]."""
+  wh, ww = window
+  c = windows.shape[-1]
+  x = windows.reshape(-1, h // wh, w // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, h, w, c)
+
+
+def _gelu(act: str):
+  if act not in ACTS:
+    raise ValueError(f'act {act!r} is not one of {ACTS}')
+  return lambda x: nn.gelu(x, approximate=act == 'gelu_tanh')
+
+
+_dense_init = nn.initializers.truncated_normal(stddev=0.02)
+
+
+class WindowAttention(nn.Module):
+  """Multi-head self-attention within windows plus a relative position bias.
+
+  Called with x [B*nW, N, C] (N = wh*ww tokens per window) and an optional mask [nW, N, N].
+  """
+  num_heads: int
+  window: tuple[int, int]
+  attention_dropout_rate: float = 0.0
+  dropout_rate: float = 0.0
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: Optional[np.ndarray], *, deterministic: bool = True):
+    bw, n, c = x.shape
+    wh, ww = self.window
+    heads = self.num_heads
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
+    qkv = nn.DenseGeneral((3, heads, c // heads), name='qkv', **kw)(x)  # [B*nW, N, 3, heads, K]
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    table = self.param('relative_position_bias_table', _dense_init,
+                       ((2 * wh - 1) * (2 * ww - 1), heads), self.param_dtype)
+    index = relative_position_index(self.window).reshape(-1)
+    bias = jnp.take(table.astype(jnp.float32), index, axis=0).reshape(n, n, heads)
+    bias = bias.transpose(2, 0, 1)[None]  # [1, heads, N, N]
+    if mask is not None:
+      nw = mask.shape[0]
+      # Windows are ordered image-major, so the per-window mask repeats over the batch.
+      bias = bias + jnp.asarray(mask)[:, None]  # [nW, heads, N, N]
+      bias = jnp.broadcast_to(bias[None], (bw // nw,) + bias.shape).reshape(bw, heads, n, n)
+    rng = None
+    if self.attention_dropout_rate > 0.0 and not deterministic:
+      rng = self.make_rng('dropout')
+    y, _ = dot_product_attention(q, k, v, implementation=self.attention_impl, bias=bias,
+                                 dropout_rate=self.attention_dropout_rate, dropout_rng=rng,
+                                 deterministic=deterministic)
+    y = nn.DenseGeneral(c, axis=(-2, -1), name='proj', **kw)(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+  """fc1 -> GELU -> dropout -> fc2 -> dropout (timm's Mlp)."""
+  hidden: int
+  dropout_rate: float = 0.0
+  act: str = 'gelu'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init,
+        name=name)
+    y = _gelu(self.act)(dense(self.hidden, 'fc1')(x))
+    y = nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+    y = dense(x.shape[-1], 'fc2')(y)
+    return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
+
+
+class SwinBlock(nn.Module):
+  """Pre-LN (shifted-)window attention block on [B, H, W, C] maps."""
+  num_heads: int
+  window: tuple[int, int]
+  shift: tuple[int, int]
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  act: str = 'gelu'
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    b, h, w, c = x.shape
+    norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                                     name=name)
+    use_drop_path = self.drop_path_rate > 0.0 and not deterministic
+    (wh, ww), (sh, sw) = self.window, self.shift
+
+    y = norm('norm1')(x)
+    if sh or sw:
+      y = jnp.roll(y, (-sh, -sw), axis=(1, 2))
+    ph, pw = (-h) % wh, (-w) % ww
+    if ph or pw:
+      y = jnp.pad(y, ((0, 0), (0, ph), (0, pw), (0, 0)))
+    mask = shifted_window_mask((h, w), self.window, self.shift)
+    y = window_partition(y, self.window).reshape(-1, wh * ww, c)
+    y = WindowAttention(self.num_heads, self.window, self.attention_dropout_rate, self.dropout_rate,
+                        self.attention_impl, self.dtype, self.param_dtype, name='attn')(
+                            y, mask, deterministic=deterministic)
+    y = window_reverse(y.reshape(-1, wh, ww, c), self.window, h + ph, w + pw)[:, :h, :w]
+    if sh or sw:
+      y = jnp.roll(y, (sh, sw), axis=(1, 2))
+    if use_drop_path:
+      y = drop_path(y, jnp.float32(self.drop_path_rate), self.make_rng('dropout'))
+    x = x + y
+
+    y = Mlp(int(c * self.mlp_ratio), self.dropout_rate, self.act, self.dtype, self.param_dtype,
+            name='mlp')(norm('norm2')(x), deterministic=deterministic)
+    if use_drop_path:
+      y = drop_path(y, jnp.float32(self.drop_path_rate), self.make_rng('dropout'))
+    return x + y
+
+
+class PatchMerging(nn.Module):
+  """[B, H, W, C] -> [B, H/2, W/2, 2C]: 2x2 neighbours concatenated, LayerNorm, bias-free Dense."""
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    # [B, H/2, 2(row), W/2, 2(col), C] -> [B, H/2, W/2, col, row, C]: timm's concatenation order.
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(
+        b, h // 2, w // 2, 4 * c)
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    return nn.Dense(2 * c, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=_dense_init, name='reduction')(x)
+
+
+class SwinStage(nn.Module):
+  """Optional `downsample` (PatchMerging) then `depth` blocks, odd ones shifted."""
+  depth: int
+  num_heads: int
+  window_size: Union[int, tuple[int, int]]
+  downsample: bool
+  drop_path_rates: tuple[float, ...]
+  mlp_ratio: float = 4.0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  act: str = 'gelu'
+  attention_impl: Optional[str] = None
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    if self.downsample:
+      x = PatchMerging(self.dtype, self.param_dtype, name='downsample')(x)
+    window, shift = stage_windows(x.shape[1:3], self.window_size)
+    for i in range(self.depth):
+      x = SwinBlock(self.num_heads, window, shift if i % 2 else (0, 0), self.mlp_ratio,
+                    float(self.drop_path_rates[i]), self.dropout_rate, self.attention_dropout_rate,
+                    self.act, self.attention_impl, self.dtype, self.param_dtype,
+                    name=f'block_{i}')(x, deterministic=deterministic)
+    return x
+
+
+class SwinTransformer(nn.Module):
+  """Swin classifier; see the module docstring for the layout.
+
+  Attributes:
+    num_classes: logits per image; 0 or None builds no head (returns pooled features [B, C_last]).
+    patch_size: p of the p x p patch partition.
+    embed_dim: C of the first stage; stage s has C * 2^s channels.
+    depths, num_heads: blocks and attention heads per stage (equal lengths = number of stages).
+    window_size: M (int or (h, w)), clamped per stage to the token map as in timm.
+    mlp_ratio: MLP hidden units / C.
+    stochastic_depth: drop-path rate of the last block; it grows linearly from 0 over all blocks.
+    dropout_rate: dropout after the attention projection and in the MLP (timm's proj_drop_rate).
+    attention_dropout_rate: dropout on attention weights.
+    act: 'gelu' (exact, timm) or 'gelu_tanh'.
+    head_zeroinit: zero the head kernel (else truncated normal, std 0.02).
+    attention_impl: None/'explicit', 'xla' or 'cudnn' (see `attention.dot_product_attention`).
+  """
+  num_classes: Optional[int]
+  patch_size: int = 4
+  embed_dim: int = 96
+  depths: tuple[int, ...] = (2, 2, 6, 2)
+  num_heads: tuple[int, ...] = (3, 6, 12, 24)
+  window_size: Union[int, tuple[int, int]] = 7
+  mlp_ratio: float = 4.0
+  stochastic_depth: float = 0.0
+  dropout_rate: float = 0.0
+  attention_dropout_rate: float = 0.0
+  act: str = 'gelu'
+  head_zeroinit: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  def check(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
+    """Raises ValueError for fields or an image size that cannot work; returns the stage grids."""
+    check_fields(self.embed_dim, self.depths, self.num_heads, self.window_size, self.act)
+    return stage_grids(image_hw, self.patch_size, len(self.depths))
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False):
+    """Classifies images.
+
+    Args:
+      images: [B, H, W, C]; H and W multiples of patch_size * 2^(stages-1).
+      train: enables dropout and stochastic depth (needs a 'dropout' rng).
+      features: return the stage outputs instead: a list of [B, H/p/2^s, W/p/2^s, embed_dim*2^s]
+        per stage s, each after its last block and before the final LayerNorm (timm's
+        `forward_intermediates(norm=False)`, in NHWC).
+
+    Returns:
+      logits [B, num_classes] (or pooled features [B, C_last] without a head), or the feature list.
+    """
+    self.check(images.shape[1:3])
+    deterministic = not train
+    p = self.patch_size
+    x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                param_dtype=self.param_dtype, name='patch_embed')(images.astype(self.dtype))
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='patch_norm')(x)
+    # Stochastic depth grows linearly over all blocks of all stages, from 0 at the first.
+    rates = np.linspace(0.0, self.stochastic_depth, sum(self.depths))
+    outs = []
+    for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+      first = sum(self.depths[:s])
+      x = SwinStage(depth, heads, self.window_size, s > 0, tuple(rates[first:first + depth]),
+                    self.mlp_ratio, self.dropout_rate, self.attention_dropout_rate, self.act,
+                    self.attention_impl, self.dtype, self.param_dtype, name=f'stage_{s}')(
+                        x, deterministic=deterministic)
+      outs.append(x)
+    if features:
+      return outs
+    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    x = jnp.mean(x, axis=(1, 2))
+    if self.num_classes:
+      x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=nn.initializers.zeros if self.head_zeroinit else _dense_init,
+                   name='head')(x)
+    return x
