@@ -1,8 +1,6 @@
 """load_pretrained: adapting a checkpoint to a new model, with every difference reported."""
 from __future__ import annotations
 
-import sys
-import types
 
 import jax
 import numpy as np
@@ -169,16 +167,15 @@ def test_unknown_file_is_a_clear_error(tmp_path):
 def test_orbax_hook_reads_through_the_manager(tmp_path, monkeypatch):
   """The orbax reader is one registry entry calling manager.load_params(path) -> (tree, meta)."""
   src = make_params('vit_jax', classifier='gap')
-  fake = types.ModuleType('vit_jax.checkpoints.manager')
-  fake.CheckpointError = RuntimeError
   model_fields = {**dict(registry.get_model_config('ViT-testing')), 'classifier': 'gap'}
   model_fields.pop('name')
   model_fields.pop('family')
   # The meta dict as the trainer's run_meta wrote it before families existed (still read: a ViT).
-  fake.load_params = lambda path: (vit_family.stack_blocks(params_lib.unflatten(src)), {
-      'model': model_fields, 'model_name': 'ViT-testing', 'num_classes': CLASSES,
-      'image_size': [16, 16], 'channels': 3, 'class_names': list('abcde'), 'step': 10})
-  monkeypatch.setitem(sys.modules, 'vit_jax.checkpoints.manager', fake)
+  from vit_jax.checkpoints import manager
+  monkeypatch.setattr(manager, 'load_params', lambda path: (
+      vit_family.stack_blocks(params_lib.unflatten(src)), {
+          'model': model_fields, 'model_name': 'ViT-testing', 'num_classes': CLASSES,
+          'image_size': [16, 16], 'channels': 3, 'class_names': list('abcde'), 'step': 10}))
   ckpt = read_checkpoint(tmp_path)
   assert ckpt.format == 'orbax' and ckpt.class_names == list('abcde')
   assert ckpt.architecture.image_size == (16, 16)

@@ -54,6 +54,8 @@ class DeitFamily(VitFamily):
   hf_model_types = ()
   writes_npz = False  # Google released no DeiT; its .npz layout has no distillation token.
   num_tokens = 2
+  test_model = 'DeiT-testing'
+  test_image_size = 16
 
   def module_class(self) -> type:
     return deit_models.DistilledVisionTransformer
