@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models.vit import POSEMBS, Encoder
+from vit_jax.models.vit import POSEMBS, embed_patches, make_encoder
 
 Dtype = Any
 NUM_PREFIX = 2  # the class token and the distillation token
@@ -100,29 +100,15 @@ class DistilledVisionTransformer(nn.Module):
                        f"'token', got {self.classifier!r}")
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
-    ph, pw = self.patch_hw
-    _, h, w, _ = images.shape
-    if h % ph or w % pw:
-      raise ValueError(f'image size {h}x{w} is not divisible by the patch size {ph}x{pw}')
-
-    x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='embedding')(images.astype(self.dtype))
-    b, gh, gw, d = x.shape
-    x = jnp.reshape(x, (b, gh * gw, d))
+    x, (gh, gw) = embed_patches(self, images, self.patch_hw)
+    b, _, d = x.shape
     cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
     # A random start keeps the two prefix tokens apart from the first step (timm: trunc_normal .02).
     dist = self.param('dist_token', nn.initializers.normal(stddev=0.02), (1, 1, d),
                       self.param_dtype)
     prefix = jnp.concatenate([cls, dist], axis=1).astype(x.dtype)
     x = jnp.concatenate([jnp.tile(prefix, (b, 1, 1)), x], axis=1)
-
-    x, weights = Encoder(
-        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        posemb=self.posemb, grid=(gh, gw), num_prefix=NUM_PREFIX, dropout_rate=self.dropout_rate,
-        attention_dropout_rate=self.attention_dropout_rate,
-        stochastic_depth=self.stochastic_depth, attention_impl=self.attention_impl,
-        remat=self.remat, scan=self.scan, act=self.act, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='Transformer')(x, train=train, return_weights=return_aux)
+    x, weights = make_encoder(self, (gh, gw), NUM_PREFIX)(x, train=train, return_weights=return_aux)
     if features:
       return [jnp.reshape(x[:, NUM_PREFIX:], (b, gh, gw, d))]
 

@@ -227,6 +227,34 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
+def embed_patches(module: nn.Module, images: jax.Array, patch_hw: tuple[int, int]
+                  ) -> tuple[jax.Array, tuple[int, int]]:
+  """The patch embedding `embedding` (a conv of stride = patch) as tokens: ([B, gh*gw, D], (gh, gw)).
+
+  Call from a compact method of a module with ViT fields (hidden_size, dtype, param_dtype): the conv
+  is created in that module's scope, where Google's checkpoints keep it.
+  """
+  ph, pw = patch_hw
+  _, h, w, _ = images.shape
+  if h % ph or w % pw:
+    raise ValueError(f'image size {h}x{w} is not divisible by the patch size {ph}x{pw}')
+  x = nn.Conv(module.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID', dtype=module.dtype,
+              param_dtype=module.param_dtype, name='embedding')(images.astype(module.dtype))
+  b, gh, gw, d = x.shape
+  return jnp.reshape(x, (b, gh * gw, d)), (gh, gw)
+
+
+def make_encoder(module: nn.Module, grid: tuple[int, int], num_prefix: int) -> 'Encoder':
+  """The `Transformer` encoder configured from a module with the ViT's fields."""
+  return Encoder(
+      num_layers=module.num_layers, mlp_dim=module.mlp_dim, num_heads=module.num_heads,
+      posemb=module.posemb, grid=grid, num_prefix=num_prefix, dropout_rate=module.dropout_rate,
+      attention_dropout_rate=module.attention_dropout_rate,
+      stochastic_depth=module.stochastic_depth, attention_impl=module.attention_impl,
+      remat=module.remat, scan=module.scan, act=module.act, dtype=module.dtype,
+      param_dtype=module.param_dtype, name='Transformer')
+
+
 class VisionTransformer(nn.Module):
   """ViT classifier. See the module docstring for the equations and the parameter layout.
 
@@ -292,26 +320,14 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'classifier {self.classifier!r} is not one of {CLASSIFIERS}')
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
-    ph, pw = self.patch_hw
-    _, h, w, _ = images.shape
-    if h % ph or w % pw:
-      raise ValueError(f'image size {h}x{w} is not divisible by the patch size {ph}x{pw}')
-
-    x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='embedding')(images.astype(self.dtype))
-    b, gh, gw, d = x.shape
-    x = jnp.reshape(x, (b, gh * gw, d))
+    x, (gh, gw) = embed_patches(self, images, self.patch_hw)
+    b, _, d = x.shape
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
 
-    x, weights = Encoder(
-        num_layers=self.num_layers, mlp_dim=self.mlp_dim, num_heads=self.num_heads,
-        posemb=self.posemb, grid=(gh, gw), num_prefix=num_prefix_tokens(self.classifier),
-        dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
-        stochastic_depth=self.stochastic_depth, attention_impl=self.attention_impl,
-        remat=self.remat, scan=self.scan, act=self.act, dtype=self.dtype,
-        param_dtype=self.param_dtype, name='Transformer')(x, train=train, return_weights=return_aux)
+    x, weights = make_encoder(self, (gh, gw), num_prefix_tokens(self.classifier))(
+        x, train=train, return_weights=return_aux)
     if features:
       prefix = num_prefix_tokens(self.classifier)
       return [jnp.reshape(x[:, prefix:], (b, gh, gw, d))]
