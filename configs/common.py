@@ -69,7 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Transfer (vit_jax.checkpoints.pretrained).
   c.pretrained = config_dict.placeholder(str)   # .npz, timm/HF checkpoint, or orbax workdir
   c.keep_pre_logits = config_dict.placeholder(bool)
-  c.posemb_resize = 'bilinear'  # bilinear (scipy zoom order 1) | bicubic (antialiased)
+  # Resampling of resolution-dependent tables: bilinear (scipy zoom order 1) | bicubic (antialiased);
+  # None: the family's default (ViT position embeddings bilinear, as Google; Swin bicubic).
+  c.posemb_resize = config_dict.placeholder(str)
 
   # Distillation (DeiT; vit_jax.train.step): a DeiT student's distillation head learns a frozen
   # teacher's predictions: loss = (1 - alpha) CE(class head, labels) + alpha distill(distillation

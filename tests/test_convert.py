@@ -13,7 +13,7 @@ from vit_jax.families.vit import FAMILY as VIT
 from vit_jax.checkpoints.npz import write_npz
 from vit_jax.convert import __main__ as cli
 from vit_jax.convert import convert
-from vit_jax.families import vit_interop
+from vit_jax.families import vit_hf, vit_interop
 from vit_jax.formats import hf, timm
 
 # The config.json fields `from_hf` reads for the test model (transformers' ViT defaults otherwise).
@@ -80,7 +80,7 @@ def test_round_trip_hf_ours_hf_is_bitwise(tmp_path):
 
 def test_hf_reader_takes_transformers5_names_and_bare_vit_models(tmp_path):
   flat = make_params('vit_jax')
-  sd = vit_interop.to_hf(flat, VIT.infer(flat))[0]
+  sd = vit_hf.to_hf(flat, VIT.infer(flat))[0]
   v5 = {}
   for k, v in sd.items():
     for old, new in (('vit.encoder.layer.', 'vit.layers.'),
@@ -92,11 +92,11 @@ def test_hf_reader_takes_transformers5_names_and_bare_vit_models(tmp_path):
       k = k.replace(old, new)
     v5[k] = v
   assert {'vit.layers.0.attention.v_proj.weight', 'vit.layers.1.mlp.fc2.weight'} <= set(v5)
-  back = vit_interop.from_hf(v5, HF_CONFIG)[0]
+  back = vit_hf.from_hf(v5, HF_CONFIG)[0]
   _bitwise_equal(back, flat)
   bare = {k[len('vit.'):]: v for k, v in sd.items() if k.startswith('vit.')}
   bare['pooler.dense.weight'] = np.zeros((D, D), np.float32)
-  back, _, notes = vit_interop.from_hf(bare, HF_CONFIG)
+  back, _, notes = vit_hf.from_hf(bare, HF_CONFIG)
   assert 'head/kernel' not in back and any('pooler' in n for n in notes)
 
 
@@ -175,7 +175,7 @@ def test_fixed_position_embeddings_are_written_as_values(tmp_path):
   flat = make_params('vit_jax')
   del flat['Transformer/posembed_input/pos_embedding']
   arch = VIT.infer(flat, image_size=(16, 16), model_config={'posemb': 'sincos2d'})
-  sd = vit_interop.to_hf(flat, arch)[0]
+  sd = vit_hf.to_hf(flat, arch)[0]
   pe = sd['vit.embeddings.position_embeddings']
   assert pe.shape == (1, 17, D)
   np.testing.assert_array_equal(pe[:, 0], 0)

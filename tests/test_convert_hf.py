@@ -12,7 +12,6 @@ from vit_jax.checkpoints import read_checkpoint  # noqa: E402
 from vit_jax.families.vit import FAMILY as VIT  # noqa: E402
 from vit_jax.checkpoints.npz import write_npz  # noqa: E402
 from vit_jax.convert import convert, verify  # noqa: E402
-from vit_jax.families import vit_interop  # noqa: E402
 from vit_jax.formats import hf  # noqa: E402
 
 

@@ -39,7 +39,8 @@ EXPECTED_COUNTS = {
     'Swin-T': 28_288_354, 'Swin-S': 49_606_258, 'Swin-B': 87_768_224, 'Swin-L': 196_532_476,
     'Swin-B_384': 87_903_584,
     'PVTv2-b0': 3_666_760, 'PVTv2-b1': 14_009_000, 'PVTv2-b2': 25_362_856,
-    'PVTv2-b2_li': 22_553_512, 'PVTv2-b3': 45_238_696,
+    'PVTv2-b2_li': 22_553_512, 'PVTv2-b3': 45_238_696, 'PVTv2-b4': 62_556_072,
+    'PVTv2-b5': 81_956_008,
 }
 IMAGE_SIZE = {'Swin-B_384': 384}
 FAMILIES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt')

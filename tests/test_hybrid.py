@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax.models import params as params_lib
+
 from tests.numerics import assert_close_to_scale
 from vit_jax.families import hybrid as fam
 from vit_jax.families import registry
@@ -18,26 +20,13 @@ from vit_jax.models.hybrid import HybridVisionTransformer
 TINY = dict(fam.MODELS['R+ViT-testing'])
 
 
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _flat(params) -> dict[str, np.ndarray]:
-  return {'/'.join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
-
-
-def _unflat(flat) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): jnp.asarray(v)
-                                            for k, v in flat.items()})
-
-
 def _images(h=32, w=32, seed=0) -> np.ndarray:
   return np.random.RandomState(seed).uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
 
 
 def _perturbed_params(model, h=32, w=32, seed=0) -> dict[str, np.ndarray]:
   """Our initialisation with every parameter randomised (gn3 and the head start at zero)."""
-  flat = _flat(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, 3)))['params'])
+  flat = params_lib.flatten_numpy(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, h, w, 3)))['params'])
   rng = np.random.RandomState(seed)
   out = {}
   for k, v in flat.items():
@@ -58,7 +47,7 @@ def _perturbed_params(model, h=32, w=32, seed=0) -> dict[str, np.ndarray]:
 def test_parameter_counts_match_timm(name, expected, patch):
   model = registry.create_model(registry.get_model_config(name), 1000)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
-  assert _count(shapes) == expected
+  assert params_lib.count(shapes) == expected
   fields = registry.get_model_config(name)
   assert fam.FAMILY.patch_hw(fields) == (patch, patch) == model.effective_patch_hw
   assert fam.FAMILY.grid(fields, (224, 224)) == (224 // patch,) * 2
@@ -220,7 +209,7 @@ def _run(model, images: np.ndarray) -> np.ndarray:
 
 def _ours(fields, flat, images, num_classes=5) -> np.ndarray:
   model = HybridVisionTransformer(num_classes=num_classes, **fields)
-  return np.asarray(model.apply({'params': _unflat(flat)}, jnp.asarray(images)))
+  return np.asarray(model.apply({'params': params_lib.unflatten(flat)}, jnp.asarray(images)))
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
@@ -250,7 +239,7 @@ def test_resnet_matches_timm_backbone_on_faint_images(case):
   with torch.no_grad():
     theirs = model.patch_embed.backbone(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
   net = resnet.ResNet(fields['resnet_width'], fields['resnet_layers'])
-  ours = net.apply({'params': _unflat(fam.split_resnet(flat)[0])}, jnp.asarray(images))
+  ours = net.apply({'params': params_lib.unflatten(fam.split_resnet(flat)[0])}, jnp.asarray(images))
   assert_close_to_scale(ours, theirs.numpy().transpose(0, 2, 3, 1), rtol=1e-4)
 
 

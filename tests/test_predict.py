@@ -1,5 +1,4 @@
 """vit_jax.predict: logits in input order, class names, resizing, bare .npz with --model, bad files."""
-import os
 
 import jax
 import numpy as np

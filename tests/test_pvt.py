@@ -3,30 +3,18 @@ from __future__ import annotations
 
 import re
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from vit_jax.models import params as params_lib
 
 from vit_jax.families.pvt import (MODELS, fields_from_timm_name, from_timm, timm_model_args,
                                   to_timm)
 from vit_jax.models.pvt import PyramidVisionTransformerV2, adaptive_pool_matrix
 
 TINY = MODELS['PVTv2-tiny']
-
-
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _flat(params) -> dict[str, np.ndarray]:
-  return {'/'.join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
-
-
-def _unflat(flat) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): jnp.asarray(v)
-                                            for k, v in flat.items()})
 
 
 def _init(model, h=32, w=32, seed=0):
@@ -41,7 +29,7 @@ def test_parameter_counts_match_timm(name, expected):
   fields = MODELS[name] if name in MODELS else fields_from_timm_name(name)
   model = PyramidVisionTransformerV2(num_classes=1000, **fields)
   shapes = jax.eval_shape(lambda: _init(model, 224, 224))
-  assert _count(shapes) == expected
+  assert params_lib.count(shapes) == expected
 
 
 @pytest.mark.parametrize('linear,h,w', [(False, 32, 32), (False, 40, 56), (True, 64, 96),
@@ -142,9 +130,9 @@ def test_logits_and_features_match_timm(linear):
   state = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
   flat = from_timm(tmodel.state_dict(), fields)
   model = PyramidVisionTransformerV2(num_classes=7, **fields)
-  ref = _flat(_init(model))
+  ref = params_lib.flatten_numpy(_init(model))
   assert {k: v.shape for k, v in flat.items()} == {k: v.shape for k, v in ref.items()}
-  params = _unflat(flat)
+  params = params_lib.unflatten(flat)
   for h, w in ((32, 32), (40, 72)):
     x = np.random.RandomState(h).uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
     with torch.no_grad():
@@ -178,7 +166,7 @@ def test_our_random_init_exports_to_timm_with_the_same_logits():
       lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
   tmodel = timm.create_model('pvt_v2_b0', pretrained=False, num_classes=7,
                              **timm_model_args(fields)).eval()
-  state = to_timm(_flat(params), fields)
+  state = to_timm(params_lib.flatten_numpy(params), fields)
   tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
   x = np.random.RandomState(9).uniform(-1, 1, (2, 48, 32, 3)).astype(np.float32)
   with torch.no_grad():
@@ -222,7 +210,7 @@ def test_registry_builds_and_detects_pvt():
   assert isinstance(model, PyramidVisionTransformerV2)
   for linear in (False, True):
     fields = dict(TINY, linear=linear, mlp_ratios=(2, 2, 4, 4))
-    flat = _flat(_init(PyramidVisionTransformerV2(num_classes=6, **fields), 32, 32))
+    flat = params_lib.flatten_numpy(_init(PyramidVisionTransformerV2(num_classes=6, **fields), 32, 32))
     family = registry.detect(flat)
     assert family.name == 'pvt'
     arch = family.infer(flat, image_size=(32, 48))
@@ -273,7 +261,7 @@ def test_forward_macs_count_every_matmul_and_conv():
 def test_tensor_rules_cover_every_sharded_parameter_with_its_rank():
   family = _registry().get_family('pvt')
   for linear in (False, True):
-    flat = _flat(_init(PyramidVisionTransformerV2(num_classes=6, **dict(TINY, linear=linear))))
+    flat = params_lib.flatten_numpy(_init(PyramidVisionTransformerV2(num_classes=6, **dict(TINY, linear=linear))))
     for path, v in flat.items():
       rule = next((r for pattern, r in family.tensor_rules if re.search(pattern, path)), None)
       split = any(path.endswith(f'{m}/kernel') for m in ('q', 'kv', 'attn/proj', 'fc1', 'fc2',
@@ -297,7 +285,7 @@ def test_family_timm_hooks_round_trip_through_a_timm_directory(tmp_path):
   model = PyramidVisionTransformerV2(num_classes=4, **fields)
   params = jax.tree_util.tree_map(
       lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), _init(model))
-  flat = _flat(params)
+  flat = params_lib.flatten_numpy(params)
   arch = family.infer(flat, model_config=dict(fields, name='PVTv2-tiny'), image_size=(32, 40))
   state, config = family.to_timm(flat, arch)
   assert registry.family_for_timm(config['architecture'], state.keys()) is family

@@ -1,5 +1,5 @@
-"""Swin Transformer: registered sizes, windows and masks, bias resizing, the family descriptor, and
-equality with timm's Swin."""
+"""Swin Transformer: registered sizes, windows and masks, bias resizing and the family descriptor;
+equality with timm's Swin is tested in test_swin_interop.py."""
 from __future__ import annotations
 
 import re
@@ -10,27 +10,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax.models import params as params_lib
+
 from vit_jax.families import swin as swin_family
-from vit_jax.families.swin import (MODELS, fields_from_timm_name, from_timm, infer_fields,
-                                   resize_relative_position_bias, to_timm)
+from vit_jax.families.swin import (MODELS, fields_from_timm_name, infer_fields,
+                                   resize_relative_position_bias)
 from vit_jax.models.attention import dot_product_attention
 from vit_jax.models.swin import (MASK_VALUE, SwinTransformer, relative_position_index,
                                  shifted_window_mask, stage_windows, window_partition)
 
 TINY = MODELS['Swin-testing']
-
-
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _flat(params) -> dict[str, np.ndarray]:
-  return {'/'.join(k): np.asarray(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
-
-
-def _unflat(flat) -> dict:
-  return flax.traverse_util.unflatten_dict({tuple(k.split('/')): jnp.asarray(v)
-                                            for k, v in flat.items()})
 
 
 def _init(model, h=32, w=32, seed=0):
@@ -46,7 +35,7 @@ def _images(h=32, w=32, seed=0):
     ('Swin-L', 224, 196_532_476), ('Swin-B_384', 384, 87_903_584)])
 def test_parameter_counts_match_timm(name, size, expected):
   model = SwinTransformer(num_classes=1000, **MODELS[name])
-  assert _count(jax.eval_shape(lambda: _init(model, size, size))) == expected
+  assert params_lib.count(jax.eval_shape(lambda: _init(model, size, size))) == expected
 
 
 @pytest.mark.parametrize('fields,h,w', [
@@ -203,102 +192,6 @@ def test_fields_from_timm_names_and_inference():
   assert (num_classes, channels) == (5, 3)
 
 
-# ---------- timm ----------
-
-@pytest.fixture(scope='module')
-def timm():
-  pytest.importorskip('torch')
-  from tests.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
-  try:
-    return import_timm()
-  except Exception as e:  # pylint: disable=broad-except
-    pytest.skip(f'timm cannot be imported here: {e}')
-
-
-def _timm_model(timm, fields, image_size, num_classes=5):
-  import torch  # pylint: disable=import-outside-toplevel
-  model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
-                            **swin_family.timm_model_args(fields, num_classes, image_size)).eval()
-  # Random weights at init scale give logits ~0.01; noise makes them O(1) for a 1e-4 bound.
-  gen = torch.Generator().manual_seed(3)
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(torch.randn(p.shape, generator=gen) * 0.2)
-  return model
-
-
-@pytest.mark.parametrize('fields,h,w', [
-    (TINY, 32, 32),
-    # Windows of 5 on 12x12 and 6x6 maps pad (after the shift); the 3x3 last stage shrinks them.
-    (dict(TINY, depths=(2, 2, 2), num_heads=(1, 2, 2), window_size=5), 24, 24),
-    (dict(TINY, depths=(2, 2, 2), num_heads=(1, 2, 2), window_size=3), 32, 48),
-])
-def test_logits_match_timm_and_keys_round_trip(timm, fields, h, w):
-  import torch  # pylint: disable=import-outside-toplevel
-  model = _timm_model(timm, fields, (h, w))
-  state = {k: v.numpy() for k, v in model.state_dict().items()}
-  flat = from_timm(state, fields)
-  back = to_timm(flat, fields)
-  assert sorted(back) == sorted(state)
-  for key, value in state.items():
-    assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
-
-  ours = SwinTransformer(num_classes=5, **fields)
-  params = _unflat(flat)
-  shapes = jax.eval_shape(lambda: _init(ours, h, w))
-  assert jax.tree.map(np.shape, params) == jax.tree.map(lambda s: s.shape, shapes)
-  x = _images(h, w, seed=4)
-  with torch.no_grad():
-    want = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  got = np.asarray(ours.apply({'params': params}, jnp.asarray(x)))
-  diff = np.abs(got - want).max()
-  print(f'Swin {h}x{w} window {fields["window_size"]}: max |logit diff| vs timm {diff:.3g}')
-  assert np.abs(want).max() > 0.5 and diff <= 1e-4
-  # The stage outputs are timm's forward_intermediates (NCHW there).
-  with torch.no_grad():
-    inter = model.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
-                                        intermediates_only=True)
-  maps = ours.apply({'params': params}, jnp.asarray(x), features=True)
-  for a, b in zip(maps, inter):
-    np.testing.assert_allclose(np.asarray(a), b.numpy().transpose(0, 2, 3, 1), atol=1e-4)
-
-
-def test_relative_position_index_matches_timm(timm):
-  reference = timm.models.swin_transformer.get_relative_position_index
-  for wh, ww in ((7, 7), (3, 5)):
-    np.testing.assert_array_equal(relative_position_index((wh, ww)), reference(wh, ww).numpy())
-
-
-@pytest.mark.parametrize('old,new', [(7, 12), (12, 7), ((3, 5), (4, 6))])
-def test_resize_timm_method_matches_timm(timm, old, new):
-  import torch  # pylint: disable=import-outside-toplevel
-  from timm.layers import resize_rel_pos_bias_table  # pylint: disable=import-outside-toplevel
-  (oh, ow), (nh, nw) = swin_family._hw(old), swin_family._hw(new)
-  table = np.random.RandomState(5).normal(size=((2 * oh - 1) * (2 * ow - 1), 3)).astype(np.float32)
-  want = resize_rel_pos_bias_table(torch.from_numpy(table), new_window_size=(nh, nw),
-                                   new_bias_shape=((2 * nh - 1) * (2 * nw - 1), 3),
-                                   old_window_size=(oh, ow)).numpy()
-  got = resize_relative_position_bias(table, old, new, method='timm')
-  assert got.shape == want.shape and got.dtype == np.float32
-  np.testing.assert_allclose(got, want, atol=1e-5)
-  with pytest.raises(ValueError, match="method 'nearest' is not one of"):
-    resize_relative_position_bias(table, old, new, method='nearest')
-
-
-def test_from_timm_rejects_other_layouts():
-  with pytest.raises(ValueError, match='not a timm SwinTransformer state dict'):
-    from_timm({'patch_embed.proj.weight': np.zeros((16, 3, 2, 2))}, TINY)
-  flat = _flat(_init(SwinTransformer(num_classes=5, **TINY)))
-  state = to_timm(flat, TINY)
-  with pytest.raises(ValueError, match=r'stages of \(2, 2\) blocks, the fields say depths'):
-    from_timm(state, dict(TINY, depths=(2, 4)))
-  with pytest.raises(ValueError, match='not part of this SwinTransformer'):
-    from_timm({**state, 'extra.weight': np.zeros(1)}, TINY)
-  # Buffers that old files may hold are skipped.
-  assert from_timm({**state, 'layers.0.blocks.0.attn.relative_position_index': np.zeros(1)},
-                   TINY).keys() == flat.keys()
-
-
 # ---------- the family descriptor ----------
 
 def _shapes(fields, size, num_classes=5) -> dict:
@@ -366,12 +259,12 @@ def test_infer_reads_the_architecture_back():
 def test_pretrained_tables_follow_the_new_window(tmp_path, window, size):
   from vit_jax.checkpoints import load_pretrained  # pylint: disable=import-outside-toplevel
   from vit_jax.formats.timm import write_timm  # pylint: disable=import-outside-toplevel
-  src = _flat(_init(SwinTransformer(num_classes=5, **TINY)))
+  src = params_lib.flatten_numpy(_init(SwinTransformer(num_classes=5, **TINY)))
   write_timm(tmp_path, src, swin_family.FAMILY.infer(src, image_size=32))
   target = SwinTransformer(num_classes=3, **dict(TINY, window_size=window))
   params, report = load_pretrained(tmp_path, _init(target, size, size), model=target,
                                    image_size=(size, size), posemb_resize='bicubic', log=None)
-  got = _flat(params)
+  got = params_lib.flatten_numpy(params)
   windows = swin_family.stage_tables(dict(TINY, window_size=window), size)
   assert windows == ([(8, 8), (8, 8)] if window == 8 else [(4, 4), (2, 2)])
   for key, value in src.items():
@@ -386,27 +279,3 @@ def test_pretrained_tables_follow_the_new_window(tmp_path, window, size):
   assert len(report.reshaped) == (4 if window == 8 else 2)
   assert got['head/kernel'].shape == (32, 3)
   assert target.apply({'params': params}, jnp.zeros((1, size, size, 3))).shape == (1, 3)
-
-
-def test_timm_export_loads_in_timm_with_the_same_logits(timm, tmp_path):
-  import torch  # pylint: disable=import-outside-toplevel
-  from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
-  from vit_jax.formats.timm import read_timm, write_timm  # pylint: disable=import-outside-toplevel
-  fields = dict(TINY, depths=(2, 2, 2), num_heads=(1, 2, 2), window_size=3)
-  rng = np.random.RandomState(6)
-  flat = {k: (v + rng.normal(scale=0.2, size=v.shape)).astype(np.float32)
-          for k, v in _flat(_init(SwinTransformer(num_classes=5, **fields), 32, 48)).items()}
-  arch = swin_family.FAMILY.infer(flat, image_size=(32, 48))
-  write_timm(tmp_path, flat, arch)
-  with open(tmp_path / 'config.json') as f:
-    config = __import__('json').load(f)
-  model = timm.create_model(config['architecture'], pretrained=False, **config['model_args'])
-  model.load_state_dict(load_file(str(tmp_path / 'model.safetensors')), strict=True)
-  x = _images(32, 48, seed=7)
-  with torch.no_grad():
-    want = model.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-  got = np.asarray(SwinTransformer(num_classes=5, **fields).apply({'params': _unflat(flat)}, x))
-  assert np.abs(want).max() > 0.5 and np.abs(got - want).max() <= 1e-4
-  back, back_arch, _ = read_timm(tmp_path)
-  assert back.keys() == flat.keys() and all(np.array_equal(back[k], flat[k]) for k in flat)
-  assert back_arch.image_size == (32, 48) and back_arch.model_config['window_size'] == 3

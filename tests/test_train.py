@@ -291,3 +291,39 @@ def test_model_overrides_reach_the_module():
   assert family.name == 'vit'
   assert (m.dropout_rate, m.classifier, m.representation_size, m.patch_size) == (0.2, 'map', None, 2)
   assert (m.num_classes, m.hidden_size) == (7, 32)
+
+
+def test_swin_finetune_moves_to_a_larger_window_and_trains(tmp_path):
+  """A Swin run's workdir (window 2 at 16 px) fine-tunes at 32 px with window 4 through
+  `python -m vit_jax.main`: every relative-position table resized (bicubic, the family's default),
+  a new head, and the run trains (the 224/window-7 -> 384/window-12 transfer, at a tiny size)."""
+  import jax
+  import numpy as np
+  from vit_jax.checkpoints import manager
+  from vit_jax.families import registry
+  from vit_jax.families.base import Architecture
+  fields = dict(registry.get_model_config('Swin-testing'), window_size=2, head_zeroinit=False)
+  src = registry.create_model(fields, 1000)
+  params = src.init(jax.random.PRNGKey(0), np.zeros((1, 16, 16, 3), np.float32))['params']
+  manager.save_params(str(tmp_path / 'src'), params, {
+      'architecture': Architecture(fields, 1000, (16, 16), 3, 'swin').to_meta()})
+  w = tmp_path / 'ft'
+  cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={w}',
+         f'--config=configs/finetune.py:model=Swin-testing,dataset=digits,pretrained={tmp_path / "src"}',
+         '--config.image_size=32', '--config.model.window_size=4', '--config.batch_size=32',
+         '--config.total_steps=6', '--config.warmup_steps=1', '--config.eval_every=6',
+         '--config.checkpoint_every=6', '--config.log_every=3', '--config.eval_batch_size=120',
+         '--config.progress=False']
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  resized = [l for l in out.stderr.splitlines() if 'reshaped' in l and 'relative_position_bias_table' in l]
+  assert len(resized) == sum(fields['depths']), out.stderr[-3000:]  # one table per block
+  assert all('(9, ' in l and '-> (49, ' in l for l in resized), resized  # (2*2-1)^2 -> (2*4-1)^2
+  assert 'bicubic' in out.stderr
+  res = json.loads(out.stdout.strip().splitlines()[-1].split('result: ', 1)[1])
+  assert res['step'] == 6 and np.isfinite(res['train_loss'])
+  from vit_jax.checkpoints.manager import load_params
+  tuned, meta = load_params(w)
+  assert meta['architecture']['family'] == 'swin'
+  assert meta['architecture']['model_config']['window_size'] == 4
+  assert tuned['head']['kernel'].shape[-1] == 10

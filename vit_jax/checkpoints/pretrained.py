@@ -73,7 +73,8 @@ def _starts(path: str, prefixes: Sequence[str]) -> bool:
 
 def adapt_params(ckpt: Checkpoint, init_params: Any, *, model: Any = None,
                  image_size: Optional[Sequence[int]] = None, keep_pre_logits: Optional[bool] = None,
-                 posemb_resize: str = 'bilinear', new_head: str = 'zeros') -> tuple[Any, LoadReport]:
+                 posemb_resize: Optional[str] = None, new_head: str = 'zeros'
+                 ) -> tuple[Any, LoadReport]:
   """Adapts a read checkpoint to `init_params` (see the module docstring); returns (params, report).
 
   Args:
@@ -84,15 +85,18 @@ def adapt_params(ckpt: Checkpoint, init_params: Any, *, model: Any = None,
     image_size: the target (h, w) pixels; needed only for a non-square target grid.
     keep_pre_logits: True: keep the checkpoint's pre-logits layer (an error if the target has none);
       False: drop it (re-initialise it when the target has one); None: follow the target.
-    posemb_resize: 'bilinear' (scipy.ndimage.zoom order=1, Google's) or 'bicubic' (antialiased);
-      the family applies it to its resolution-dependent tables.
+    posemb_resize: 'bilinear' (scipy.ndimage.zoom order=1, Google's) or 'bicubic' (antialiased),
+      applied by the family to its resolution-dependent tables; None: the family's own default
+      (`Family.default_resize`: bilinear for ViT position embeddings as Google, bicubic for Swin's
+      relative-position tables as its authors and timm).
     new_head: 'zeros' (kernel 0, bias from the init, the paper's recipe) or 'init' (as initialised).
   """
-  if posemb_resize not in resample.METHODS:
+  if posemb_resize is not None and posemb_resize not in resample.METHODS:
     raise ValueError(f'posemb_resize {posemb_resize!r} is not one of {resample.METHODS}')
   if new_head not in ('zeros', 'init'):
     raise ValueError(f"new_head {new_head!r} is not 'zeros' or 'init'")
   family, fields = target_family(model)
+  posemb_resize = posemb_resize or family.default_resize
   src_family = (ckpt.architecture.family if ckpt.architecture is not None
                 else registry.detect(ckpt.params).name)
   if src_family != family.name:
@@ -179,7 +183,7 @@ def _adapt_shape(family: Family, path: str, value: np.ndarray, shape: tuple[int,
 def load_pretrained(path: str | os.PathLike, init_params: Any, *, model: Any = None,
                     model_config: Optional[Mapping[str, Any]] = None,
                     image_size: Optional[Sequence[int]] = None,
-                    keep_pre_logits: Optional[bool] = None, posemb_resize: str = 'bilinear',
+                    keep_pre_logits: Optional[bool] = None, posemb_resize: Optional[str] = None,
                     new_head: str = 'zeros', log: Optional[Callable[[str], None]] = logging.info,
                     **reader_kwargs: Any) -> tuple[Any, LoadReport]:
   """Reads `path` (any supported format) and adapts it to `init_params`; returns (params, report).

@@ -114,6 +114,7 @@ class Family:
     timm_prefixes, hf_model_types: timm architecture-name prefixes and HF `model_type`s this family
       reads (empty: no counterpart).
     writes_npz: whether `--to npz` (Google's layout) is meaningful for this family.
+    default_resize: how `adapt` resamples resolution-dependent tables unless the config says.
     test_model, test_image_size: a registered tiny model and its input size: what the
       registry-parametrised tests (tests/test_families.py) build, train, save and export.
   """
@@ -130,6 +131,7 @@ class Family:
   writes_npz: bool = False
   test_model: Optional[str] = None
   test_image_size: int = 16
+  default_resize: str = 'bilinear'
 
   # ---- building ----
   def module_class(self) -> type:

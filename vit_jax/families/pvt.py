@@ -27,22 +27,22 @@ MODELS: dict[str, dict[str, Any]] = {
     'PVTv2-b2': dict(_B_WIDE, depths=(3, 4, 6, 3)),  # 25,362,856
     'PVTv2-b2_li': dict(_B_WIDE, depths=(3, 4, 6, 3), linear=True),  # 22,553,512
     'PVTv2-b3': dict(_B_WIDE, depths=(3, 4, 18, 3)),  # 45,238,696
+    'PVTv2-b4': dict(_B_WIDE, depths=(3, 8, 27, 3)),  # 62,556,072
+    'PVTv2-b5': dict(_B_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),  # 81,956,008
+    # A small PVT for Fashion-MNIST / CIFAR-size inputs (32 px): four stages of 8x8 ... 1x1 tokens,
+    # about as many parameters as ViT-Mini_4 (configs/fashion_mnist_pvt.py).
+    'PVTv2-mini': dict(_B_WIDE, embed_dims=(32, 64, 96, 128), depths=(2, 2, 2, 2),
+                       num_heads=(1, 2, 3, 4), mlp_ratios=(4, 4, 4, 4)),
     # For tests: 32x32 (or larger) images; every stage map >= its reduction ratio at 32 px.
     'PVTv2-tiny': dict(_B_WIDE, embed_dims=(16, 32, 32, 64), depths=(1, 1, 1, 1),
                        num_heads=(1, 1, 2, 2), mlp_ratios=(2, 2, 2, 2)),
-}
-
-# timm's two largest sizes: read from timm checkpoints by name, not registered (yet) as models here
-# (timm's and our counts: 62,556,072 and 81,956,008).
-_TIMM_ONLY = {
-    'pvt_v2_b4': dict(_B_WIDE, depths=(3, 8, 27, 3)),
-    'pvt_v2_b5': dict(_B_WIDE, depths=(3, 6, 40, 3), mlp_ratios=(4, 4, 4, 4)),
 }
 # timm architecture name -> our fields.
 TIMM_NAMES: dict[str, dict[str, Any]] = {
     'pvt_v2_b0': MODELS['PVTv2-b0'], 'pvt_v2_b1': MODELS['PVTv2-b1'],
     'pvt_v2_b2': MODELS['PVTv2-b2'], 'pvt_v2_b2_li': MODELS['PVTv2-b2_li'],
-    'pvt_v2_b3': MODELS['PVTv2-b3'], **_TIMM_ONLY,
+    'pvt_v2_b3': MODELS['PVTv2-b3'], 'pvt_v2_b4': MODELS['PVTv2-b4'],
+    'pvt_v2_b5': MODELS['PVTv2-b5'],
 }
 
 _BLOCK = re.compile(r'^stages_(\d+)/blocks_(\d+)/')

@@ -1,31 +1,19 @@
-"""The Swin Transformer family: registry sizes, timm key maps, relative-position-bias resizing,
-FLOPs, tensor-parallel rules and the `SwinFamily` descriptor (`FAMILY`).
-
-Our flat layout ('/'-joined paths of `vit_jax.models.swin.SwinTransformer`) and timm 1.0.31's
-`SwinTransformer` state dict (PyTorch: Linear weights [out, in], conv weights OIHW):
-  patch_embed/{kernel [p, p, C_in, D], bias}   <-> patch_embed.proj.{weight, bias}
-  patch_norm/{scale, bias}                     <-> patch_embed.norm.{weight, bias}
-  stage_{s}/downsample/norm, reduction          <-> layers.{s}.downsample.norm, reduction (s >= 1)
-  stage_{s}/block_{b}/norm1, norm2              <-> layers.{s}.blocks.{b}.norm1, norm2
-  stage_{s}/block_{b}/attn/qkv [C, 3, heads, K] <-> layers.{s}.blocks.{b}.attn.qkv [3C, C]
-  stage_{s}/block_{b}/attn/proj [heads, K, C]   <-> layers.{s}.blocks.{b}.attn.proj [C, C]
-  stage_{s}/block_{b}/attn/relative_position_bias_table  (same [(2M-1)^2, heads] layout)
-  stage_{s}/block_{b}/mlp/fc1, fc2              <-> layers.{s}.blocks.{b}.mlp.fc1, fc2
-  norm, head                                    <-> norm, head.fc
-timm keeps `relative_position_index` and `attn_mask` as non-persistent buffers: they are not in its
-state dict, and here they are numpy constants of the module, not parameters.
+"""The Swin Transformer family: registry sizes, FLOPs, tensor-parallel rules, architecture from
+shapes, window-table adaptation and the `SwinFamily` descriptor (`FAMILY`). The timm key maps are in
+`swin_interop.py`; the relative-position table resampling in `resample.py`.
 """
 from __future__ import annotations
 
-import math
-import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from vit_jax.families import resample
 from vit_jax.families.base import IMAGENET, Architecture, Family, Flat, check_sizes
 from vit_jax.families.base import hw as _hw
+from vit_jax.families.resample import resize_relative_position_bias, window_of_table
+from vit_jax.families.swin_interop import (_BLOCK, _TIMM_BLOCK, _TIMM_NAME, TABLE, _num_blocks,
+                                           fields_from_timm_name, from_timm, is_timm_swin,
+                                           timm_model_args, timm_name, to_timm)
 from vit_jax.models import swin as swin_models
 
 _T = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
@@ -40,237 +28,16 @@ MODELS: dict[str, dict[str, Any]] = {
     'Swin-B': dict(_B),                        # 87,768,224
     'Swin-L': dict(_L),                        # 196,532,476
     'Swin-B_384': dict(_B, window_size=12),    # 87,903,584 at 384 px
+    # For Fashion-MNIST / CIFAR-size inputs: patch 2 and window 4 at 32 px (16x16, 8x8, 4x4 token
+    # maps), about as many parameters as ViT-Mini_4 (configs/fashion_mnist_swin.py).
+    'Swin-Mini': dict(patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2),
+                      num_heads=(3, 6, 12)),
     # Two stages of width 16/32 at patch 2: for unit tests at 16-32 px.
     'Swin-testing': dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
                          num_heads=(1, 2)),
 }
 _TIMM_SIZES = {'tiny': _T, 'small': _S, 'base': _B, 'large': _L}
-_TIMM_NAME = re.compile(r'^swin_(tiny|small|base|large)_patch(\d+)_window(\d+)_(\d+)$')
 SIZE_FIELDS = ('patch_size', 'embed_dim', 'depths', 'num_heads')
-TABLE = 'relative_position_bias_table'
-_BLOCK = re.compile(r'^stage_(\d+)/block_(\d+)/')
-_TIMM_BLOCK = re.compile(r'^layers\.(\d+)\.blocks\.(\d+)\.')
-# (our sub-module path inside a block, timm's, kind): see `_pairs`.
-_BLOCK_NAMES = (('norm1', 'norm1', 'norm'), ('attn/qkv', 'attn.qkv', 'qkv'),
-                ('attn/proj', 'attn.proj', 'proj'), ('norm2', 'norm2', 'norm'),
-                ('mlp/fc1', 'mlp.fc1', 'dense'), ('mlp/fc2', 'mlp.fc2', 'dense'))
-
-
-def _numpy(v: Any) -> np.ndarray:
-  """numpy view of an array or a (CPU) torch tensor."""
-  return np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v)
-
-
-# ---------- resolution ----------
-
-RESIZE_METHODS = ('bicubic', 'bilinear', 'timm')
-
-
-def _geometric_offsets(src: int, dst: int) -> np.ndarray:
-  """Where timm places the `src` source offsets among the `dst` target offsets: outward steps
-  growing geometrically so that the outermost source offset lands at the target's edge (BEiT)."""
-  half = src // 2
-  left, right = 1.01, 1.5
-  while right - left > 1e-6:
-    q = (left + right) / 2.0
-    if (1.0 - q ** half) / (1.0 - q) > dst // 2:
-      right = q
-    else:
-      left = q
-  steps = np.cumsum([1.0] + [q ** (i + 1) for i in range(half - 1)]) if half else np.zeros(0)
-  return np.concatenate([-steps[::-1], [0.0], steps])
-
-
-def resize_relative_position_bias(table: np.ndarray, old_window: Any, new_window: Any,
-                                  method: str = 'bicubic') -> np.ndarray:
-  """Resamples a [(2*wh-1)*(2*ww-1), heads] relative position bias table to a new window.
-
-  The table's rows are a (2*wh-1) x (2*ww-1) grid of offsets (dy, dx) in row-major order; each
-  head's grid is resampled like an image.
-
-  Args:
-    table: [(2*wh-1)*(2*ww-1), heads].
-    old_window, new_window: M or (wh, ww) of the table and of the result.
-    method: 'bicubic' (antialiased, half-pixel centres: timm's `resize_rel_pos_bias_table_simple`
-      and `vit_jax.families.resample`), 'bilinear' (corner-aligned linear, scipy zoom) or 'timm'
-      (timm 1.0's default `resize_rel_pos_bias_table`, used by its Swin checkpoint filter and
-      `set_input_size`: the old offsets spread geometrically over the new range, then linear
-      interpolation with the edge values held beyond the outermost ones).
-
-  Returns:
-    [(2*wh'-1)*(2*ww'-1), heads] in the table's dtype; the table itself when the windows are equal.
-  """
-  if method not in RESIZE_METHODS:
-    raise ValueError(f'relative position bias resize method {method!r} is not one of '
-                     f'{RESIZE_METHODS}')
-  table = np.asarray(table)
-  (oh, ow), (nh, nw) = _hw(old_window), _hw(new_window)
-  if table.ndim != 2 or table.shape[0] != (2 * oh - 1) * (2 * ow - 1):
-    raise ValueError(f'a relative position bias table of window {(oh, ow)} must be '
-                     f'[{(2 * oh - 1) * (2 * ow - 1)}, heads], got {table.shape}')
-  if (oh, ow) == (nh, nw):
-    return table
-  heads = table.shape[1]
-  grid = table.reshape(2 * oh - 1, 2 * ow - 1, heads)
-  if method != 'timm':
-    return resample.resample_grid(grid, (2 * nh - 1, 2 * nw - 1), method).reshape(-1, heads)
-  work = grid.astype(np.float64)
-  for axis, (src, dst) in enumerate(((2 * oh - 1, 2 * nh - 1), (2 * ow - 1, 2 * nw - 1))):
-    xp, x = _geometric_offsets(src, dst), np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
-    # Bilinear is separable; np.interp holds the edge values outside [xp[0], xp[-1]] as timm does.
-    work = np.apply_along_axis(lambda v, x=x, xp=xp: np.interp(x, xp, v), axis, work)
-  return work.reshape(-1, heads).astype(table.dtype)
-
-
-def window_of_table(rows: int) -> int:
-  """M of a square-window table with `rows` = (2M-1)^2 rows; ValueError otherwise."""
-  side = math.isqrt(rows)
-  if side * side != rows or side % 2 == 0:
-    raise ValueError(f'{rows} relative position rows are not (2M-1)^2 for a square window M; '
-                     'give the window size explicitly')
-  return (side + 1) // 2
-
-
-# ---------- timm ----------
-
-def fields_from_timm_name(arch: str) -> dict[str, Any]:
-  """Our fields for a timm name such as 'swin_tiny_patch4_window7_224' (a '.tag' is allowed)."""
-  m = _TIMM_NAME.match(arch.split('.', 1)[0])
-  if not m:
-    raise ValueError(f'{arch!r} is not a timm Swin name of the form '
-                     'swin_{tiny,small,base,large}_patch{P}_window{M}_{size}')
-  return dict(_TIMM_SIZES[m.group(1)], patch_size=int(m.group(2)), window_size=int(m.group(3)),
-              act='gelu')
-
-
-def timm_name(fields: Mapping[str, Any]) -> str:
-  """The timm entry of the same size, else Swin-T's (model_args set the sizes either way)."""
-  key = lambda f: (f['embed_dim'], tuple(f['depths']), tuple(f['num_heads']))
-  size = {key(ref): name for name, ref in _TIMM_SIZES.items()}.get(key(fields), 'tiny')
-  return f'swin_{size}_patch4_window7_224'
-
-
-def timm_model_args(fields: Mapping[str, Any], num_classes: Optional[int], image_size: Any,
-                    channels: int = 3) -> dict[str, Any]:
-  """JSON-able `timm.create_model('swin_tiny_patch4_window7_224', **args)` arguments."""
-  h, w = _hw(image_size)
-  window = fields.get('window_size', 7)
-  return dict(img_size=[h, w], patch_size=int(fields['patch_size']), in_chans=channels,
-              num_classes=num_classes or 0, embed_dim=int(fields['embed_dim']),
-              depths=list(fields['depths']), num_heads=list(fields['num_heads']),
-              window_size=window if np.ndim(window) == 0 else list(window),
-              mlp_ratio=float(fields.get('mlp_ratio', 4.0)))
-
-
-def _num_blocks(keys: Sequence[str], pattern: re.Pattern) -> list[int]:
-  """Blocks per stage found among the keys, checking both are numbered from 0 without gaps."""
-  found: dict[int, set[int]] = {}
-  for k in keys:
-    if m := pattern.match(k):
-      found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-  if sorted(found) != list(range(len(found))):
-    raise ValueError(f'Swin stages are not numbered 0..{len(found) - 1}: {sorted(found)}')
-  depths = []
-  for s in range(len(found)):
-    if sorted(found[s]) != list(range(len(found[s]))):
-      raise ValueError(f'Swin stage {s} blocks are not numbered from 0: {sorted(found[s])}')
-    depths.append(len(found[s]))
-  return depths
-
-
-def _check_depths(found: Sequence[int], fields: Mapping[str, Any], what: str) -> None:
-  if tuple(found) != tuple(fields['depths']):
-    raise ValueError(f'{what} holds Swin stages of {tuple(found)} blocks, the fields say '
-                     f'depths={tuple(fields["depths"])}')
-
-
-def _pairs(depths: Sequence[int], head: bool) -> list[tuple[str, str, str]]:
-  """(our module path, timm's, kind) of every parameterised module, kind in conv / norm / dense /
-  reduction (no bias) / qkv / proj / table."""
-  out = [('patch_embed', 'patch_embed.proj', 'conv'), ('patch_norm', 'patch_embed.norm', 'norm')]
-  for s, depth in enumerate(depths):
-    if s > 0:
-      out += [(f'stage_{s}/downsample/norm', f'layers.{s}.downsample.norm', 'norm'),
-              (f'stage_{s}/downsample/reduction', f'layers.{s}.downsample.reduction', 'reduction')]
-    for b in range(depth):
-      ours, theirs = f'stage_{s}/block_{b}', f'layers.{s}.blocks.{b}'
-      out += [(f'{ours}/attn/{TABLE}', f'{theirs}.attn.{TABLE}', 'table')]
-      out += [(f'{ours}/{o}', f'{theirs}.{t}', kind) for o, t, kind in _BLOCK_NAMES]
-  return out + [('norm', 'norm', 'norm')] + ([('head', 'head.fc', 'dense')] if head else [])
-
-
-def to_timm(flat: Mapping[str, np.ndarray], fields: Mapping[str, Any]) -> Flat:
-  """Our flat parameters -> a timm `SwinTransformer` state dict (numpy, same dtypes, contiguous)."""
-  _check_depths(_num_blocks(list(flat), _BLOCK), fields, 'the parameters')
-  out: Flat = {}
-  for ours, theirs, kind in _pairs(fields['depths'], 'head/kernel' in flat):
-    if kind == 'table':
-      out[theirs] = np.asarray(flat[ours])
-      continue
-    if kind == 'norm':
-      out[f'{theirs}.weight'] = np.asarray(flat[f'{ours}/scale'])
-    else:
-      k = np.asarray(flat[f'{ours}/kernel'])
-      # HWIO -> OIHW; qkv [C, 3, heads, K] -> [C, 3C]; proj [heads, K, C] -> [C, C]; -> [out, in].
-      k = (k.transpose(3, 2, 0, 1) if kind == 'conv' else
-           (k.reshape(-1, k.shape[-1]) if kind == 'proj' else k.reshape(k.shape[0], -1)).T)
-      out[f'{theirs}.weight'] = np.ascontiguousarray(k)
-    if kind != 'reduction':
-      out[f'{theirs}.bias'] = np.asarray(flat[f'{ours}/bias']).reshape(-1)
-  return out
-
-
-def is_timm_swin(keys: Sequence[str]) -> bool:
-  """True for a timm 1.0 `SwinTransformer` state dict (not Swin V2, which has `logit_scale`)."""
-  keys = set(keys)
-  return ('patch_embed.proj.weight' in keys and f'layers.0.blocks.0.attn.{TABLE}' in keys
-          and 'layers.0.blocks.0.attn.logit_scale' not in keys)
-
-
-def from_timm(state: Mapping[str, Any], fields: Mapping[str, Any]) -> Flat:
-  """A timm `SwinTransformer` state dict (numpy arrays or torch tensors) -> our flat parameters.
-
-  Non-persistent buffers (relative_position_index, attn_mask), if a file holds them, are skipped.
-  A ValueError names keys that are not a Swin's or that these fields would leave unused. The
-  original Microsoft layout (downsample at the end of a stage) is not read: use timm to load it.
-  """
-  state = {k: _numpy(v) for k, v in state.items()
-           if not k.endswith(('relative_position_index', 'attn_mask'))}
-  if not is_timm_swin(list(state)):
-    raise ValueError('not a timm SwinTransformer state dict: no `patch_embed.proj.weight` and '
-                     f'`layers.0.blocks.0.attn.{TABLE}` (Swin V2 is not supported)')
-  if 'layers.0.downsample.reduction.weight' in state:
-    raise ValueError('this is the original Swin layout (patch merging at the end of each stage); '
-                     'load it with timm once (its checkpoint_filter_fn renames it) and save again')
-  _check_depths(_num_blocks(list(state), _TIMM_BLOCK), fields, 'the timm state dict')
-  out: Flat = {}
-  heads = 0
-  for ours, theirs, kind in _pairs(fields['depths'], 'head.fc.weight' in state):
-    if kind == 'table':
-      out[ours] = state[theirs]
-      heads = state[theirs].shape[1]  # The table comes first in each block.
-      continue
-    w = state[f'{theirs}.weight']
-    b = state.get(f'{theirs}.bias')
-    if kind == 'norm':
-      out[f'{ours}/scale'] = w
-    elif kind == 'conv':
-      out[f'{ours}/kernel'] = np.ascontiguousarray(w.transpose(2, 3, 1, 0))  # OIHW -> HWIO
-    elif kind == 'qkv':
-      out[f'{ours}/kernel'] = np.ascontiguousarray(w.T.reshape(w.shape[1], 3, heads, -1))
-      b = b.reshape(3, heads, -1)
-    elif kind == 'proj':
-      out[f'{ours}/kernel'] = np.ascontiguousarray(w.T.reshape(heads, -1, w.shape[0]))
-    else:
-      out[f'{ours}/kernel'] = np.ascontiguousarray(w.T)
-    if kind != 'reduction':
-      out[f'{ours}/bias'] = b
-  unused = sorted(set(state) - set(to_timm(out, fields)))
-  if unused:
-    raise ValueError(f'timm keys that are not part of this SwinTransformer: {unused[:5]}')
-  return out
-
-
 # ---------- reading shapes ----------
 
 def infer_fields(flat: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[int], int]:
@@ -350,6 +117,7 @@ class SwinFamily(Family):
   timm_prefixes = ('swin_',)
   test_model = 'Swin-testing'
   test_image_size = 32
+  default_resize = 'bicubic'  # the Swin authors' and timm's choice for the bias tables
 
   def module_class(self) -> type:
     return swin_models.SwinTransformer

@@ -4,8 +4,8 @@ The file layout is Google's released one: `embedding`, `cls`, `Transformer/posem
 pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
 LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `MAPHead_0`, `pre_logits`, `head`. A module
 with `scan=True` stacks the blocks as `Transformer/encoderblock` with a leading [L] axis (big_vision);
-`to_file_layout` / `to_module_layout` convert. The timm and Hugging Face key maps are in
-`vit_interop.py`, shared with the hybrid and DeiT families.
+`to_file_layout` / `to_module_layout` convert. The timm key maps are in `vit_interop.py` (shared
+with the hybrid and DeiT families), Hugging Face's in `vit_hf.py`.
 """
 from __future__ import annotations
 
@@ -327,12 +327,12 @@ class VitFamily(Family):
     return vit_interop.from_timm(state, config, self)
 
   def to_hf(self, flat, arch):
-    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
-    return vit_interop.to_hf(flat, arch)
+    from vit_jax.families import vit_hf  # pylint: disable=import-outside-toplevel
+    return vit_hf.to_hf(flat, arch)
 
   def from_hf(self, state, config):
-    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
-    return vit_interop.from_hf(state, config)
+    from vit_jax.families import vit_hf  # pylint: disable=import-outside-toplevel
+    return vit_hf.from_hf(state, config)
 
   def npz_keys_ok(self, flat) -> list[str]:
     bad = []

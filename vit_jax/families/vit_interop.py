@@ -1,4 +1,4 @@
-"""ViT key maps: timm `VisionTransformer` and Hugging Face `ViTForImageClassification` <-> Google's.
+"""ViT key maps: timm `VisionTransformer` <-> Google's (Hugging Face's are in `vit_hf.py`).
 
 timm (PyTorch: Linear weights [out, in], conv kernels OIHW): patch_embed.proj, cls_token, pos_embed,
 blocks.{i}.{norm1, attn.qkv (q, k, v fused, heads-major), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm,
@@ -22,7 +22,6 @@ from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture, Flat, hw
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 TIMM_GELU = {'gelu_tanh': 'gelu_tanh', 'gelu': 'gelu'}
 _TIMM_TANH = ('gelu_tanh', 'gelu_pytorch_tanh')
-HF_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_python_tanh')
 _TIMM_SIZES = {(192, 12, 3): 'tiny', (384, 12, 6): 'small', (768, 12, 12): 'base',
                (1024, 24, 16): 'large', (1280, 32, 16): 'huge'}
 _TIMM_REGISTERED = ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_small_patch32_224',
@@ -286,130 +285,4 @@ def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family
       fields['posemb'] = 'learned'  # Fixed kinds were written as values of pos_embed.
   arch = family.infer(out, model_config=fields, image_size=args.get('img_size'))
   arch.mean, arch.std = timm_norm(config, config.get('architecture', ''))
-  return out, arch, notes
-
-
-# ---------- Hugging Face ----------
-
-_V5_RENAMES = ((r'^vit\.layers\.(\d+)\.', r'vit.encoder.layer.\1.'),
-               (r'\.attention\.([qkv])_proj\.', None),  # -> .attention.attention.{query,key,value}.
-               (r'\.attention\.o_proj\.', '.attention.output.dense.'),
-               (r'\.mlp\.fc1\.', '.intermediate.dense.'), (r'\.mlp\.fc2\.', '.output.dense.'))
-_QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
-
-
-def check_hf_expressible(fields: Mapping[str, Any]) -> None:
-  if fields['classifier'] != 'token':
-    what = 'average pool' if fields['classifier'] == 'gap' else 'MAP (attention-pooling) head'
-    raise ValueError(f'Hugging Face\'s ViTForImageClassification classifies the class token; it has '
-                     f'no {what} (classifier={fields["classifier"]!r}). Export with `--to timm`, '
-                     'which can express it.')
-  if fields.get('representation_size'):
-    raise ValueError(
-        'Hugging Face\'s ViTForImageClassification has no pre-logits layer, but this model has one '
-        f'(representation_size={fields["representation_size"]}); neither has timm. Drop it when '
-        'fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
-
-
-def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
-  """(ViTForImageClassification state dict, its config.json without labels) of a ViT."""
-  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
-  cfg = arch.model_config
-  check_hf_expressible(cfg)
-  flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
-  e = 'vit.embeddings'
-  out: Flat = {f'{e}.patch_embeddings.projection.weight': conv_to_torch(flat['embedding/kernel']),
-               f'{e}.patch_embeddings.projection.bias': flat['embedding/bias'],
-               f'{e}.cls_token': flat['cls']}
-  # HF always adds position embeddings: fixed kinds are written as their values at this size.
-  grid = vit_family.FAMILY.grid(cfg, arch.image_size)
-  out[f'{e}.position_embeddings'] = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, 1))
-  for i in range(cfg['num_layers']):
-    b, t = f'Transformer/encoderblock_{i}', f'vit.encoder.layer.{i}'
-    att = f'{b}/MultiHeadDotProductAttention_1'
-    ln_to_torch(flat, f'{b}/LayerNorm_0', out, f'{t}.layernorm_before')
-    for n in ('query', 'key', 'value'):
-      dense_to_torch(flat, f'{att}/{n}', out, f'{t}.attention.attention.{n}')
-    dense_to_torch(flat, f'{att}/out', out, f'{t}.attention.output.dense')
-    ln_to_torch(flat, f'{b}/LayerNorm_2', out, f'{t}.layernorm_after')
-    dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_0', out, f'{t}.intermediate.dense')
-    dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_1', out, f'{t}.output.dense')
-  ln_to_torch(flat, 'Transformer/encoder_norm', out, 'vit.layernorm')
-  if 'head/kernel' in flat:
-    dense_to_torch(flat, 'head', out, 'classifier')
-  ph, pw = hw(cfg['patch_size'])
-  h, w = arch.image_size
-  config = {
-      'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
-      'hidden_size': cfg['hidden_size'], 'num_hidden_layers': cfg['num_layers'],
-      'num_attention_heads': cfg['num_heads'], 'intermediate_size': cfg['mlp_dim'],
-      'hidden_act': 'gelu' if cfg.get('act') == 'gelu' else 'gelu_pytorch_tanh',
-      'layer_norm_eps': 1e-6, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
-      'initializer_range': 0.02, 'qkv_bias': True, 'num_channels': arch.channels,
-      'image_size': h if h == w else [h, w], 'patch_size': ph if ph == pw else [ph, pw],
-      'encoder_stride': ph, 'dtype': 'float32'}
-  return {k: np.ascontiguousarray(v) for k, v in out.items()}, config
-
-
-def canonical_hf_names(state: Mapping[str, np.ndarray]) -> tuple[Flat, list[str]]:
-  """Any ViT state-dict spelling -> the on-disk names with the `vit.` prefix; returns (sd, notes)."""
-  notes: list[str] = []
-  out: Flat = {}
-  for key, value in state.items():
-    k = key if key.startswith(('vit.', 'classifier.')) else f'vit.{key}'
-    for pattern, repl in _V5_RENAMES:
-      if repl is None:
-        k = re.sub(pattern, lambda m: f'.attention.attention.{_QKV[m.group(1)]}.', k)
-      else:
-        k = re.sub(pattern, repl, k)
-    if k.startswith('vit.pooler.'):
-      notes.append(f'dropped the ViTModel pooler ({key}): the classifier does not use it')
-      continue
-    out[k] = np.asarray(value)
-  return out, notes
-
-
-def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
-            ) -> tuple[Flat, Architecture, list[str]]:
-  """A ViT(ForImageClassification) state dict and config.json -> (flat, architecture, notes)."""
-  num_heads = int(config['num_attention_heads'])
-  sd, notes = canonical_hf_names(state)
-  sd.pop('vit.embeddings.mask_token', None)
-  e = 'vit.embeddings'
-  out: Flat = {
-      'embedding/kernel': conv_from_torch(sd.pop(f'{e}.patch_embeddings.projection.weight')),
-      'embedding/bias': sd.pop(f'{e}.patch_embeddings.projection.bias'),
-      'cls': sd.pop(f'{e}.cls_token'), POSEMB_KEY: sd.pop(f'{e}.position_embeddings')}
-  d = out['cls'].shape[-1]
-  hk = (num_heads, d // num_heads)
-  depth = 1 + max((int(m.group(1)) for k in sd
-                   if (m := re.match(r'vit\.encoder\.layer\.(\d+)\.', k))), default=-1)
-  for i in range(depth):
-    b, t = f'Transformer/encoderblock_{i}', f'vit.encoder.layer.{i}'
-    att = f'{b}/MultiHeadDotProductAttention_1'
-    ln_from_torch(sd, f'{t}.layernorm_before', out, f'{b}/LayerNorm_0')
-    for n in ('query', 'key', 'value'):
-      dense_from_torch(sd, f'{t}.attention.attention.{n}', out, f'{att}/{n}', (d, *hk), hk)
-    dense_from_torch(sd, f'{t}.attention.output.dense', out, f'{att}/out', (*hk, d))
-    ln_from_torch(sd, f'{t}.layernorm_after', out, f'{b}/LayerNorm_2')
-    dense_from_torch(sd, f'{t}.intermediate.dense', out, f'{b}/MlpBlock_3/Dense_0')
-    dense_from_torch(sd, f'{t}.output.dense', out, f'{b}/MlpBlock_3/Dense_1')
-  ln_from_torch(sd, 'vit.layernorm', out, 'Transformer/encoder_norm')
-  if 'classifier.weight' in sd:
-    dense_from_torch(sd, 'classifier', out, 'head')
-  if sd:
-    raise ValueError(f'Hugging Face ViT parameters this project\'s ViT cannot express: {sorted(sd)}')
-  act = config.get('hidden_act', 'gelu')
-  if act not in HF_TANH + ('gelu',):
-    raise ValueError(f'hidden_act={act!r} is neither GELU form this project implements')
-  eps = config.get('layer_norm_eps', 1e-12)
-  if abs(eps - 1e-6) > 1e-12:
-    notes.append(f'the source uses layer_norm_eps={eps}; this project uses 1e-6')
-  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
-  fields: dict[str, Any] = {'act': 'gelu_tanh' if act in HF_TANH else 'gelu'}
-  if 'vit_jax' in config:
-    fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': 'learned'}
-  size = config.get('image_size', 224)
-  arch = vit_family.FAMILY.infer(out, model_config=fields, image_size=size)
-  arch.channels = int(config.get('num_channels', 3))
   return out, arch, notes

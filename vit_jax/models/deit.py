@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vit_jax.models.vit import POSEMBS, embed_patches, make_encoder
+from vit_jax.models.vit import POSEMBS, embed_patches, make_encoder, pair
 
 Dtype = Any
 NUM_PREFIX = 2  # the class token and the distillation token
@@ -68,8 +68,7 @@ class DistilledVisionTransformer(nn.Module):
 
   @property
   def patch_hw(self) -> tuple[int, int]:
-    p = self.patch_size
-    return (p, p) if isinstance(p, int) else tuple(p)
+    return pair(self.patch_size)
 
   def _head(self, name: str) -> nn.Dense:
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu
+from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu, pair
 
 Dtype = Any
 
@@ -117,8 +117,7 @@ class MlpMixer(nn.Module):
 
   @property
   def patch_hw(self) -> tuple[int, int]:
-    p = self.patch_size
-    return (p, p) if isinstance(p, int) else tuple(p)
+    return pair(self.patch_size)
 
   def _check_token_count(self, n: int, grid: tuple[int, int]) -> None:
     """The token-mixing kernels are [S, tokens_mlp_dim]: other S cannot use these parameters."""

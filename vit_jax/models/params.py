@@ -21,6 +21,11 @@ def flatten(params: Params, sep: str = '/') -> dict[str, Any]:
   return out
 
 
+def flatten_numpy(params: Params) -> dict[str, np.ndarray]:
+  """`flatten` with every leaf as a host numpy array (what checkpoint writers and readers hold)."""
+  return {k: np.asarray(v) for k, v in flatten(params).items()}
+
+
 def unflatten(flat: dict[str, Any], sep: str = '/') -> Params:
   """Inverse of `flatten`."""
   tree: Params = {}

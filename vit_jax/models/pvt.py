@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import dot_product_attention
+from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu
 
 Dtype = Any
 
@@ -38,17 +39,15 @@ Dtype = Any
 # reduction norm inside attention) keeps PyTorch's 1e-5.
 LN_EPS = 1e-6
 TORCH_LN_EPS = 1e-5
-ACTS = ('gelu', 'gelu_tanh')
+ACTS = ACTIVATIONS
 POOL_SIZE = 7  # the linear variant's adaptive pool output, 7x7 keys and values at every size
 
 
 def activation(name: str):
-  """'gelu' (exact erf, as PyTorch) or 'gelu_tanh' (tanh approximation)."""
-  if name == 'gelu':
-    return lambda x: nn.gelu(x, approximate=False)
-  if name == 'gelu_tanh':
-    return lambda x: nn.gelu(x, approximate=True)
-  raise ValueError(f'act {name!r} is not one of {ACTS}')
+  """'gelu' (exact erf, as PyTorch) or 'gelu_tanh' (tanh approximation), checked now."""
+  if name not in ACTIVATIONS:
+    raise ValueError(f'act {name!r} is not one of {ACTIVATIONS}')
+  return lambda x: gelu(x, name)
 
 
 def stage_sizes(h: int, w: int, num_stages: int = 4) -> list[tuple[int, int]]:
@@ -89,13 +88,6 @@ def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
     start, end = (i * size) // out, -(-((i + 1) * size) // out)
     m[i, start:end] = 1.0 / (end - start)
   return m
-
-
-def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-  """Stochastic depth: zero a residual branch per example with probability `rate`, rescale the
-  rest."""
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 def _dense_init():

@@ -34,17 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from vit_jax.models.attention import dot_product_attention
-from vit_jax.models.vit import drop_path
+from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu, pair
 
 Dtype = Any
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, which timm's Swin uses.
 MASK_VALUE = -100.0  # What timm adds between shifted regions; exp(-100) underflows to 0 in float32.
-ACTS = ('gelu', 'gelu_tanh')
-
-
-def _pair(v: Union[int, Sequence[int]]) -> tuple[int, int]:
-  return (int(v), int(v)) if np.ndim(v) == 0 else (int(v[0]), int(v[1]))
+ACTS = ACTIVATIONS
 
 
 def stage_windows(grid: tuple[int, int], window: Union[int, Sequence[int]]
@@ -53,7 +49,7 @@ def stage_windows(grid: tuple[int, int], window: Union[int, Sequence[int]]
 
   A map no larger than the window along an axis gets a window equal to the map there and no shift.
   """
-  wh, ww = _pair(window)
+  wh, ww = pair(window)
   win = tuple(min(r, w) for r, w in zip(grid, (wh, ww)))
   shift = tuple(0 if r <= w else w // 2 for r, w in zip(grid, win))
   return win, shift
@@ -82,7 +78,7 @@ def check_fields(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int]
     if (embed_dim * 2 ** s) % heads:
       raise ValueError(f'stage {s} width {embed_dim * 2 ** s} is not divisible by its {heads} '
                        'heads; choose embed_dim or num_heads so that it is')
-  if min(_pair(window_size)) < 1:
+  if min(pair(window_size)) < 1:
     raise ValueError(f'window_size must be positive, got {window_size}')
   _gelu(act)
 
@@ -92,7 +88,7 @@ def relative_position_index(window: Union[int, Sequence[int]]) -> np.ndarray:
 
   Row = (dy + wh - 1) * (2*ww - 1) + (dx + ww - 1) for the offset (dy, dx) = pos_i - pos_j.
   """
-  wh, ww = _pair(window)
+  wh, ww = pair(window)
   yy, xx = np.meshgrid(np.arange(wh), np.arange(ww), indexing='ij')
   y, x = yy.reshape(-1), xx.reshape(-1)
   dy = y[:, None] - y[None, :] + wh - 1
@@ -140,7 +136,7 @@ def window_reverse(windows: jax.Array, window: tuple[int, int], h: int, w: int) 
 def _gelu(act: str):
   if act not in ACTS:
     raise ValueError(f'act {act!r} is not one of {ACTS}')
-  return lambda x: nn.gelu(x, approximate=act == 'gelu_tanh')
+  return lambda x: gelu(x, act)
 
 
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)

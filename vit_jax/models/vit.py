@@ -31,6 +31,11 @@ ACTIVATIONS = ('gelu', 'gelu_tanh')
 LN_EPS = 1e-6
 
 
+def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
+  """An int or an (h, w) pair -> (h, w) ints (patch and window sizes of every model family)."""
+  return (int(value), int(value)) if np.ndim(value) == 0 else (int(value[0]), int(value[1]))
+
+
 def num_prefix_tokens(classifier: str) -> int:
   """Tokens before the patch tokens in the sequence (1 for the class token, else 0)."""
   return 1 if classifier == 'token' else 0
@@ -108,10 +113,11 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
-def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:
-  """Stochastic depth: zero a residual branch per example with probability `rate`, rescale the rest."""
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: zero a residual branch per example with probability `rate` (a float or a
+  traced scalar), rescale the rest. Every family's blocks use this one."""
   keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate).astype(x.dtype), jnp.zeros_like(x))
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 class Encoder1DBlock(nn.Module):
@@ -296,8 +302,7 @@ class VisionTransformer(nn.Module):
 
   @property
   def patch_hw(self) -> tuple[int, int]:
-    p = self.patch_size
-    return (p, p) if isinstance(p, int) else tuple(p)
+    return pair(self.patch_size)
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,

@@ -97,6 +97,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(config.lr_decay in optim.DECAYS, f'lr_decay {config.lr_decay!r}: one of {optim.DECAYS}')
   _need(config.loss in step_lib.LOSSES, f'loss {config.loss!r}: one of {step_lib.LOSSES}')
   _need(0 <= config.label_smoothing < 1, 'label_smoothing must be in [0, 1)')
+  _need(config.get('posemb_resize') in (None, 'bilinear', 'bicubic'),
+        f"posemb_resize {config.get('posemb_resize')!r}: 'bilinear', 'bicubic' or unset (the "
+        "family's default)")
   _need(0 <= config.ema_decay < 1, 'ema_decay must be in [0, 1) (0: off)')
   _need(config.dtype in ('auto', 'float32', 'bfloat16', 'float16'),
         f"dtype {config.dtype!r}: 'auto', 'float32', 'bfloat16' or 'float16'")
