@@ -10,8 +10,9 @@ the same keys.
 
 Student: DeiT-Mini_7-distilled (width 128, depth 6, 4 heads, MLP 256, patch 7: a 4x4 grid plus the
 class and distillation tokens) with the quickstart's fixed 2-D sin-cos position embeddings (zero on
-the two prefix tokens) and its tanh GELU, so that only the tokens, heads and teacher differ. A DeiT must classify its tokens, so unlike the quickstart there is no
-average pooling. Evaluation uses the mean of the two heads.
+the two prefix tokens) and its tanh GELU, so that only the tokens, heads and teacher differ. A DeiT
+must classify its tokens, so unlike the quickstart there is no average pooling. Evaluation uses the
+mean of the two heads.
 """
 from configs import common, quickstart
 

@@ -77,9 +77,11 @@ def free_port() -> int:
 
 
 def worker_env(**extra: str) -> dict[str, str]:
-  """The environment of a worker: this repository importable, XLA_FLAGS left to the worker."""
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', **extra)
+  """The environment of a worker: this repository importable; XLA_FLAGS only as given in `extra`
+  (this process's own flags never leak in; the worker script sets its device count itself)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
   env.pop('XLA_FLAGS', None)
+  env.update(extra)
   return env
 
 

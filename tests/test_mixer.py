@@ -242,16 +242,25 @@ def test_infer_reads_the_architecture_and_refuses_other_token_counts():
   assert fam.FAMILY.infer(square).image_size == (16, 16)
 
 
-def test_transfer_to_another_token_count_is_a_clear_error():
+def test_transfer_to_another_token_count_is_an_error_unless_resampling_is_asked_for():
+  from vit_jax.checkpoints.pretrained import LoadReport  # pylint: disable=import-outside-toplevel
   src = flatten(_random_params(_model(), _images(16, 16)))
   target = flatten(_random_params(_model(), _images(32, 32)))
   src_arch = fam.FAMILY.infer(src)
-  fam.FAMILY.check_transfer(src_arch, TINY, (8, 32))  # 2x8 = 16 tokens: fine
-  with pytest.raises(ValueError, match='mix 16 tokens, but 32x32 px images give 64'):
-    fam.FAMILY.check_transfer(src_arch, TINY, (32, 32))
-  with pytest.raises(ValueError, match='mixes 16 tokens.*has 64'):
-    fam.FAMILY.adapt(src, target, src_arch, TINY, (32, 32), 'bilinear', None)
-  assert fam.FAMILY.adapt(src, src, src_arch, TINY, (16, 16), 'bilinear', None) is src
+  with pytest.raises(ValueError, match='mixes 16 tokens.*has 64.*posemb_resize'):
+    fam.FAMILY.adapt(src, target, src_arch, TINY, (32, 32), fam.FAMILY.default_resize, None)
+  assert fam.FAMILY.adapt(src, src, src_arch, TINY, (16, 16), 'none', None) is src
+  # Asked for: the token axis is resampled over the 4x4 -> 8x8 grid, every shape fits the target.
+  report = LoadReport('src', 'test')
+  out = fam.FAMILY.adapt(src, target, src_arch, TINY, (32, 32), 'bilinear', report)
+  assert all(np.shape(out[k]) == np.shape(target[k]) for k in target)
+  assert len(report.reshaped) == 3 * TINY['num_blocks'] and 'bilinear' in report.notes[-1]
+  # A token-mixing kernel constant over the tokens keeps the Dense_0 output of a constant token
+  # map: the S/S' scale makes the sum over four times as many tokens the same size.
+  key = 'MixerBlock_0/token_mixing/Dense_0/kernel'
+  const = {**src, key: np.tile(src[key][:1], (16, 1))}
+  out = fam.FAMILY.adapt(const, target, src_arch, TINY, (32, 32), 'bicubic', LoadReport('s', 't'))
+  np.testing.assert_allclose(out[key].sum(0), const[key].sum(0), rtol=1e-5)
 
 
 def test_tensor_rules_split_the_hidden_units_of_both_mlps():
@@ -267,3 +276,19 @@ def test_tensor_rules_split_the_hidden_units_of_both_mlps():
       assert split == [hidden[m.group(1)]], key  # exactly the hidden axis
     else:
       assert not rule, key  # replicated
+
+
+def test_load_pretrained_resamples_token_mixing_only_when_asked(tmp_path):
+  """A 16x16-px (16-token) Mixer .npz into a 32x32-px (64-token) model through load_pretrained."""
+  from vit_jax.checkpoints import load_pretrained  # pylint: disable=import-outside-toplevel
+  from vit_jax.checkpoints.npz import write_npz  # pylint: disable=import-outside-toplevel
+  write_npz(tmp_path / 'm.npz', flatten(_random_params(_model(), _images(16, 16))))
+  model = _model(num_classes=3)
+  init = model.init(jax.random.PRNGKey(0), _images(32, 32))['params']
+  with pytest.raises(ValueError, match='posemb_resize'):
+    load_pretrained(tmp_path / 'm.npz', init, model=model, image_size=(32, 32), log=None)
+  params, report = load_pretrained(tmp_path / 'm.npz', init, model=model, image_size=(32, 32),
+                                   posemb_resize='bilinear', log=None)
+  assert sorted(report.added) == ['head/bias', 'head/kernel']  # 5 -> 3 classes
+  assert any('token-mixing' in n for n in report.notes)
+  assert model.apply({'params': params}, _images(32, 32)).shape == (2, 3)

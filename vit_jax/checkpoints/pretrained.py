@@ -62,7 +62,7 @@ def target_family(model: Any) -> tuple[Family, dict[str, Any]]:
     return registry.get_family('vit'), {}
   if isinstance(model, Mapping):
     fields = dict(model)
-    return registry.create_family_of(fields), fields
+    return registry.family_of_config(fields), fields
   family = registry.family_of_module(model)
   return family, {f: getattr(model, f) for f in family.field_names()}
 

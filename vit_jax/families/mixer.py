@@ -164,6 +164,7 @@ class MixerFamily(Family):
   timm_prefixes = ('mixer_',)
   writes_npz = True
   test_model = 'Mixer-testing'
+  default_resize = 'none'  # another token count is an error unless a resampling is asked for
 
   def module_class(self) -> type:
     return mixer_models.MlpMixer
@@ -203,22 +204,47 @@ class MixerFamily(Family):
       size = (gh * ph, gw * pw)
     return Architecture(cfg, num_classes, size, channels, family=self.name)
 
-  def check_transfer(self, src_arch, target_fields, image_size) -> None:
-    if src_arch is None or src_arch.family != self.name or image_size is None:
-      return
-    gh, gw = grid(src_arch.model_config, src_arch.image_size)
-    check_image_size(target_fields, image_size, gh * gw)
-
   def adapt(self, src, target, src_arch, target_fields, image_size, method, report) -> Flat:
-    """Nothing is resampled: a token-mixing MLP of another token count is an error, not a resize."""
-    if TOKEN_KERNEL in src and TOKEN_KERNEL in target:
-      have, want = np.shape(src[TOKEN_KERNEL])[0], np.shape(target[TOKEN_KERNEL])[0]
-      if have != want:
-        raise ValueError(
-            f'the checkpoint\'s token-mixing MLP mixes {have} tokens, the model at image size '
-            f'{image_size} has {want}; a Mixer cannot change its token count: use the image size '
-            'the checkpoint was trained at')
-    return src
+    """The token-mixing MLPs are tied to the token count. Another count is an error unless a
+    resampling is asked for (`--config.posemb_resize=bilinear|bicubic`): then the token axis of
+    every `token_mixing` kernel and bias is resampled over the patch grid like an image, and the
+    first kernel is scaled by S/S' so that its sum over S' tokens keeps its size."""
+    if TOKEN_KERNEL not in src or TOKEN_KERNEL not in target:
+      return src
+    have, want = np.shape(src[TOKEN_KERNEL])[0], np.shape(target[TOKEN_KERNEL])[0]
+    if have == want:
+      return src
+    if method not in resample.METHODS:
+      raise ValueError(
+          f'the checkpoint\'s token-mixing MLP mixes {have} tokens, the model at image size '
+          f'{image_size} has {want}; a Mixer is tied to its token count: use the image size the '
+          'checkpoint was trained at, or ask for a resampling of the token-mixing weights with '
+          '--config.posemb_resize=bilinear (or bicubic)')
+    old = (grid(src_arch.model_config, src_arch.image_size)
+           if src_arch is not None and src_arch.family == self.name
+           else resample.square_grid(have))
+    new = (grid(target_fields, image_size) if image_size is not None
+           else resample.square_grid(want))
+    if old[0] * old[1] != have or new[0] * new[1] != want:
+      raise ValueError(f'cannot place {have} -> {want} tokens on patch grids {old} -> {new}')
+    out = dict(src)
+    for key in [k for k in src if '/token_mixing/' in k]:
+      value = np.asarray(src[key])
+      if key.endswith('Dense_0/kernel'):    # [S, T]: the token axis first
+        grid_ = value.reshape(*old, -1)
+        value = resample.resample_grid(grid_, new, method).reshape(want, -1) * (have / want)
+      elif key.endswith('Dense_1/kernel'):  # [T, S]
+        grid_ = value.T.reshape(*old, -1)
+        value = resample.resample_grid(grid_, new, method).reshape(want, -1).T
+      elif key.endswith('Dense_1/bias'):    # [S]
+        value = resample.resample_grid(value.reshape(*old, 1), new, method).reshape(want)
+      else:
+        continue
+      out[key] = np.ascontiguousarray(value.astype(np.asarray(src[key]).dtype))
+      report.reshaped.append((key, tuple(np.shape(src[key])), tuple(value.shape)))
+    report.notes.append(f'token-mixing MLPs resampled from a {old[0]}x{old[1]} to a '
+                        f'{new[0]}x{new[1]} patch grid ({method})')
+    return out
 
   def reads_timm(self, architecture, keys) -> bool:
     return architecture.startswith(self.timm_prefixes) if architecture else is_timm_mixer(keys)

@@ -66,7 +66,8 @@ def get_model_config(name: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(family.models[name], name=name, family=family.name))
 
 
-def _family_of_config(config: Mapping[str, Any]) -> Family:
+def family_of_config(config: Mapping[str, Any]) -> Family:
+  """The family a fields dict belongs to ('family' key, else its registered 'name', else ViT)."""
   if config.get('family'):
     return get_family(config['family'])
   if config.get('name') in _MODELS:
@@ -74,14 +75,9 @@ def _family_of_config(config: Mapping[str, Any]) -> Family:
   return get_family('vit')  # Field dicts written before families existed describe ViTs.
 
 
-def create_family_of(config: Mapping[str, Any]) -> Family:
-  """The family a fields dict belongs to ('family' key, else its registered 'name', else ViT)."""
-  return _family_of_config(config)
-
-
 def family_of_module(model: Any) -> Family:
-  """The family whose module class built `model` (the most derived class wins)."""
-  for family in reversed(list(_FAMILIES.values())):
+  """The family whose module class is exactly `type(model)` (a hybrid is not a ViT here)."""
+  for family in _FAMILIES.values():
     if type(model) is family.module_class():
       return family
   raise ValueError(f'{type(model).__name__} is not the module of a registered family')
@@ -89,7 +85,7 @@ def family_of_module(model: Any) -> Family:
 
 def create_model(config: Mapping[str, Any], num_classes: Optional[int], **overrides: Any):
   """Builds the module of a model config (see `get_model_config`) with keyword overrides."""
-  return _family_of_config(config).create(dict(config), num_classes, **overrides)
+  return family_of_config(config).create(dict(config), num_classes, **overrides)
 
 
 def override_fields() -> list[str]:
@@ -148,7 +144,7 @@ def family_for_hf(model_type: str) -> Family:
 
 
 __all__ = ['Architecture', 'Family', 'create_model', 'detect', 'families', 'family_of',
-           'family_for_hf', 'family_for_timm', 'get_family', 'get_model_config', 'names',
-           'override_fields', 'register', 'resolve']
+           'family_for_hf', 'family_for_timm', 'family_of_config', 'family_of_module', 'get_family',
+           'get_model_config', 'names', 'override_fields', 'register', 'resolve']
 
 _load()
