@@ -21,7 +21,6 @@ Tolerances of the equivalence test (the worker's LOSS_RTOL, PARAM_RTOL, PARAM_AT
 """
 import logging
 import math
-import sys
 import tempfile
 
 import jax
@@ -338,70 +337,3 @@ def test_fsdp_and_tensor_run_shards_one_parameter_over_both_axes(runs):
   _assert_sharded(info, f'{ATTN}/query/kernel', ('fsdp', 'tensor'), (16, 1, 8))
   _assert_sharded(info, f'{MLP}/Dense_0/kernel', ('fsdp', 'tensor'), (16, 16))
   _assert_sharded(info, f'{MLP}/Dense_1/kernel', ('tensor', 'fsdp'), (16, 16))
-
-
-# ---------------------------------------------------------------------------------------------
-# Every other family: its tiny test model on 1 device and on FSDP, tensor and FSDP x tensor meshes
-# (tensor=2: the tiny models have few heads), with its own tensor rules.
-
-FAMILY_MESHES = ('one', 'fsdp', 'tensor2', 'fsdp_tensor2')
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('family', ['deit', 'hybrid', 'mixer', 'swin', 'pvt'])
-def test_every_family_trains_sharded_like_one_device(family):
-  with tempfile.TemporaryDirectory() as out:
-    cmd = worker.worker_cmd(out, devices=8, meshes=FAMILY_MESHES, steps=6, family=family)
-    worker.check_ok(worker.run_all([cmd], timeout=600))
-    runs = {name: worker.load_run(out, name) for name in FAMILY_MESHES}
-  ref, _ = runs['one']
-  assert np.all(np.isfinite(ref['losses'])) and ref['losses'][-1] < ref['losses'][0]
-  for name in FAMILY_MESHES[1:]:
-    print(family, name, worker.assert_equivalent(ref, runs[name][0], f'{family} {name}'))
-  # The tensor run really splits something, and the FSDP run really shards something.
-  for name, axis in (('tensor2', 'tensor'), ('fsdp', 'fsdp')):
-    info = runs[name][1]
-    split = [p for p, leaf in info['leaves'].items()
-             if p.startswith('params/') and not leaf['is_fully_replicated']
-             and any(axis in (e if isinstance(e, list) else [e]) for e in leaf['spec'])]
-    assert split, f'{family} {name}: nothing sharded over {axis}'
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('family', ['vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt'])
-def test_every_family_trains_through_main_on_8_devices_like_one(family, tmp_path):
-  """`python -m vit_jax.main` with the family's tiny model (set with --config.model.* overrides),
-  on 8 fake devices with data, FSDP and tensor axes all at once, against the same command on one
-  device: the same losses and final parameters (SGD, as the worker runs above)."""
-  import json  # pylint: disable=import-outside-toplevel
-  from vit_jax.checkpoints.manager import load_params  # pylint: disable=import-outside-toplevel
-  from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
-  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
-  fam = registry.get_family(family)
-  # The comparison recipe sets ViT-only options (gap, sincos2d) only for a ViT.
-  args = [f'--config=configs/fashion_mnist_compare.py:model={fam.test_model}',
-          '--config.model.head_zeroinit=False', '--config.dataset=digits',
-          f'--config.image_size={fam.test_image_size}', '--config.channels=1',
-          '--config.batch_size=32', '--config.total_steps=5', '--config.warmup_steps=1',
-          '--config.optimizer=sgd', '--config.weight_decay=0.0', '--config.base_lr=0.05',
-          '--config.augment=none', '--config.log_every=1', '--config.eval_every=0',
-          '--config.checkpoint_every=5', '--config.eval_batch_size=360', '--config.fsdp_min_size=64',
-          '--config.progress=False']
-  fast = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-  runs = {}
-  for name, devices, mesh in (('one', 1, "(('data',-1),)"),
-                              ('eight', 8, "(('data',2),('fsdp',2),('tensor',2))")):
-    env = worker.worker_env(XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' + fast)
-    cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / name}', *args,
-           f'--config.mesh={mesh}']
-    worker.check_ok(worker.run_all([cmd], timeout=300, envs=[env]))
-    with open(tmp_path / name / 'metrics.jsonl') as f:
-      losses = np.array([json.loads(line)['loss'] for line in f])
-    runs[name] = (losses, params_lib.flatten_numpy(load_params(str(tmp_path / name))[0]))
-  (ref_losses, ref), (losses, got) = runs['one'], runs['eight']
-  assert len(ref_losses) == 5 and np.all(np.isfinite(ref_losses))
-  np.testing.assert_allclose(losses, ref_losses, rtol=worker.LOSS_RTOL)
-  assert sorted(got) == sorted(ref)
-  for k in ref:
-    np.testing.assert_allclose(got[k], ref[k], rtol=worker.PARAM_RTOL, atol=worker.PARAM_ATOL,
-                               err_msg=f'{family}: {k}')
