@@ -60,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9            # sgd only
   c.mu_dtype = config_dict.placeholder(str)  # 'bfloat16': half-size first moment
   c.grad_clip_norm = 1.0
+  # A step whose loss or gradients are NaN/inf: False stops the run naming the step (the last good
+  # checkpoint is kept); True leaves parameters and optimizer state as they were for that step and
+  # counts it in metrics.jsonl (`skipped_updates`).
+  c.skip_nonfinite = False
   c.loss = 'softmax_xent'     # softmax_xent | sigmoid_xent
   c.label_smoothing = 0.0
   c.ema_decay = 0.0           # parameter EMA (0: off); evaluation then uses the EMA
@@ -82,10 +86,30 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.temperature = 3.0   # soft only
   c.distill.alpha = 0.5
 
+  # Few-shot evaluation during training (vit_jax.eval.fewshot): pre-logits features of `shots`
+  # training images per class (seeds 0..seeds-1), ridge regression (big_vision's fewshot_lsr) or
+  # k-NN, accuracy on the test split, logged as fewshot/<dataset>/<k>shot (mean over seeds).
+  # Reads the parameters only: the training trajectory is bitwise the same with or without it.
+  c.fewshot = ml_collections.ConfigDict()
+  c.fewshot.datasets = ()       # e.g. ('digits', 'fashion_mnist'); empty: off
+  c.fewshot.shots = (1, 5, 10, 25)
+  c.fewshot.seeds = 3
+  c.fewshot.method = 'ridge'    # ridge | knn
+  c.fewshot.l2_reg = 2.0 ** 10  # ridge strength
+  c.fewshot.k = 20              # knn neighbours
+  c.fewshot.every = 0           # steps between few-shot evaluations; 0: with every evaluation
+  # None: the run's data_dir for the run's own dataset, the source's default for the others.
+  c.fewshot.data_dir = config_dict.placeholder(str)
+
   # Parallelism (vit_jax.sharding). Axis sizes multiply to the device count; -1 takes the rest.
   c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
   c.fsdp_min_size = 2 ** 14   # parameters with fewer elements stay replicated under FSDP
   c.distributed = False       # call jax.distributed.initialize() (auto when a coordinator is set)
+  # jax.distributed, in seconds: a process silent (no heartbeat) this long is declared lost and the
+  # others stop with an error rather than wait in a collective; a finishing process waits up to
+  # shutdown_timeout for the others.
+  c.heartbeat_timeout = 100
+  c.shutdown_timeout = 300
   # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one); only the
   # CPU backend is affected. Experimental: faster on 2 cores, but XLA once aborted a run in its
   # in-process collectives; README ("Scaling out") has the figures. No shipped config sets it.

@@ -10,6 +10,13 @@ returns the function that runs it.
   python scripts/benchmark.py step --model ViT-Mini_7 --variants explicit,xla,remat --torch
                                                       train-step img/s side by side, as ratios
   python scripts/benchmark.py step --variants explicit,cpu2   ... 1 vs 2 JAX devices on the CPU
+
+  python scripts/benchmark.py model --model ViT-Ti_16 --compare timm,hf
+                          one registered model (any family): train and inference img/s, GFLOP/image,
+                          MFU, compile time and peak memory, against timm / Hugging Face in PyTorch
+                          (scripts/bench_model.py has the protocol)
+  python scripts/benchmark.py tokens --model ViT-B_16 --sizes 224,448,896 [--time]
+                          train-step memory (and time) against tokens: plain, remat, fused, both
 """
 from __future__ import annotations
 
@@ -270,15 +277,31 @@ def step_mode(parser: argparse.ArgumentParser):
   return run
 
 
+@mode('model')
+def model_mode(parser: argparse.ArgumentParser):
+  """One registered model's train step and inference, optionally against timm / HF PyTorch."""
+  import bench_model  # pylint: disable=import-outside-toplevel
+  bench_model.add_arguments(parser)
+  return bench_model.run
+
+
+@mode('tokens')
+def tokens_mode(parser: argparse.ArgumentParser):
+  """Train-step peak memory (and time) against the token count, with/without remat and fusion."""
+  import bench_sweep  # pylint: disable=import-outside-toplevel
+  bench_sweep.add_arguments(parser)
+  return bench_sweep.run
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest='mode', required=True, metavar='MODE')
+  sub = parser.add_subparsers(dest='command', required=True, metavar='MODE')
   runners = {}
   for name, add in MODES.items():
     runners[name] = add(sub.add_parser(name, help=(add.__doc__ or '').strip() or None))
   args = parser.parse_args(argv)
-  runners[args.mode](args)
+  runners[args.command](args)
 
 
 if __name__ == '__main__':

@@ -40,3 +40,24 @@ def assert_trees_close_to_scale(actual, expected, rtol: float = 1e-5) -> None:
     err = float(np.max(np.abs(a - b))) if b.size else 0.0
     assert err <= rtol * scale, (f'{jax.tree_util.keystr(path)}: max |diff| {err:.3g} exceeds '
                                  f'{rtol:g} x tree scale {scale:.3g}')
+
+
+# The README's figure for logits against timm / Hugging Face / an independent reference: an absolute
+# 1e-4. It is kept absolute (the issue states it so) and made meaningful by the logits' size.
+LOGIT_BOUND = 1e-4
+
+
+def assert_logits_match(actual, expected, bound: float = LOGIT_BOUND, what: str = '') -> float:
+  """max |actual - expected| <= bound (absolute) on logits of size O(1): 0.05 <= max |expected| <= 30.
+
+  O(1) logits make the absolute bound a relative one of 2e-3 to 3e-6: vanishing logits would pass
+  anything, and large ones would fail on float32 rounding (~n eps of their size). Returns the
+  difference (for reports)."""
+  a = np.asarray(actual, np.float64)
+  b = np.asarray(expected, np.float64)
+  assert a.shape == b.shape, f'{what}: shapes differ: {a.shape} vs {b.shape}'
+  scale = float(np.max(np.abs(b)))
+  assert 0.05 <= scale <= 30, f'{what}: logits of size {scale:.3g} are not O(1); rescale the test model'
+  err = float(np.max(np.abs(a - b)))
+  assert err <= bound, f'{what}: max |logit diff| {err:.3g} exceeds {bound:g} (logits of size {scale:.3g})'
+  return err

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from tests.test_npz import CLASSES, D, HEADS, make_params
+from tests.numerics import assert_close_to_scale
+from tests.test_npz import CLASSES, D, HEADS, LAYERS, MLP, make_params
+from tests.test_vit_layers import sincos_reference
 from vit_jax.checkpoints import read_checkpoint
 from vit_jax.families.vit import FAMILY as VIT
 from vit_jax.checkpoints.npz import write_npz
@@ -34,17 +36,74 @@ def _bitwise_equal(a, b):
     assert a[k].tobytes() == b[k].tobytes(), k
 
 
-def test_timm_layout_names_and_shapes():
-  flat = make_params('vit_jax', classifier='map')
+def _timm_by_hand(flat, layers):
+  """timm's state dict of our parameters, written from timm's definitions: nn.Linear weight
+  [out, in] (our kernels transposed); attention kernels [D, H, K] as [D, H*K] (heads-major, as
+  timm's reshape(B, N, 3, H, K)) with attn.qkv stacking the q, k and v rows (attn_pool.kv: k, v);
+  the out kernel [H, K, D] as [H*K, D]; LayerNorm scale -> weight; the patch kernel HWIO -> OIHW."""
+  lin = lambda k: flat[k].reshape(-1, flat[k].shape[-1]).T      # [in..., out] -> [out, in]
+  out_proj = lambda k: flat[k].reshape(-1, flat[k].shape[-1]).T  # [H, K, D] -> [D, H*K]
+  heads_t = lambda k: flat[k].reshape(flat[k].shape[0], -1).T    # [D, H, K] -> [H*K, D]
+  sd = {'patch_embed.proj.weight': flat['embedding/kernel'].transpose(3, 2, 0, 1),
+        'patch_embed.proj.bias': flat['embedding/bias'],
+        'pos_embed': flat['Transformer/posembed_input/pos_embedding'],
+        'norm.weight': flat['Transformer/encoder_norm/scale'],
+        'norm.bias': flat['Transformer/encoder_norm/bias'],
+        'head.weight': flat['head/kernel'].T, 'head.bias': flat['head/bias']}
+  if 'cls' in flat:
+    sd['cls_token'] = flat['cls']
+
+  def attention(ours, q_name, kv_names, out_name):
+    qkv = [f'{ours}/{n}' for n in kv_names]
+    sd[f'{q_name}.weight'] = np.concatenate([heads_t(f'{n}/kernel') for n in qkv])
+    sd[f'{q_name}.bias'] = np.concatenate([flat[f'{n}/bias'].ravel() for n in qkv])
+    sd[f'{out_name}.weight'] = out_proj(f'{ours}/out/kernel')
+    sd[f'{out_name}.bias'] = flat[f'{ours}/out/bias']
+
+  def block(ours, theirs, ln1, ln2, mlp):
+    for n, t in ((ln1, 'norm1'), (ln2, 'norm2')):
+      if n:
+        sd[f'{theirs}.{t}.weight'], sd[f'{theirs}.{t}.bias'] = (flat[f'{ours}/{n}/scale'],
+                                                               flat[f'{ours}/{n}/bias'])
+    for n, t in (('Dense_0', 'fc1'), ('Dense_1', 'fc2')):
+      sd[f'{theirs}.mlp.{t}.weight'] = lin(f'{ours}/{mlp}/{n}/kernel')
+      sd[f'{theirs}.mlp.{t}.bias'] = flat[f'{ours}/{mlp}/{n}/bias']
+
+  for i in range(layers):
+    b = f'Transformer/encoderblock_{i}'
+    attention(f'{b}/MultiHeadDotProductAttention_1', f'blocks.{i}.attn.qkv',
+              ('query', 'key', 'value'), f'blocks.{i}.attn.proj')
+    block(b, f'blocks.{i}', 'LayerNorm_0', 'LayerNorm_2', 'MlpBlock_3')
+  if 'MAPHead_0/probe' in flat:
+    att = 'MAPHead_0/MultiHeadDotProductAttention_0'
+    sd['attn_pool.latent'] = flat['MAPHead_0/probe']
+    attention(att, 'attn_pool.q', ('query',), 'attn_pool.proj')
+    attention(att, 'attn_pool.kv', ('key', 'value'), 'attn_pool.proj')
+    sd['attn_pool.norm.weight'] = flat['MAPHead_0/LayerNorm_0/scale']
+    sd['attn_pool.norm.bias'] = flat['MAPHead_0/LayerNorm_0/bias']
+    block('MAPHead_0', 'attn_pool', None, None, 'MlpBlock_0')
+  return sd
+
+
+@pytest.mark.parametrize('classifier', ['token', 'map'])
+def test_timm_layout_names_and_shapes(classifier):
+  """Every tensor of the timm state dict, against timm's layout written out in the test: the
+  query, key and value rows of qkv, the output projection, both MLP layers, norms, and the MAP
+  head's latent, q, kv, proj, norm and MLP."""
+  flat = make_params('vit_jax', classifier=classifier)
   sd = vit_interop.to_timm(flat, VIT.infer(flat))[0]
   assert sd['patch_embed.proj.weight'].shape == (D, 3, 4, 4)  # OIHW
   assert sd['blocks.0.attn.qkv.weight'].shape == (3 * D, D)
-  assert sd['blocks.1.mlp.fc1.weight'].shape == (64, D)
-  assert sd['attn_pool.kv.weight'].shape == (2 * D, D) and sd['attn_pool.latent'].shape == (1, 1, D)
-  assert sd['head.weight'].shape == (CLASSES, D) and 'cls_token' not in sd
-  # q rows first, then k, then v; heads-major inside each, as timm's reshape(B, N, 3, H, K).
-  q = flat['Transformer/encoderblock_0/MultiHeadDotProductAttention_1/query/kernel']
-  np.testing.assert_array_equal(sd['blocks.0.attn.qkv.weight'][:D], q.reshape(D, D).T)
+  assert sd['blocks.1.mlp.fc1.weight'].shape == (MLP, D)
+  assert sd['head.weight'].shape == (CLASSES, D)
+  if classifier == 'map':
+    assert sd['attn_pool.kv.weight'].shape == (2 * D, D) and sd['attn_pool.latent'].shape == (1, 1, D)
+    assert 'cls_token' not in sd
+  want = _timm_by_hand(flat, LAYERS)
+  assert sorted(sd) == sorted(want)
+  for k in want:
+    assert sd[k].dtype == np.float32 and sd[k].shape == want[k].shape, k
+    np.testing.assert_array_equal(sd[k], want[k], err_msg=k)
 
 
 @pytest.mark.parametrize('classifier', ['token', 'gap', 'map'])
@@ -179,8 +238,8 @@ def test_fixed_position_embeddings_are_written_as_values(tmp_path):
   pe = sd['vit.embeddings.position_embeddings']
   assert pe.shape == (1, 17, D)
   np.testing.assert_array_equal(pe[:, 0], 0)
-  from vit_jax.models.vit import sincos_2d
-  np.testing.assert_array_equal(pe[:, 1:], sincos_2d(4, 4, D))
+  # Against the formula written out in the test (values <= 1 in float32: within half an ulp).
+  assert_close_to_scale(pe[0, 1:], sincos_reference(4, 4, D), rtol=1e-7, what='sincos2d')
 
 
 def test_timm_no_embed_class_gets_a_zero_class_row(tmp_path):

@@ -6,14 +6,11 @@ import json
 import numpy as np
 import pytest
 
-torch = pytest.importorskip('torch')
-from tests.torchvision_stub import import_timm  # noqa: E402
+from tests.numerics import assert_logits_match
+from tests import interop
 
-try:
-  timm = import_timm()
-except Exception as e:  # pylint: disable=broad-except
-  pytest.skip(f'timm cannot be imported here, even through tests/torchvision_stub: {e}',
-              allow_module_level=True)
+# Skips where torch or timm cannot be imported; fails instead under scripts/test.sh.
+torch, timm = interop.require_timm()
 
 from safetensors.numpy import load_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -40,12 +37,11 @@ def test_export_to_timm_matches_logits(tmp_path, classifier, grid):
   images = verify.sample_images(arch)
   ours = verify.our_logits(flat, arch, images)
   # As the brief's users would: create_model + pretrained_cfg_overlay(file=...) (strict loading) ...
-  diff = np.abs(ours - _run(verify.load_timm_model(str(tmp_path)), images)).max()
+  diff = assert_logits_match(ours, _run(verify.load_timm_model(str(tmp_path)), images))
   print(f'timm export {classifier} {arch.image_size}: max |logit diff| {diff:.3g}')
-  assert diff <= 1e-4 and np.abs(ours).max() > 0.1
   # ... and from the folder alone, through timm's local-dir source and its config.json.
   model = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
-  assert np.abs(ours - _run(model, images)).max() <= 1e-4
+  assert_logits_match(ours, _run(model, images), what='local-dir')
   assert model.pretrained_cfg['label_names'] == list('abcde')
 
 
@@ -60,7 +56,7 @@ def test_npz_export_loads_in_timm(tmp_path, classifier):
                             **vit_interop.to_timm(flat, arch)[1]['model_args']).eval()
   model.load_pretrained(str(tmp_path / 'out.npz'))
   images = verify.sample_images(arch)
-  assert np.abs(verify.our_logits(flat, arch, images) - _run(model, images)).max() <= 1e-4
+  assert_logits_match(verify.our_logits(flat, arch, images), _run(model, images))
 
 
 @pytest.mark.parametrize('global_pool', ['token', 'avg', 'map'])
@@ -81,7 +77,7 @@ def test_timm_checkpoint_restores_here_with_the_same_logits(tmp_path, global_poo
   assert ckpt.format == 'timm' and ckpt.architecture.image_size == (12, 20)
   images = np.random.RandomState(0).uniform(-1, 1, (2, 12, 20, 3)).astype(np.float32)
   ours = verify.our_logits(ckpt.params, ckpt.architecture, images)
-  assert np.abs(ours - _run(model, images)).max() <= 1e-4
+  assert_logits_match(ours, _run(model, images))
   # timm -> ours -> timm is bitwise.
   timm_lib.write_timm(tmp_path / 'again', ckpt.params, ckpt.architecture)
   back = load_file(tmp_path / 'again' / 'model.safetensors')
@@ -95,4 +91,29 @@ def test_cli_verify_timm(tmp_path, capsys):
   from vit_jax.convert import __main__ as cli
   assert cli.main(['--input', str(tmp_path / 'm.npz'), '--to', 'timm', '--output',
                    str(tmp_path / 'timm'), '--verify']) == 0
+  # The README's absolute bound (the model's logits are O(1), as checked in the tests above).
   assert float(capsys.readouterr().out.rsplit('= ', 1)[1]) <= 1e-4
+
+
+@pytest.mark.parametrize('shift,code', [(2e-4, 1), (5e-5, 0)])
+def test_cli_verify_fails_above_1e4(tmp_path, capsys, monkeypatch, shift, code):
+  """A timm writer that moves every logit by `shift` (through the head bias): `--verify` exits 1
+  (a failed step of the work, as the README says) above 1e-4 and 0 below it. The true export
+  differs by ~2e-6 (logits O(1)), so the measured difference is `shift` to within 1e-5."""
+  real = vit_interop.to_timm
+
+  def shifted(flat, arch):
+    sd, config = real(flat, arch)
+    return {**sd, 'head.bias': sd['head.bias'] + np.float32(shift)}, config
+  monkeypatch.setattr(vit_interop, 'to_timm', shifted)
+  write_npz(tmp_path / 'm.npz', make_params('vit_jax', seed=24))
+  from vit_jax.convert import __main__ as cli
+  assert cli.main(['--input', str(tmp_path / 'm.npz'), '--to', 'timm', '--output',
+                   str(tmp_path / 'timm'), '--verify']) == code
+  out = capsys.readouterr()
+  if code:
+    assert 'error: --verify failed: largest |logit difference| 0.0002' in out.err, out.err
+    assert out.err.rstrip().endswith('> 0.0001'), out.err
+  else:
+    diff = float(out.out.rsplit('= ', 1)[1])
+    assert abs(diff - shift) <= 1e-5, diff

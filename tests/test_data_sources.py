@@ -1,4 +1,5 @@
 """Sources: arrays, fashion_mnist, digits, image folders, TFDS (mock data); splits; clear errors."""
+from collections import Counter
 import os
 
 import numpy as np
@@ -71,6 +72,14 @@ def test_digits():
   # The hold-out is fixed by the seed: same seed, same split; and it is disjoint from train.
   again = get_source('digits', split='test')
   np.testing.assert_array_equal(test.images, again.images)
+  # Disjoint and complete: as multisets of (image, label), train + test is the whole data set, so
+  # no example is in both (the data has repeated images; a multiset counts them as often as they occur).
+  images, labels = sources_builtin._digits_arrays()  # pylint: disable=protected-access
+  examples = lambda ims, labs: Counter(im.tobytes() + bytes([int(l)]) for im, l in zip(ims, labs))
+  assert examples(train.images, train.labels) + examples(test.images, test.labels) == \
+      examples(images, labels)
+  other = get_source('digits', split='test', seed=1)
+  assert not np.array_equal(other.images, test.images)   # and the seed chooses it
   assert len(get_source('digits', split='validation')) == len(test)
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from tests import interop
 from vit_jax.families.resample import resample_grid, resample_posemb, square_grid
 
 
@@ -57,7 +58,7 @@ def test_corners_are_kept_by_bilinear():
 
 
 def test_bicubic_matches_torch_antialiased_interpolate():
-  torch = pytest.importorskip('torch')
+  torch = interop.require('torch')
   grid = _posemb(0, 14, 14, d=4)[0].reshape(14, 14, 4)
   for new in ((24, 24), (16, 24), (7, 10)):  # Up, non-square, and down (where antialias matters).
     ours = resample_grid(grid, new, 'bicubic')

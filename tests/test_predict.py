@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from tests.numerics import assert_close_to_scale
 from PIL import Image
 
 from vit_jax.families import registry
@@ -52,7 +53,8 @@ def test_folder_in_sorted_order_with_class_names(checkpoint, tmp_path, capsys):
   assert logits.dtype == np.float32 and logits.shape == (3, 5)
   # Images already at the model's size pass unchanged: logits equal the model on the raw pixels.
   want = _ref_logits(model, params, [pixels['a.png'], pixels['b.png'], pixels['c.bmp']])
-  np.testing.assert_allclose(logits, want, atol=1e-5)
+  # The same model on the same pixels, jitted in another batch: rounding of O(1) logits only.
+  assert_close_to_scale(logits, want, rtol=1e-5)
   text = capsys.readouterr().out
   assert text.index('a.png') < text.index('b.png') < text.index('c.bmp')
   best = NAMES[int(np.argmax(want[0]))]
@@ -69,8 +71,8 @@ def test_given_order_resize_and_bare_npz_with_model(checkpoint, tmp_path, capsys
   assert rc == 0
   logits = np.load(out)
   assert logits.shape == (3, 5)
-  np.testing.assert_allclose(logits[[0, 2]], _ref_logits(model, params, [pixels['c.bmp'],
-                                                                        pixels['a.png']]), atol=1e-5)
+  assert_close_to_scale(logits[[0, 2]], _ref_logits(model, params, [pixels['c.bmp'],
+                                                                   pixels['a.png']]), rtol=1e-5)
   assert 'ant' not in capsys.readouterr().out   # a bare npz has no class names: indices
 
 

@@ -31,6 +31,12 @@ def _maybe_initialize_distributed(config) -> None:
   JAX detects TPU pods, SLURM, Open MPI and Kubernetes by itself and reads JAX_COORDINATOR_ADDRESS,
   but not the process count and index; for a hand-started launch (one command per machine) they
   come from JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+
+  A lost process (killed, crashed, its machine gone) stops sending heartbeats; after
+  `config.heartbeat_timeout` seconds the coordination service declares it dead and every other
+  process aborts with "Terminating process because the JAX distributed service detected fatal
+  errors ... tasks are unhealthy (stopped sending heartbeats)" instead of waiting in a collective
+  forever. Running the same command on every process again resumes from the last checkpoint.
   """
   env = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
          'MEGASCALE_COORDINATOR_ADDRESS')
@@ -43,7 +49,9 @@ def _maybe_initialize_distributed(config) -> None:
     for key, arg in (('JAX_NUM_PROCESSES', 'num_processes'), ('JAX_PROCESS_ID', 'process_id')):
       if os.environ.get(key):
         kwargs[arg] = int(os.environ[key])
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**kwargs,
+                               heartbeat_timeout_seconds=int(config.get('heartbeat_timeout', 100)),
+                               shutdown_timeout_seconds=int(config.get('shutdown_timeout', 300)))
 
 
 def _set_cpu_devices(count: int) -> None:
@@ -67,6 +75,10 @@ def main(argv) -> None:
   _set_cpu_devices(config.get('cpu_devices', 0))
   _maybe_initialize_distributed(config)
   import jax  # pylint: disable=g-import-not-at-top
+  try:  # the mesh and batch sizes against the devices, before anything is compiled or written
+    validate.check_devices(config, jax.device_count(), jax.process_count())
+  except validate.ConfigError as e:
+    sys.exit(f'config error: {e}')
   from vit_jax.train import loop  # pylint: disable=g-import-not-at-top
 
   workdir = FLAGS.workdir
@@ -77,11 +89,21 @@ def main(argv) -> None:
   else:
     logging.set_verbosity(logging.WARNING)
   logging.info('devices: %s', jax.devices())
-  result = loop.train_and_evaluate(config, workdir)
+  from vit_jax.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
+  try:
+    result = loop.train_and_evaluate(config, workdir)
+  except (loop.NonFiniteLossError, ckpt_lib.DiskFullError) as e:
+    sys.exit(f'error: {e}')  # exit status 1, the reason as the last line
+  except OSError as e:  # metrics.jsonl, TensorBoard: the same disk
+    if not ckpt_lib.is_disk_full(e):
+      raise
+    sys.exit(f'error: no space left on device writing {e.filename or workdir}; the last complete '
+             f'checkpoint in {workdir} is intact: free space there and run the same command again')
   if jax.process_index() == 0:
     summary = {'step': result.step, 'preempted': result.preempted, **result.eval,
                'train_loss': result.train_loss, 'seconds': round(result.seconds, 1),
-               'skipped_images': result.skipped_images}
+               'skipped_images': result.skipped_images,
+               'skipped_updates': result.skipped_updates}
     print('result: ' + json.dumps(summary), flush=True)
 
 

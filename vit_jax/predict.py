@@ -71,12 +71,17 @@ def load_predictor(path: str, model: Optional[str] = None,
 
 
 def list_images(inputs: Sequence[str]) -> list[str]:
-  """Files as given; folders expanded to their image files (recursively) in sorted order."""
+  """Files as given; folders expanded to their image files (recursively) in sorted order, hidden
+  ones (`.name`, e.g. macOS's `._photo.jpg`) left out as in training folders."""
   out = []
   for p in inputs:
     if os.path.isdir(p):
-      found = sorted(os.path.join(root, f) for root, _, files in os.walk(p) for f in files
-                     if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+      found = []
+      for root, dirs, files in os.walk(p):
+        dirs[:] = [d for d in dirs if not d.startswith('.')]
+        found += [os.path.join(root, f) for f in files if not f.startswith('.')
+                  and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+      found.sort()
       if not found:
         raise FileNotFoundError(f'no images ({", ".join(sorted(IMAGE_EXTENSIONS))}) in folder {p}')
       out += found

@@ -14,7 +14,10 @@ hold exactly those names. For the ViT, two layouts exist on disk:
     MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}` or one scanned `encoderblock` with a
     leading [depth] axis, and `MAPHead_0` for attention pooling.
 
-Files are always read with `allow_pickle=False`.
+Files are always read with `allow_pickle=False`. A damaged file is a ValueError naming it and what is
+wrong: truncated or not a zip archive, a member whose CRC-32 fails (every member is checked before
+any is used, so a flipped bit anywhere, even one that would still parse, is caught), an array that
+does not parse, or parameters that are not floating point.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import math
 import os
 import re
 from typing import Any, Mapping
+import zipfile
 
 import numpy as np
 
@@ -42,11 +46,32 @@ _SCANNED_KEY = re.compile(r'^Transformer/encoderblock/([^/]+)/(.*)$')
 
 
 def load_npz(path: str | os.PathLike) -> Flat:
-  """Every array of an `.npz` file, by its key, read with allow_pickle=False."""
+  """Every array of an `.npz` file, by its key, read with allow_pickle=False; its CRC-32s checked."""
   with open(path, 'rb') as f:
     data = f.read()  # Reading whole keeps this working for any file-like path wrapper.
-  with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-    return {k: np.asarray(npz[k]) for k in npz.files}
+  try:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+      bad = archive.testzip()
+    if bad is not None:
+      raise ValueError(f'{path}: array {bad!r} fails its CRC-32 check: the file is corrupted; '
+                       f'copy or download it again')
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+      return {k: np.asarray(npz[k]) for k in npz.files}
+  except Exception as e:  # BadZipFile, EOFError, ValueError, tokenize errors of a bad header, ...
+    if str(path) in str(e):
+      raise
+    raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}). It is truncated, '
+                     f'corrupted, holds pickled objects (never loaded), or is not an .npz') from e
+
+
+def check_dtypes(flat: Mapping[str, np.ndarray], path: Any) -> None:
+  """Parameters must be floating point; anything else (ints, strings, raw bytes) is a ValueError."""
+  bad = {k: v.dtype for k, v in flat.items() if not np.issubdtype(v.dtype, np.floating)}
+  if bad:
+    listed = ', '.join(f'{k} ({d})' for k, d in sorted(bad.items())[:5])
+    raise ValueError(f'{path}: {len(bad)} parameter array(s) are not floating point: {listed}'
+                     f'{", ..." if len(bad) > 5 else ""}. Save parameters as float32 (bfloat16 '
+                     f'as float32: .npz has no bfloat16)')
 
 
 def strip_prefix(flat: Mapping[str, np.ndarray]) -> tuple[Flat, str]:
@@ -152,6 +177,7 @@ def read_npz(path: str | os.PathLike) -> tuple[Flat, dict[str, Any]]:
   'prefix': str, 'notes': [str]}.
   """
   flat, prefix = strip_prefix(load_npz(path))
+  check_dtypes(flat, path)
   layout = detect_layout(flat, prefix)
   notes: list[str] = [f'stripped prefix {prefix!r}'] if prefix else []
   if layout == 'big_vision':

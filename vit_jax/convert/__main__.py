@@ -7,10 +7,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from vit_jax import cli
 from vit_jax.convert.api import WRITERS, convert
+from vit_jax.convert.verify import VerificationError
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -34,8 +36,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parse_args(argv)
 
   def body() -> int:
-    convert(args.input, args.to, args.output, model=args.model, image_size=args.image_size,
-            class_names=args.class_names, verify=args.verify)
+    try:
+      convert(args.input, args.to, args.output, model=args.model, image_size=args.image_size,
+              class_names=args.class_names, verify=args.verify)
+    except VerificationError as e:  # written, but wrong: a failed step of the work
+      print(f'error: {e}', file=sys.stderr)
+      return 1
     return 0
   return cli.run(body)
 

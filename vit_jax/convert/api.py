@@ -17,6 +17,7 @@ from vit_jax.checkpoints.readers import Checkpoint, read_checkpoint
 from vit_jax.families import registry
 from vit_jax.families.base import Architecture
 from vit_jax.formats import hf, timm
+from vit_jax.convert.verify import VerificationError
 
 Flat = dict[str, np.ndarray]
 # writer(output, flat params, architecture, class names or None) -> the path written.
@@ -147,10 +148,11 @@ def verify_written(to: str, written: str, flat: Mapping[str, np.ndarray],
   if to == 'npz':
     back, _ = read_npz(written)
     if set(back) != set(flat):
-      raise ValueError(f'npz round trip changed the paths: {sorted(set(back) ^ set(flat))}')
+      raise VerificationError(
+          f'npz round trip changed the paths: {sorted(set(back) ^ set(flat))}')
     diff = max(float(np.abs(back[k] - np.asarray(flat[k], np.float32)).max()) for k in flat)
     if diff > 0:
-      raise ValueError(f'npz round trip changed values by up to {diff:.3g}')
+      raise VerificationError(f'npz round trip changed values by up to {diff:.3g}')
     return diff
   if to not in VERIFIABLE:
     raise ValueError(f'--verify supports {VERIFIABLE}, not {to!r}')

@@ -17,6 +17,11 @@ from vit_jax.families.base import Architecture
 TOLERANCE = 1e-4
 
 
+class VerificationError(ValueError):
+  """The export was written but does not reproduce the model: a failure of the work (the command
+  exits 1), not of its input (2)."""
+
+
 def sample_images(arch: Architecture, batch: int = 2, seed: int = 0) -> np.ndarray:
   """[batch, h, w, channels] float32 uniform in [-1, 1] (any normalisation: both sides get the
   same tensor)."""
@@ -100,9 +105,10 @@ def verify_export(target: str, out_dir: str, flat: Mapping[str, np.ndarray], arc
   else:
     raise ValueError(f'no PyTorch model to verify for target {target!r}')
   if theirs.shape != ours.shape:
-    raise ValueError(f'logit shapes differ: ours {ours.shape}, {target} {theirs.shape}')
+    raise VerificationError(f'logit shapes differ: ours {ours.shape}, {target} {theirs.shape}')
   diff = float(np.abs(ours - theirs).max())
   if not diff <= tolerance:
-    raise ValueError(f'--verify failed: largest |logit difference| {diff:.3g} > {tolerance:g}')
+    raise VerificationError(f'--verify failed: largest |logit difference| {diff:.3g} > '
+                            f'{tolerance:g}')
   return diff
 

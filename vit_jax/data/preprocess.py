@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image
 
 from vit_jax.data import augment as aug
-from vit_jax.data.imageio import Raw, convert_channels, load_image, open_image, to_array
+from vit_jax.data.imageio import (Raw, convert_channels, display_size, load_image, open_image,
+                                  to_array)
 from vit_jax.families.base import hw
 
 
@@ -81,7 +82,7 @@ def train_example(raw: Raw, rng: np.random.Generator, cfg: Mapping[str, Any],
                   out_hw: tuple[int, int], channels: int, name: str = '<image>') -> np.ndarray:
   """Decodes and augments one image: uint8 [H, W, channels]. Raises BadImageError."""
   img = open_image(raw, name)
-  h, w = (raw.shape[0], raw.shape[1]) if isinstance(raw, np.ndarray) else (img.size[1], img.size[0])
+  w, h = display_size(img)  # upright: boxes are drawn on the image as a viewer shows it
   d = draw(rng, 1, h, w, cfg, out_hw)
   box = tuple(d['boxes'][0]) if cfg['crop'] == 'inception' else None
   img = load_image(img, channels=channels, box=box, out_hw=out_hw, name=name)
@@ -95,7 +96,8 @@ def eval_example(raw: Raw, out_hw: tuple[int, int], channels: int, crop: bool = 
                  name: str = '<image>') -> np.ndarray:
   """Resizes one image (crop=True: resize the short side to size/0.875, take the centre)."""
   img = open_image(raw, name)
-  box = aug.central_box(img.size[1], img.size[0], out_hw) if crop else None
+  w, h = display_size(img)
+  box = aug.central_box(h, w, out_hw) if crop else None
   return to_array(load_image(img, channels=channels, box=box, out_hw=out_hw, name=name))
 
 

@@ -6,11 +6,26 @@ Two layouts:
 Where there is nothing but train, a fixed random fraction of it (`held_out`, default 10%) is
 `test` (also answered to `validation`) and leaves `train`; `held_out=0` trains on everything.
 Files are read lazily, as encoded bytes; decoding (and skipping corrupt files) is the loader's job.
+
+Hostile folders:
+  class names   the folder names in Unicode NFC (a name typed on Linux matches one written by macOS
+                in NFD), sorted by code point; spaces and any script are fine. Labels follow the
+                names of the train split's classes, so every split labels a class alike; a class
+                in another split that train lacks is an error naming it.
+  empty class   in train (the split that defines the classes): an error naming the folder; in
+                validation/test: a warning, the class keeps its label and has no examples there.
+  hidden        files and folders whose names start with '.' are ignored.
+  symlinks      followed only where they resolve inside the dataset root (`realpath(root)`; the
+                root itself may be a link): a link that points outside is skipped with a warning
+                naming it and listed in `FolderSource.skipped_links`, as is a dangling link or a
+                loop of links; a link back up the tree is walked once.
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
+import unicodedata
 
 import numpy as np
 
@@ -19,14 +34,17 @@ from vit_jax.data.sources import Source, held_out_indices, select_split
 
 SPLIT_DIRS = {'train': 'train', 'validation': 'validation', 'val': 'validation', 'test': 'test'}
 _EXTS = ', '.join(IMAGE_EXTENSIONS)
+log = logging.getLogger(__name__)
 
 
 class FolderSource(Source):
   """Image files with integer labels; `source[i]['image']` is the file's bytes."""
 
-  def __init__(self, files: list[str], labels: np.ndarray, class_names: list[str], name: str):
+  def __init__(self, files: list[str], labels: np.ndarray, class_names: list[str], name: str,
+               skipped_links: list[str] | None = None):
     self.files, self.labels = files, np.asarray(labels, np.int64)
     self.class_names, self.num_classes, self.name = class_names, len(class_names), name
+    self.skipped_links = list(skipped_links or [])  # links left out: outside root, dangling, loops
 
   def __len__(self) -> int:
     return len(self.files)
@@ -41,43 +59,99 @@ class FolderSource(Source):
     return {'image': data, 'label': int(self.labels[index]), 'name': path}
 
 
-def _class_dirs(folder: str) -> list[str]:
-  return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.'))
+def _is_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()
+  except OSError:  # a loop of links: not a folder (the link is then judged by `keep`)
+    return False
 
 
-def _images_in(folder: str) -> list[str]:
-  """Image files under `folder` (recursively, so `class/subdir/*.jpg` counts), sorted."""
-  out = []
-  for dirpath, dirnames, filenames in os.walk(folder):
-    dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-    out.extend(os.path.join(dirpath, f) for f in sorted(filenames)
-               if not f.startswith('.') and f.lower().endswith(IMAGE_EXTENSIONS))
-  return out
+class _Walker:
+  """Lists class folders and image files under a dataset root, following symlinks only where they
+  resolve inside it (see the module docstring); remembers the links it left out."""
+
+  def __init__(self, root: str):
+    self.root = os.path.realpath(root)
+    self.skipped_links: list[str] = []
+
+  def keep(self, path: str) -> bool:
+    if not os.path.islink(path):
+      return True
+    try:
+      target = os.path.realpath(path, strict=True)
+      where = f'it points to {target}, outside the dataset root {self.root}'
+    except OSError as e:  # dangling, or a loop of links
+      target, where = '', f'it cannot be resolved ({e.strerror})'
+    if target == self.root or target.startswith(self.root.rstrip(os.sep) + os.sep):
+      return True
+    if path not in self.skipped_links:
+      self.skipped_links.append(path)
+      log.warning('skipped symlink %s: %s', path, where)
+    return False
+
+  def dirs(self, folder: str) -> list[os.DirEntry]:
+    return [e for e in os.scandir(folder)
+            if not e.name.startswith('.') and _is_dir(e) and self.keep(e.path)]
+
+  def class_dirs(self, folder: str) -> dict[str, str]:
+    """{class name (NFC): its folder}, sorted by name."""
+    out: dict[str, str] = {}
+    for e in self.dirs(folder):
+      name = unicodedata.normalize('NFC', e.name)
+      if name in out:
+        raise ValueError(f'{out[name]} and {e.path} are the same class name in different Unicode '
+                         f'forms; merge them into one folder')
+      out[name] = e.path
+    return dict(sorted(out.items()))
+
+  def images(self, folder: str) -> list[str]:
+    """Image files under `folder` (recursively, so `class/subdir/*.jpg` counts), sorted."""
+    out, seen = [], set()
+
+    def walk(d: str) -> None:
+      real = os.path.realpath(d)
+      if real in seen:  # a link back up the tree: each folder once
+        return
+      seen.add(real)
+      entries = sorted((e for e in os.scandir(d) if not e.name.startswith('.')),
+                       key=lambda e: e.name)
+      subdirs = [e for e in entries if _is_dir(e)]  # os.walk's order: this folder's files first
+      out.extend(e.path for e in entries if not _is_dir(e)
+                 and e.name.lower().endswith(IMAGE_EXTENSIONS) and self.keep(e.path))
+      for e in subdirs:
+        if self.keep(e.path):
+          walk(e.path)
+
+    walk(folder)
+    return out
 
 
-def _scan(folder: str, class_names: list[str] | None,
+def _scan(walker: _Walker, folder: str, class_names: list[str] | None,
           root: str) -> tuple[list[str], list[int], list[str]]:
   """(files, labels, class_names) of one split folder; `class_names` given: must be a superset."""
-  found = _class_dirs(folder)
+  found = walker.class_dirs(folder)
   if not found:
-    loose = _images_in(folder)
+    loose = walker.images(folder)
     hint = (f' (it holds {len(loose)} images directly; move them into one folder per class)'
             if loose else '')
     raise FileNotFoundError(f'{folder} has no class folders{hint}. Expected {root}/<class>/*.jpg '
                             f'or {root}/train/<class>/*.jpg with {_EXTS} files.')
-  if class_names is None:
-    class_names = found
+  defines = class_names is None
+  if defines:
+    class_names = list(found)
   unknown = sorted(set(found) - set(class_names))
   if unknown:
     raise ValueError(f'{folder} has classes {unknown} that the train split does not have; '
                      f'add them to {root}/train or remove them.')
   index = {c: k for k, c in enumerate(class_names)}
   files, labels = [], []
-  for c in found:
-    images = _images_in(os.path.join(folder, c))
+  for c, path in found.items():
+    images = walker.images(path)
+    if not images and defines:
+      raise FileNotFoundError(f'class folder {path} has no images ({_EXTS}); add images or remove '
+                              f'the folder.')
     if not images:
-      raise FileNotFoundError(f'class folder {os.path.join(folder, c)} has no images ({_EXTS}); '
-                              f'add images or remove the folder.')
+      log.warning('class folder %s has no images: class %r has no examples in this split', path, c)
     files.extend(images)
     labels.extend([index[c]] * len(images))
   return files, labels, class_names
@@ -90,19 +164,19 @@ def folder_source(root: str, split: str, held_out: float | None = None,
   if not os.path.isdir(root):
     raise FileNotFoundError(f'image folder {root} does not exist. Point the dataset at a folder '
                             f'laid out as root/<class>/*.jpg or root/train/<class>/*.jpg.')
-  split_dirs = {SPLIT_DIRS[e.name]: e.path for e in os.scandir(root)
-                if e.is_dir() and e.name in SPLIT_DIRS}
+  walker = _Walker(root)
+  split_dirs = {SPLIT_DIRS[e.name]: e.path for e in walker.dirs(root) if e.name in SPLIT_DIRS}
   where = f'image folder {root}'
   if not split_dirs:  # root/<class>/*
-    files, labels, classes = _scan(root, None, root)
+    files, labels, classes = _scan(walker, root, None, root)
     parts = {'train': np.arange(len(files))}
   else:
     first = split_dirs.get('train') or next(iter(sorted(split_dirs.values())))
-    classes = _scan(first, None, root)[2]
+    classes = _scan(walker, first, None, root)[2]
     files, labels, parts = [], [], {}
     for name in ('train', 'validation', 'test'):
       if name in split_dirs:
-        f, l, _ = _scan(split_dirs[name], classes, root)
+        f, l, _ = _scan(walker, split_dirs[name], classes, root)
         parts[name] = len(files) + np.arange(len(f))
         files, labels = files + f, labels + l
   if set(parts) == {'train'}:
@@ -116,4 +190,4 @@ def folder_source(root: str, split: str, held_out: float | None = None,
   if len(idx) == 0:
     raise ValueError(f'split {split!r} of {where} is empty')
   return FolderSource([files[i] for i in idx], np.asarray(labels)[idx], classes,
-                      f'{root}:{split}')
+                      f'{root}:{split}', walker.skipped_links)

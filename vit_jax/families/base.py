@@ -234,6 +234,36 @@ class Family:
     del flat
     return []
 
+  # ---- inspection (vit_jax.eval.attention, python -m vit_jax.inspect) ----
+  # Why the analyses below are not defined for this family: the default hooks raise it.
+  inspect_note: str = 'it defines no inspection hooks'
+
+  def _undefined(self, analysis: str) -> NotImplementedError:
+    return NotImplementedError(f'{analysis} is not defined for the {self.name} family: '
+                               f'{self.inspect_note}')
+
+  def token_layout(self, arch: Architecture) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(prefix tokens, patch grid (gh, gw), input pixels per patch (ph, pw)) of the sequence that
+    `attention_fn`'s maps index: the prefix tokens, then the patches in row-major order."""
+    raise self._undefined('global self-attention (rollout, attention distance)')
+
+  def attention_fn(self, arch: Architecture) -> Any:
+    """A function (params in the module layout, images [B, H, W, C]) -> (logits [B, classes], the
+    softmax probabilities of every block, float32 [L, B, heads, N, N] (N = prefix + gh*gw)), the
+    latter never from a fused kernel."""
+    raise self._undefined('global self-attention (rollout, attention distance)')
+
+  def position_table(self, flat: Flat, arch: Architecture) -> tuple[str, np.ndarray]:
+    """(kind, [gh, gw, D]): the position embedding of the patch tokens (prefix rows dropped)."""
+    raise self._undefined('a global position embedding')
+
+  def patch_filters(self, flat: Flat, arch: Architecture) -> np.ndarray:
+    """The kernel [kh, kw, C, D] of the conv that embeds pixel patches (default: `stem_kernel`)."""
+    del arch
+    if self.stem_kernel is None:
+      raise self._undefined('a linear embedding of pixel patches')
+    return np.asarray(flat[self.stem_kernel], np.float32)
+
   def __repr__(self) -> str:
     return f'<family {self.name}: {len(self.models)} models>'
 

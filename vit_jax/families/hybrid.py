@@ -353,6 +353,14 @@ class HybridFamily(VitFamily):
     raise ValueError('the hybrid family reads no Hugging Face checkpoints (HF\'s vit-hybrid uses a '
                      'BiT backbone of other names)')
 
+  # ---- inspection: attention maps and position table are the ViT's (tokens of the effective patch)
+  inspect_note = ("its `embedding` is a conv on the ResNet's feature map, not on pixels (attention "
+                  'rollout, attention distance and position-embedding similarity do apply)')
+
+  def patch_filters(self, flat, arch):
+    # `stem_kernel` is the ResNet root here: pixel filters, but not the patch embedding.
+    raise self._undefined('a linear embedding of pixel patches')
+
 
 # Our ResNet (width 64) -> the timm entry that builds it (every size field is then a model_arg).
 _TIMM_ENTRIES = {(): 'vit_tiny_r_s16_p8_224', (2, 2, 2, 2): 'vit_small_r26_s32_224',

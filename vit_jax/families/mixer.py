@@ -165,6 +165,7 @@ class MixerFamily(Family):
   writes_npz = True
   test_model = 'Mixer-testing'
   default_resize = 'none'  # another token count is an error unless a resampling is asked for
+  inspect_note = 'a Mixer mixes tokens with MLPs: it has no attention maps and no position embedding'
 
   def module_class(self) -> type:
     return mixer_models.MlpMixer

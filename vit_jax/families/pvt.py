@@ -262,6 +262,9 @@ class PvtFamily(Family):
   timm_prefixes = ('pvt_v2',)
   test_model = 'PVTv2-tiny'
   test_image_size = 32
+  inspect_note = ('PVT v2 attends from every token to a spatially reduced key map, per stage: it '
+                  'has no global attention map over one token grid, no class token and no '
+                  'position embedding')
 
   def module_class(self) -> type:
     return pvt_models.PyramidVisionTransformerV2

@@ -118,6 +118,8 @@ class SwinFamily(Family):
   test_model = 'Swin-testing'
   test_image_size = 32
   default_resize = 'bicubic'  # the Swin authors' and timm's choice for the bias tables
+  inspect_note = ('Swin attends within shifted local windows with a relative position bias: it has '
+                  'no global attention map, class token or absolute position embedding')
 
   def module_class(self) -> type:
     return swin_models.SwinTransformer

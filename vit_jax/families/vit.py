@@ -344,5 +344,36 @@ class VitFamily(Family):
         bad.append(key)
     return bad
 
+  # ---- inspection (vit_jax.eval.attention) ----
+  def token_layout(self, arch):
+    fields = arch.model_config
+    return self.num_prefix(fields), self.grid(fields, arch.image_size), self.patch_hw(fields)
+
+  def attention_fn(self, arch):
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    # Asking for the weights (return_aux) takes the explicit softmax even where the config names a
+    # fused kernel; float32 so that small weights survive a bfloat16 checkpoint's config.
+    model = arch.create_model(attention_impl='explicit', dtype=jnp.float32)
+
+    def fn(params, images):
+      logits, aux = model.apply({'params': params}, images, return_aux=True)
+      return logits, aux['attention_weights']
+    return fn
+
+  def position_table(self, flat, arch):
+    prefix, (gh, gw), _ = self.token_layout(arch)
+    kind = arch.model_config.get('posemb', 'learned')
+    if kind == 'learned':
+      pe = np.asarray(flat[POSEMB_KEY], np.float32)[0, prefix:]
+    elif kind == 'none':
+      raise NotImplementedError(f'a position embedding is not defined for this {self.name} model: '
+                                "it has posemb='none'")
+    else:
+      pe = fixed_posemb(arch.model_config, (gh, gw), prefix)[0, prefix:]
+    if pe.shape[0] != gh * gw:
+      raise ValueError(f'{POSEMB_KEY} holds {pe.shape[0]} patch rows, not the {gh}x{gw} grid of '
+                       f'image size {arch.image_size}')
+    return kind, pe.reshape(gh, gw, -1)
+
 
 FAMILY = VitFamily()

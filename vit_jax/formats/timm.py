@@ -14,15 +14,19 @@ import numpy as np
 
 from vit_jax.families import registry
 from vit_jax.families.base import Architecture, Flat
+from vit_jax.formats.files import (check_declared, load_safetensors, read_json,
+                                   safetensors_keys)
 
 WEIGHTS = 'model.safetensors'
 CONFIG = 'config.json'
+# `model_args` a config.json may declare that its weights decide: checked against them on reading.
+DECLARED_SIZES = ('embed_dim', 'embed_dims', 'depth', 'depths', 'num_heads', 'patch_size',
+                  'in_chans', 'num_classes', 'img_size', 'mlp_ratio', 'mlp_ratios', 'window_size',
+                  'num_blocks')
 
 
 def _keys(path: str) -> list[str]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-  with safe_open(path, framework='numpy') as f:
-    return list(f.keys())
+  return safetensors_keys(path)  # a damaged file: a ValueError naming it
 
 
 def weights_path(path: str) -> str:
@@ -33,20 +37,24 @@ def load_config(path: str) -> dict[str, Any]:
   cfg = os.path.join(os.path.dirname(weights_path(path)), CONFIG)
   if not os.path.exists(cfg):
     return {}
-  with open(cfg) as f:
-    return json.load(f)
+  return read_json(cfg)
+
 
 
 def is_timm(path: str) -> bool:
-  """A `.safetensors` file (or a directory with model.safetensors) whose keys a family reads."""
+  """A `.safetensors` file (or a directory with model.safetensors) whose keys a family reads.
+
+  A damaged file or config.json is a ValueError naming it (it is a timm file, just not readable).
+  """
   weights = weights_path(path)
   if not (weights.endswith('.safetensors') and os.path.isfile(weights)):
     return False
   config = load_config(path)
   if config.get('model_type'):  # A Hugging Face directory.
     return False
+  keys = _keys(weights)
   try:
-    registry.family_for_timm(config.get('architecture', ''), _keys(weights))
+    registry.family_for_timm(config.get('architecture', ''), keys)
   except ValueError:
     return False
   return True
@@ -59,17 +67,38 @@ def read_timm(path: str | os.PathLike, *, model_config: Optional[Mapping[str, An
   model_config: registry fields to fill what a bare file cannot say (e.g. num_heads without a
   config.json); the file's own config wins.
   """
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   path = os.fspath(path)
   weights = weights_path(path)
   config = load_config(path)
-  state = load_file(weights)
+  state = load_safetensors(weights)
   family = registry.family_for_timm(config.get('architecture', ''), state.keys())
   if model_config and not config.get('model_args'):
     config = {**config, 'model_args': {'num_heads': model_config.get('num_heads')}}
-  flat, arch, notes = family.from_timm(state, config)
+  try:
+    flat, arch, notes = family.from_timm(state, config)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'{path}: cannot read it as a timm {family.name} checkpoint: {e}') from e
   names = config.get('label_names') or (config.get('pretrained_cfg') or {}).get('label_names')
+  _check_config(path, config, flat, arch, names)
   return flat, arch, {'class_names': names, 'notes': notes}
+
+
+def _check_config(path: str, config: Mapping[str, Any], flat: Flat, arch: Architecture,
+                  names: Optional[Sequence[str]]) -> None:
+  """config.json's sizes, class count and label names against the weights (ValueError naming it)."""
+  cfg_path = os.path.join(os.path.dirname(weights_path(path)), CONFIG)
+  declared = {**(config.get('model_args') or {})}
+  if 'num_classes' in config:
+    declared.setdefault('num_classes', config['num_classes'])
+  try:
+    implied = arch.get_family().to_timm(dict(flat), arch)[1].get('model_args', {})
+  except ValueError:  # not writable back: compare what the architecture itself says
+    implied = {}
+  implied = {'num_classes': arch.num_classes or 0, 'in_chans': arch.channels, **implied}
+  check_declared(cfg_path, declared, implied, DECLARED_SIZES)
+  if names and len(names) != (arch.num_classes or 0):
+    raise ValueError(f'{cfg_path} has {len(names)} label_names, but the weights\' head predicts '
+                     f'{arch.num_classes or 0} classes')
 
 
 def write_timm(out_dir: str | os.PathLike, flat: Mapping[str, np.ndarray], arch: Architecture,

@@ -15,7 +15,24 @@ import jax.numpy as jnp
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'explicit')
+IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'explicit', 'auto')
+
+
+def select_implementation(dtype: Any, head_dim: int, device: Any = None) -> str:
+  """What `implementation='auto'` runs: 'cudnn' (flash attention) on an NVIDIA GPU of compute
+  capability >= 8.0 when the activations are bfloat16/float16 and the head dim is a multiple of 8 up
+  to 128 (cuDNN's fused kernel's limits), 'xla' (`jax.nn.dot_product_attention`'s XLA path)
+  otherwise. `device` defaults to the first JAX device."""
+  device = device if device is not None else jax.devices()[0]
+  capability = getattr(device, 'compute_capability', None)  # set on NVIDIA GPUs only
+  try:
+    major = int(str(capability).split('.')[0])
+  except ValueError:
+    major = 0
+  if (device.platform == 'gpu' and major >= 8 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+      and head_dim % 8 == 0 and head_dim <= 128):
+    return 'cudnn'
+  return 'xla'
 
 
 def dot_product_attention(
@@ -36,7 +53,8 @@ def dot_product_attention(
     query: [B, T, H, K]; key, value: [B, S, H, K].
     implementation: None or 'explicit' computes softmax in plain jnp (always correct, returns weights,
       supports attention dropout); 'xla' or 'cudnn' call `jax.nn.dot_product_attention` with that
-      implementation. The fused path is used only when neither weights nor dropout are needed.
+      implementation; 'auto' picks one of the two (`select_implementation`). The fused path is used
+      only when neither weights nor dropout are needed.
     dropout_rate: attention-weight dropout, applied only when `deterministic` is False.
     return_weights: also return the attention probabilities [B, H, T, S] in float32.
     bias: optional additive logits bias broadcastable to [B, H, T, S] (relative position bias,
@@ -48,6 +66,8 @@ def dot_product_attention(
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f'attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}')
   use_dropout = dropout_rate > 0.0 and not deterministic
+  if implementation == 'auto':
+    implementation = select_implementation(query.dtype, query.shape[-1])
   if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
     if bias is not None and implementation == 'cudnn':
       bias = bias.astype(query.dtype)  # cuDNN takes the bias in the activations' dtype

@@ -61,7 +61,7 @@ class DistilledVisionTransformer(nn.Module):
   stochastic_depth: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False
   scan: bool = False
   attention_impl: Optional[str] = None
   act: str = 'gelu'

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu, pair
+from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu, pair, remat_block
 
 Dtype = Any
 
@@ -99,7 +99,8 @@ class MlpMixer(nn.Module):
     dropout_rate: dropout inside both MLPs (after the GELU and after Dense_1).
     head_zeroinit: zero the head kernel (Google's recipe); otherwise LeCun normal.
     dtype: computation dtype (bfloat16 for mixed precision); param_dtype: parameter dtype.
-    remat: recompute each block's activations in the backward pass.
+    remat: recompute each block's activations in the backward pass (True, or a policy name of
+      `vit.REMAT_POLICIES`).
   """
   num_classes: Optional[int]
   patch_size: Union[int, Sequence[int]]
@@ -113,7 +114,7 @@ class MlpMixer(nn.Module):
   head_zeroinit: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False
 
   @property
   def patch_hw(self) -> tuple[int, int]:
@@ -158,7 +159,7 @@ class MlpMixer(nn.Module):
 
     # Python floats, so each block's rate is static (and remat needs no traced arguments).
     rates = np.linspace(0.0, self.stochastic_depth, self.num_blocks) if self.num_blocks else []
-    block = nn.remat(MixerBlock) if self.remat else MixerBlock
+    block = remat_block(MixerBlock, self.remat)
     for i in range(self.num_blocks):
       x = block(self.tokens_mlp_dim, self.channels_mlp_dim, act=self.act,
                 dropout_rate=self.dropout_rate, drop_rate=float(rates[i]), deterministic=not train,

@@ -276,7 +276,7 @@ class PyramidVisionTransformerV2(nn.Module):
       attention_dropout_rate: on the attention weights (both train=True only).
     act: 'gelu' (exact, timm) or 'gelu_tanh', for every GELU of the model.
     head_zeroinit: zero the head kernel (fine-tuning), else truncated normal(0.02) as timm.
-    attention_impl: None/'explicit', 'xla' or 'cudnn' (see `attention.dot_product_attention`).
+    attention_impl: None/'explicit', 'xla', 'cudnn' or 'auto' (see `attention.dot_product_attention`).
   """
   num_classes: Optional[int]
   embed_dims: Sequence[int] = (64, 128, 320, 512)

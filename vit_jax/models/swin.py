@@ -308,7 +308,7 @@ class SwinTransformer(nn.Module):
     attention_dropout_rate: dropout on attention weights.
     act: 'gelu' (exact, timm) or 'gelu_tanh'.
     head_zeroinit: zero the head kernel (else truncated normal, std 0.02).
-    attention_impl: None/'explicit', 'xla' or 'cudnn' (see `attention.dot_product_attention`).
+    attention_impl: None/'explicit', 'xla', 'cudnn' or 'auto' (see `attention.dot_product_attention`).
   """
   num_classes: Optional[int]
   patch_size: int = 4

@@ -28,6 +28,28 @@ Dtype = Any
 CLASSIFIERS = ('token', 'gap', 'map')
 POSEMBS = ('learned', 'sincos2d', 'none')
 ACTIVATIONS = ('gelu', 'gelu_tanh')
+# What a block keeps for the backward pass when `remat` is on. 'full' (or True) and
+# 'nothing_saveable' recompute everything from the block's input (least memory); 'dots_saveable'
+# keeps every matmul output and recomputes only the cheap elementwise work (LayerNorm, GELU,
+# softmax); 'dots_with_no_batch_dims_saveable' keeps only the weight matmuls' outputs, so the
+# [T, T] attention logits are recomputed (memory linear in tokens, attention done twice).
+REMAT_POLICIES = {
+    'full': None,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block: type, remat: Union[bool, str, None], **kwargs: Any) -> type:
+  """`block` as it runs under `remat`: False/None/'' unchanged (every activation stored), True or a
+  `REMAT_POLICIES` name wrapped in `nn.remat` with that policy. kwargs go to `nn.remat`."""
+  if not remat:
+    return block
+  name = 'full' if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}')
+  return nn.remat(block, policy=REMAT_POLICIES[name], **kwargs)
 LN_EPS = 1e-6
 
 
@@ -175,7 +197,7 @@ class Encoder(nn.Module):
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
   attention_impl: Optional[str] = None
-  remat: bool = False
+  remat: Union[bool, str] = False
   scan: bool = False
   act: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
@@ -194,7 +216,7 @@ class Encoder(nn.Module):
                   stochastic_depth=self.stochastic_depth > 0, deterministic=not train,
                   return_weights=return_weights, attention_impl=self.attention_impl,
                   act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
-    block = nn.remat(Encoder1DBlock, prevent_cse=not self.scan) if self.remat else Encoder1DBlock
+    block = remat_block(Encoder1DBlock, self.remat, prevent_cse=not self.scan)
     if self.scan:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=0, length=self.num_layers)
@@ -275,8 +297,9 @@ class VisionTransformer(nn.Module):
     head_zeroinit: zero the head kernel (the paper's fine-tuning recipe); head_bias_init: its bias.
     dropout_rate, attention_dropout_rate, stochastic_depth: regularisation (train=True only).
     dtype: computation dtype (bfloat16 for mixed precision); param_dtype: parameter dtype.
-    remat: recompute block activations in the backward pass; scan: `nn.scan` over the blocks.
-    attention_impl: None/'explicit', 'xla' or 'cudnn' (see `attention.dot_product_attention`).
+    remat: recompute block activations in the backward pass: True / 'full', or a policy name of
+      `REMAT_POLICIES` ('dots_saveable', ...); scan: `nn.scan` over the blocks.
+    attention_impl: None/'explicit', 'xla', 'cudnn' or 'auto' (see `attention.dot_product_attention`).
     act: 'gelu_tanh' (Google's checkpoints) or 'gelu' (exact; timm and Hugging Face).
   """
   num_classes: Optional[int]
@@ -295,7 +318,7 @@ class VisionTransformer(nn.Module):
   stochastic_depth: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  remat: bool = False
+  remat: Union[bool, str] = False
   scan: bool = False
   attention_impl: Optional[str] = None
   act: str = 'gelu_tanh'

@@ -4,8 +4,9 @@ train_and_evaluate(config, workdir) reads top to bottom:
   1. mesh, data sources, model, optimizer
   2. state: restored from workdir/checkpoints if one exists (with the data pipeline's position),
      else initialised (optionally from `config.pretrained`), always directly in its sharded layout
-  3. steps: one jitted train step per global batch; a non-finite loss stops the run naming the step
-     (with `config.distill.teacher`, a frozen teacher runs inside it: `load_teacher`)
+  3. steps: one jitted train step per global batch (with `config.distill.teacher`, a frozen
+     teacher runs inside it); a non-finite loss or gradient stops the run naming the step, or with
+     `config.skip_nonfinite` that step leaves the state unchanged and is counted (`skipped_updates`)
   4. every `log_every` steps metrics.jsonl + TensorBoard; every `eval_every` the full eval split;
      every `checkpoint_every` an asynchronous checkpoint; SIGTERM saves one and returns
 """
@@ -27,15 +28,14 @@ import ml_collections
 from vit_jax import data
 from vit_jax import sharding as sharding_lib
 from vit_jax.checkpoints import manager as ckpt_lib
-from vit_jax.families import registry
+from vit_jax.eval import fewshot as fewshot_lib
 from vit_jax.families.base import Architecture, Family, hw
+from vit_jax.train import build as build_lib
 from vit_jax.train import metrics as metrics_lib
-from vit_jax.train import optim
 from vit_jax.train import state as state_lib
-from vit_jax.train import step as step_lib
 
 class NonFiniteLossError(FloatingPointError):
-  """The training loss became NaN or infinite."""
+  """The training loss or gradients became NaN or infinite."""
 
 
 @dataclasses.dataclass
@@ -47,46 +47,13 @@ class RunResult:
   train_loss: Optional[float] = None
   seconds: float = 0.0
   skipped_images: int = 0
+  skipped_updates: int = 0   # steps whose non-finite update was skipped (config.skip_nonfinite)
 
 
-def compute_dtype(name: str):
-  """'auto' -> bfloat16 on GPU/TPU, float32 on CPU (where bf16 matmuls are emulated and slow)."""
-  if name == 'auto':
-    return jnp.float32 if jax.default_backend() == 'cpu' else jnp.bfloat16
-  return jnp.dtype(name)
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> tuple[Family, Any, dict]:
-  """(family, module, fields) of `config.model` (registry name plus overrides) for `num_classes`."""
-  family, fields = registry.resolve(config.model)
-  return family, family.create(fields, num_classes, dtype=compute_dtype(config.dtype)), fields
-
-
-def load_teacher(config: ml_collections.ConfigDict, mesh, num_classes: int
-                 ) -> step_lib.Distillation:
-  """The frozen teacher of `config.distill`: any checkpoint `read_checkpoint` reads (a run workdir,
-  .npz, timm or Hugging Face directory) of any family, its parameters placed on the mesh with its
-  family's sharding rules. Its input is adapted to the student's batch (`teacher_input_fn`)."""
-  from vit_jax.checkpoints import read_checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
-  path = config.distill.teacher
-  ckpt = read_checkpoint(path)
-  arch = ckpt.architecture or registry.detect(ckpt.params).infer(ckpt.params)
-  if arch.num_classes != num_classes:
-    raise ValueError(f'the teacher {path} predicts {arch.num_classes} classes, the student\'s '
-                     f'dataset has {num_classes}: distil from a teacher of the same classes')
-  family = arch.get_family()
-  model = arch.create_model(dtype=compute_dtype(config.dtype))
-  tree = family.to_module_layout(params_lib.unflatten(ckpt.params), arch.model_config)
-  shardings = sharding_lib.tree_shardings(tree, mesh, config.fsdp_min_size, family.tensor_rules)
-  params = jax.device_put(tree, shardings)
-  input_fn = step_lib.teacher_input_fn(hw(config.image_size), config.channels, arch.image_size,
-                                       arch.channels, arch.mean, arch.std)
-  logging.info('distillation (%s, alpha %g, T %g) from %s: %s %s at %s, %d channels',
-               config.distill.kind, config.distill.alpha, config.distill.temperature, path,
-               family.name, arch.name, arch.image_size, arch.channels)
-  return step_lib.Distillation(model, params, shardings, input_fn, config.distill.kind,
-                               float(config.distill.alpha), float(config.distill.temperature))
+# Built in vit_jax.train.build (shared with vit_jax.plan); kept importable from here.
+compute_dtype = build_lib.compute_dtype
+build_model = build_lib.build_model
+load_teacher = build_lib.load_teacher
 
 
 def run_meta(config, family: Family, fields: dict[str, Any], train_src) -> dict[str, Any]:
@@ -115,6 +82,7 @@ def _augment(config) -> dict[str, Any]:
 
 def evaluate(eval_step, params, eval_it) -> dict[str, float]:
   """top-1, top-5 and loss over every example of the split exactly once (padding masked)."""
+  logging.info('evaluating')  # with the results line after it, brackets the evaluation in the log
   totals = None
   for batch in eval_it:
     out = eval_step(params, batch)
@@ -159,17 +127,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   is_main = jax.process_index() == 0
   size = hw(config.image_size)
 
-  # 1. Mesh, data, model, optimizer.
-  mesh = sharding_lib.make_mesh(config.mesh)
+  # 1. Data; then mesh, model, optimizer, abstract state, teacher and jitted steps (the same
+  # `build_training` that `vit_jax.plan` compiles ahead of time).
   train_src, eval_src = _sources(config)
   num_classes = train_src.num_classes
-  family, model, fields = build_model(config, num_classes)
-  schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
-                                 config.lr_decay, config.end_lr)
-  tx = optim.make_optimizer(config, schedule)
-  use_ema = bool(config.ema_decay)
-  input_shape = (1, *size, config.channels)
-  _check_batch_sizes(config, mesh)
+  built = build_lib.build_training(config, num_classes)
+  mesh, family, model, fields = built.mesh, built.family, built.model, built.fields
+  tx, use_ema, input_shape = built.tx, built.use_ema, built.input_shape
 
   # 2. State: resume, or initialise (from pretrained weights when asked).
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
@@ -178,10 +142,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                                     async_save=config.async_checkpoints)
   data_state = None
   if ckpt.latest_step() is not None:
-    abstract, shardings = state_lib.abstract_state(
-        model, tx, input_shape, config.seed, mesh, use_ema=use_ema,
-        fsdp_min_size=config.fsdp_min_size, tensor_rules=family.tensor_rules)
-    state, data_state, _, restored = ckpt.restore(abstract)
+    shardings = built.shardings
+    state, data_state, _, restored = ckpt.restore(built.abstract_state)
     logging.info('resumed from %s step %d', ckpt.directory, restored)
   else:
     init_params = None
@@ -198,15 +160,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         fsdp_min_size=config.fsdp_min_size, init_params=init_params,
         tensor_rules=family.tensor_rules)
   start_step = int(jax.device_get(state.step))
-
-  distill = None
-  if config.get('distill') is not None and config.distill.teacher:
-    distill = load_teacher(config, mesh, num_classes)
-  train_step = step_lib.make_train_step(
-      model, tx, schedule, mesh, shardings, loss=config.loss,
-      label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-      ema_decay=config.ema_decay if use_ema else None, distill=distill)
-  eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
+  assert shardings == built.shardings  # the layout the jitted steps were built for
+  train_step, eval_step = built.train_step, built.eval_step
   batch_sharding = sharding_lib.batch_sharding(mesh)
   train_it = data.train_iterator(
       train_src, image_size=size, channels=config.channels, global_batch_size=config.batch_size,
@@ -231,6 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
 
   # 3-4. Steps.
   pending = None  # (step, metrics) of the previous step, checked with a one-step lag
+  skipped: set[int] = set()  # steps whose update was skipped (skip_nonfinite)
+  fewshot = fewshot_lib.from_config(config, model, mesh, shardings.params)  # None: off
   last_log_t, last_log_step = time.time(), start_step
   try:
     with _Preemption() as preemption:
@@ -238,18 +195,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         batch = next(train_it)
         state, metrics = train_step(state, batch)
         if pending is not None:
-          _check_finite(*pending)
+          _check_finite(*pending, skipped)
         pending = (step, metrics)
         due = lambda every: (every and step % every == 0) or step == config.total_steps
+        fewshot_due = fewshot is not None and due(fewshot.every or config.eval_every)
 
-        if due(config.log_every) or due(config.eval_every) or due(config.checkpoint_every):
-          _check_finite(step, metrics)
+        if (due(config.log_every) or due(config.eval_every) or due(config.checkpoint_every)
+            or fewshot_due):
+          _check_finite(step, metrics, skipped)
           values = jax.device_get(metrics)
           now = time.time()
           img_per_s = (step - last_log_step) * config.batch_size / max(now - last_log_t, 1e-9)
           result.train_loss = float(values['loss'])
-          row = {**{k: float(v) for k, v in values.items()}, 'img_per_s': img_per_s,
-                 'skipped_images': train_it.skipped_images}
+          row = {**{k: float(v) for k, v in values.items() if k != 'skipped'},
+                 'img_per_s': img_per_s, 'skipped_images': train_it.skipped_images,
+                 'skipped_updates': len(skipped)}
           if due(config.eval_every):
             eval_it = make_eval_it()
             result.eval = evaluate(eval_step, eval_params(state), eval_it)
@@ -257,6 +217,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
             row['skipped_images'] += eval_it.skipped_images
             eval_it.close()
             logging.info('step %d: %s', step, {k: round(v, 4) for k, v in result.eval.items()})
+          if fewshot_due:  # reads the parameters only: the trajectory is unchanged
+            row.update(fewshot(eval_params(state)))
           writer.write(step, row)
           bar.update(step, result.train_loss, img_per_s, force=True)
           if due(config.checkpoint_every):
@@ -267,7 +229,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         result.step = step
 
         if preemption.should_stop(step):
-          _check_finite(step, metrics)
+          _check_finite(step, metrics, skipped)
           logging.warning('preempted (SIGTERM): saving step %d and stopping', step)
           save(step)
           result.preempted = True
@@ -279,27 +241,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
     train_it.close()
   result.seconds = time.time() - t_start
   result.skipped_images = train_it.skipped_images
+  result.skipped_updates = len(skipped)
   return result
 
 
-def _check_batch_sizes(config, mesh) -> None:
-  """Batches must split evenly over processes and the mesh's batch axes; say so before training."""
-  shards = math.prod(mesh.shape[a] for a in sharding_lib.BATCH_AXES)
-  shards = math.lcm(shards, jax.process_count())
-  micro = config.batch_size // config.accum_steps
-  if config.batch_size % config.accum_steps or micro % shards:
-    raise ValueError(f'batch_size {config.batch_size} / accum_steps {config.accum_steps} = {micro} '
-                     f'must be a multiple of {shards} (devices on the data/fsdp axes and '
-                     f'processes); change --config.batch_size')
-  eval_bs = config.eval_batch_size or config.batch_size
-  if eval_bs % shards:
-    raise ValueError(f'eval_batch_size {eval_bs} must be a multiple of {shards} (devices on the '
-                     f'data/fsdp axes and processes); change --config.eval_batch_size')
-
-
-def _check_finite(step: int, metrics: dict) -> None:
-  loss = float(jax.device_get(metrics['loss']))
-  if not math.isfinite(loss):
+def _check_finite(step: int, metrics: dict, skipped: Optional[set[int]] = None) -> None:
+  """NonFiniteLossError naming `step` when its loss or global gradient norm is NaN/inf, unless the
+  step skipped that update (`skipped` metric, config.skip_nonfinite): then it joins `skipped`
+  (a set, as a step may be checked twice) with one warning."""
+  values = jax.device_get({k: metrics[k] for k in ('loss', 'grad_norm', 'skipped') if k in metrics})
+  loss, norm = float(values['loss']), float(values.get('grad_norm', 0.0))
+  if values.get('skipped'):
+    if skipped is not None and step not in skipped:
+      skipped.add(step)
+      logging.warning('step %d: loss %s, gradient norm %s; update skipped (skip_nonfinite), %d '
+                      'so far', step, loss, norm, len(skipped))
+    return
+  if not (math.isfinite(loss) and math.isfinite(norm)):
+    what = (f'loss is {loss}' if not math.isfinite(loss)
+            else f'gradient norm is {norm} (loss {loss})')
     raise NonFiniteLossError(
-        f'loss is {loss} at step {step}; stopping. The last good checkpoint is kept. '
-        'Lower base_lr, raise warmup_steps, or check the data.')
+        f'{what} at step {step}; stopping. The last good checkpoint is kept. '
+        'Lower base_lr, raise warmup_steps, or check the data; --config.skip_nonfinite=True '
+        'skips such updates instead.')

@@ -4,7 +4,9 @@ Only process 0 writes; other processes get a writer that does nothing.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import os
 import sys
@@ -45,8 +47,13 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self._tb is not None:
-      self._tb.flush()
-      self._tb.close()
+      try:
+        self._tb.flush()
+        self._tb.close()
+      except OSError as e:  # a full disk: warn, so that the run reports its own error (if any)
+        if e.errno != errno.ENOSPC:
+          raise
+        logging.warning('TensorBoard events in %s not written: %s', self.tb_dir, e)
 
 
 class ProgressBar:

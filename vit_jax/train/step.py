@@ -5,8 +5,11 @@ train_step(state, batch) -> (state, metrics):
   2. gradients of the mean loss over the global batch; with `accum_steps` = k the batch is split into
      k micro-batches (each device splits its own rows, so nothing moves between devices) whose
      gradients are averaged: the same mathematics as one big batch
-  3. the optimizer update (clipping, Adam or SGD, schedule), then the optional parameter EMA
-  4. metrics: loss, global gradient norm (before clipping), learning rate
+  3. the optimizer update (clipping, Adam or SGD, schedule), then the optional parameter EMA; with
+     `skip_nonfinite`, a step whose loss or gradient norm is NaN/inf keeps the old parameters,
+     optimizer state and EMA (only the step counter moves on)
+  4. metrics: loss, global gradient norm (before clipping), learning rate (+ `skipped`: 1.0 when
+     the update was skipped, with `skip_nonfinite`)
 
 Distillation (DeiT, `Distillation`): a frozen teacher runs in inference mode inside the same jitted
 step on the same augmented batch; its parameters are a separate argument (never in the TrainState,
@@ -126,7 +129,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
                     shardings: TrainState, *, loss: str = 'softmax_xent',
                     label_smoothing: float = 0.0, accum_steps: int = 1,
                     ema_decay: Optional[float] = None,
-                    distill: Optional[Distillation] = None) -> Callable:
+                    distill: Optional[Distillation] = None,
+                    skip_nonfinite: bool = False) -> Callable:
   """The jitted train step, called as step(state, batch); the state argument is donated (updated in
   place). With `distill`, the teacher's parameters go to the jitted function as a third argument."""
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -184,10 +188,18 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
     ema = state.ema_params
     if ema_decay is not None:
       ema = optim.ema_update(ema, params, ema_decay)
+    grad_norm = optax.global_norm(grads)
+    metrics = {'loss': loss_value, 'grad_norm': grad_norm, 'lr': schedule(state.step), **aux}
+    if skip_nonfinite:
+      # One NaN/inf anywhere makes the global norm non-finite. Selecting inside the step keeps the
+      # state on device and costs one select per element; the data and step counter move on.
+      finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss_value)
+      params, opt_state, ema = jax.tree.map(
+          lambda new, old: jnp.where(finite, new, old), (params, opt_state, ema),
+          (state.params, state.opt_state, state.ema_params))
+      metrics['skipped'] = 1.0 - finite.astype(jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                               ema_params=ema)
-    metrics = {'loss': loss_value, 'grad_norm': optax.global_norm(grads),
-               'lr': schedule(state.step), **aux}
     return new_state, metrics
 
   batch_shardings = {'image': batch_sharding, 'labels': batch_sharding}
@@ -197,7 +209,12 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
                    out_shardings=out_shardings, donate_argnums=(0,))
   jitted = jax.jit(train_step, in_shardings=(shardings, batch_shardings, distill.shardings),
                    out_shardings=out_shardings, donate_argnums=(0,))
-  return lambda state, batch: jitted(state, batch, distill.params)
+
+  def with_teacher(state, batch):
+    return jitted(state, batch, distill.params)
+  # step.lower(state, batch), as for a plain jitted step (plans compile it ahead of time).
+  with_teacher.lower = lambda state, batch: jitted.lower(state, batch, distill.params)
+  return with_teacher
 
 
 def make_eval_step(model, mesh: Mesh, params_shardings: Any) -> Callable:

@@ -1,10 +1,12 @@
 """Checks a training config before anything heavy starts; every error names the key and the fix."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import math
 import os
 import re
-from typing import Sequence
+from typing import Any, Sequence
 
 import ml_collections
 
@@ -78,8 +80,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'image_size {config.image_size!r} must be an int or (height, width)') from e
   try:
     family, fields = registry.resolve(config.model)
+    _validate_model_values(config.model, family)
     family.validate(fields, size)
-  except (ValueError, TypeError, KeyError) as e:  # a wrong type reads as a TypeError here
+  except ConfigError:
+    raise
+  except (ValueError, TypeError, KeyError, ArithmeticError) as e:  # a wrong type: a TypeError
     raise ConfigError(f'model: {e}') from e
   for key in ('batch_size', 'total_steps', 'accum_steps', 'channels'):
     _need(isinstance(config[key], int) and config[key] > 0, f'{key} must be a positive integer')
@@ -93,6 +98,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   cpu_devices = config.get('cpu_devices', 0)
   _need(isinstance(cpu_devices, int) and cpu_devices >= 0,
         f'cpu_devices must be an integer >= 0 (0: one CPU device), got {cpu_devices!r}')
+  _need(isinstance(config.get('skip_nonfinite', False), bool),
+        f"skip_nonfinite must be True or False, got {config.get('skip_nonfinite')!r}")
+  for key in ('heartbeat_timeout', 'shutdown_timeout'):
+    value = config.get(key, 1)
+    _need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+          f'{key} must be a whole number of seconds > 0, got {value!r}')
   _need(config.optimizer in ('adam', 'sgd'), f"optimizer {config.optimizer!r}: 'adam' or 'sgd'")
   _need(config.lr_decay in optim.DECAYS, f'lr_decay {config.lr_decay!r}: one of {optim.DECAYS}')
   _need(config.loss in step_lib.LOSSES, f'loss {config.loss!r}: one of {step_lib.LOSSES}')
@@ -103,18 +114,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(0 <= config.ema_decay < 1, 'ema_decay must be in [0, 1) (0: off)')
   _need(config.dtype in ('auto', 'float32', 'bfloat16', 'float16'),
         f"dtype {config.dtype!r}: 'auto', 'float32', 'bfloat16' or 'float16'")
-  try:
-    for name, n in config.mesh:
-      _need(name in sharding_lib.AXES and int(n) != 0, f'bad mesh axis {(name, n)}')
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'mesh {config.mesh!r} must be like ((\'data\', -1), (\'fsdp\', 1), '
-                      f'(\'tensor\', 1)) with axes from {sharding_lib.AXES}: {e}') from e
+  _validate_mesh(config.mesh)
   from vit_jax.data import PRESETS  # pylint: disable=g-import-not-at-top
   _need(config.augment in PRESETS, f'augment {config.augment!r}: one of {sorted(PRESETS)}')
   _validate_distill(config, family)
+  _validate_fewshot(config)
+  _validate_ranges(config)
   if config.get('randaugment'):
     _need(re.fullmatch(r'\d+,\d+', str(config.randaugment)) is not None,
           f"randaugment {config.randaugment!r} must be 'layers,magnitude', e.g. '2,15'")
+
+
+def _validate_fewshot(config: ml_collections.ConfigDict) -> None:
+  """`fewshot.*` (when datasets are given): shots, seeds, method and its parameters in range."""
+  fs = config.get('fewshot')
+  from vit_jax.eval import fewshot as fewshot_lib  # pylint: disable=g-import-not-at-top
+  if fs is None or not fewshot_lib.datasets_of(fs.get('datasets')):
+    return
+  shots = fs.shots if isinstance(fs.shots, (tuple, list)) else (fs.shots,)
+  _need(len(shots) > 0 and all(isinstance(s, int) and s > 0 for s in shots),
+        f'fewshot.shots {fs.shots!r} must be positive integers, e.g. (1, 5, 10, 25)')
+  _need(isinstance(fs.seeds, int) and fs.seeds > 0, f'fewshot.seeds must be >= 1, got {fs.seeds!r}')
+  _need(fs.method in fewshot_lib.METHODS,
+        f'fewshot.method {fs.method!r}: one of {fewshot_lib.METHODS}')
+  _need(fs.l2_reg > 0, f'fewshot.l2_reg must be > 0, got {fs.l2_reg!r}')
+  _need(isinstance(fs.k, int) and fs.k > 0, f'fewshot.k must be >= 1, got {fs.k!r}')
+  _need(isinstance(fs.every, int) and fs.every >= 0,
+        f'fewshot.every must be >= 0 (0: with every evaluation), got {fs.every!r}')
 
 
 def _validate_distill(config: ml_collections.ConfigDict, family) -> None:
@@ -139,3 +165,97 @@ def _validate_distill(config: ml_collections.ConfigDict, family) -> None:
   _need(os.path.exists(distill.teacher),
         f'distill.teacher {distill.teacher!r} does not exist (a run workdir, .npz, timm or Hugging '
         'Face checkpoint)')
+
+
+def _is_number(v: Any, integer: bool = False) -> bool:
+  kinds = int if integer else (int, float)
+  return isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _validate_ranges(config: ml_collections.ConfigDict) -> None:
+  """Numbers outside their range (negative counts, fractions >= 1, NaN, infinities), `channels`."""
+  def number(key: str, lo: float, hi: float | None = None, integer: bool = False) -> None:
+    if key in config:
+      v = config[key]
+      ok = _is_number(v, integer) and v >= lo and (hi is None or v < hi)
+      _need(ok, f'{key} must be {"an integer" if integer else "a finite number"} in [{lo}, '
+            f'{"inf" if hi is None else hi}), got {v!r}')
+
+  for key in ('workers', 'prefetch', 'keep_every', 'eval_batch_size', 'fsdp_min_size', 'seed'):
+    number(key, 0, integer=True)
+  number('keep_last', 1, integer=True)
+  for key in ('base_lr', 'end_lr', 'grad_clip_norm', 'weight_decay', 'mixup', 'cutmix'):
+    number(key, 0)
+  for key in ('held_out', 'b1', 'b2', 'momentum'):
+    number(key, 0, 1)
+  _need(config.channels in (1, 3), f'channels must be 1 (grey) or 3 (RGB), got {config.channels!r}')
+
+
+def _validate_mesh(mesh: Any) -> None:
+  """((axis, size), ...): distinct axes of sharding.AXES, sizes >= 1 or one -1 (the rest)."""
+  example = "(('data', -1), ('fsdp', 1), ('tensor', 1))"
+  try:
+    pairs = [(name, size) for name, size in mesh]
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'mesh {mesh!r} must be pairs (axis, size) like {example}: {e}') from e
+  names = [n for n, _ in pairs]
+  _need(all(n in sharding_lib.AXES for n in names) and len(set(names)) == len(names),
+        f'mesh {mesh!r}: axes must be distinct names from {sharding_lib.AXES}, e.g. {example}')
+  _need(all(_is_number(n, integer=True) and (n >= 1 or n == -1) for _, n in pairs),
+        f'mesh {mesh!r}: sizes must be integers >= 1, or -1 for "the remaining devices"')
+  _need([n for _, n in pairs].count(-1) <= 1, f'mesh {mesh!r}: at most one axis may be -1')
+
+
+def _validate_model_values(model: ml_collections.ConfigDict, family) -> None:
+  """Overrides of numeric and boolean model fields, judged by the module's annotation of the field:
+  `int` a positive integer (>= 0 where Optional: 0 is none), `Sequence[int]` a tuple of them, both
+  where both are allowed (`patch_size` 16 or (16, 8)); `float` finite, in [0, 1) for rates
+  (`*rate*`, `*drop*`, `stochastic*`), > 0 for `*ratio*`; `bool` True or False."""
+  kinds = {f.name: str(f.type) for f in dataclasses.fields(family.module_class())}
+  for key, value in model.items():
+    kind = kinds.get(key, '')
+    if key in ('name', 'family') or value is None or not re.search(r'\b(int|float|bool)\b', kind):
+      continue
+    where = f'model.{key} {value!r}'
+    if kind == 'bool':
+      _need(isinstance(value, bool), f'{where} must be True or False')
+      continue
+    outer = re.sub(r'(Sequence|tuple|list|Tuple|List)\[[^\]]*\]', 'SEQ', kind)
+    scalar_ok, seq_ok = re.search(r'\b(int|float)\b', outer), 'SEQ' in outer
+    is_seq = isinstance(value, (tuple, list))
+    _need(seq_ok if is_seq else bool(scalar_ok),
+          f'{where} must be {"a tuple" if not scalar_ok else "a single number"}'
+          f'{" or a tuple" if scalar_ok and seq_ok else ""} ({kind})')
+    for v in (value if is_seq else [value]):
+      if 'float' in kind:
+        lo, hi = ((0, 1) if re.search(r'rate|drop|stochastic', key) else
+                  (0, None) if 'ratio' in key else (None, None))
+        _need(_is_number(v) and (lo is None or v >= lo) and (hi is None or v < hi) and
+              ('ratio' not in key or v > 0),
+              f'{where} must be a finite number{f" in [{lo}, {hi})" if hi else ""}'
+              f'{" > 0" if "ratio" in key else ""}')
+      else:
+        _need(_is_number(v, integer=True) and (v > 0 or (v == 0 and 'Optional' in kind)),
+              f'{where} must be a positive integer{" (or a tuple of them)" if seq_ok else ""}')
+
+
+def check_devices(config: ml_collections.ConfigDict, num_devices: int,
+                  process_count: int = 1) -> None:
+  """What needs the device count (call it once devices exist, before anything is compiled): the
+  mesh multiplies out to the devices, and every batch splits evenly over the data-parallel
+  devices (data x fsdp axes) and the processes."""
+  try:
+    shape = sharding_lib.mesh_shape(config.mesh, num_devices)
+  except ValueError as e:
+    raise ConfigError(f'mesh: {e}; change --config.mesh (sizes multiply to the device count; -1 '
+                      f'takes the rest)') from e
+  shards = math.lcm(math.prod(shape[a] for a in sharding_lib.BATCH_AXES), process_count)
+  micro = config.batch_size // config.accum_steps
+  _need(micro % shards == 0,
+        f'batch_size {config.batch_size} / accum_steps {config.accum_steps} = {micro} must be a '
+        f'multiple of {shards} (devices on the data and fsdp mesh axes {shape}, and '
+        f'{process_count} process(es)); change --config.batch_size')
+  eval_bs = config.get('eval_batch_size') or config.batch_size
+  _need(eval_bs % shards == 0,
+        f'eval_batch_size {eval_bs} must be a multiple of {shards} (devices on the data and fsdp '
+        f'mesh axes, and processes); change --config.eval_batch_size')

@@ -1,0 +1,355 @@
+"""`python scripts/benchmark.py model`: one registered model, timed as training uses it, next to
+timm's and Hugging Face's PyTorch implementations of the same architecture.
+
+Protocol (the same for every implementation): a fixed in-memory batch of uniform [-1, 1] images and
+random labels; train step = forward + softmax cross-entropy + backward + global-norm clipping at 1.0 +
+the optimizer update (SGD with momentum 0.9 by default; `--optimizer adam` for Adam with decoupled
+weight decay 0.1). Inference = forward only, no gradients. Each implementation runs in its own
+process (its own threads and allocator); after warm-up, the processes are asked in turn for one timed
+window each, `--repeats` rounds, so that a slow minute of the machine hits everyone alike; the figure
+reported is the median window.
+
+Ours is the real jitted step of `vit_jax.train` (donated state, the configured optimizer), compiled
+ahead of time so that compile time and the compiled program's memory analysis are reported. The
+PyTorch models are this project's own parameters exported through `vit_jax.formats` (timm /
+Hugging Face layouts) and loaded by timm / transformers: the architecture is the same by
+construction, and the weights are the same too.
+
+MFU is the achieved model FLOP/s (analytic: the family's forward MACs x 2, x 3 for training) over
+the matmul peak measured on this machine in this process (float32 on CPU, bfloat16 on GPU; the card's
+datasheet peak is also shown on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense bfloat16 datasheet peaks, FLOP/s (no sparsity). H100/H200 SXM: NVIDIA H100 and H200
+# datasheets (989.4 TFLOPS bf16 dense; the "1,979" figure is with sparsity). A100: A100 datasheet.
+GPU_BF16_PEAK = {'H100': 989.4e12, 'H200': 989.4e12, 'A100': 312e12, 'L4': 121e12}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--model', required=True, help='a registered name (python -m vit_jax.summary --list)')
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--num_classes', type=int, default=1000)
+  parser.add_argument('--mode', default='both', choices=('train', 'infer', 'both'))
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--optimizer', default='sgd', choices=('sgd', 'adam'))
+  parser.add_argument('--compare', default='', help='comma-separated: timm, hf')
+  parser.add_argument('--repeats', type=int, default=4, help='timed windows per implementation')
+  parser.add_argument('--seconds', type=float, default=6.0, help='target length of one window')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='model field override, e.g. --set num_layers=6 --set attention_impl=xla')
+  parser.add_argument('--json_out', default=None, help='also write every figure as JSON here')
+
+
+# ----------------------------------------------------------------------------------------------
+# Workers: one process per implementation and task. They print one JSON line when ready, then
+# answer `time N` (run N iterations, report seconds) until `quit`.
+
+
+def _arch(spec: dict[str, Any]):
+  import ast  # pylint: disable=import-outside-toplevel
+  from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  family, fields = registry.resolve(registry.get_model_config(spec['model']))
+  for item in spec['set']:
+    key, value = item.split('=', 1)
+    try:
+      fields[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      fields[key] = value
+  return Architecture(dict(fields), spec['num_classes'], spec['image_size'], spec['channels'],
+                      family.name)
+
+
+def _batch(spec: dict[str, Any]):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  b, s, c = spec['batch'], spec['image_size'], spec['channels']
+  images = rng.uniform(-1, 1, (b, s, s, c)).astype(np.float32)
+  labels = rng.integers(0, spec['num_classes'], b)
+  return images, labels
+
+
+def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(run(n), info) for this project's jitted train step or inference."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  arch = _arch(spec)
+  model = arch.create_model(dtype=jnp.dtype(spec['dtype']))
+  images, labels = _batch(spec)
+  mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
+  data_sharding = sharding_lib.batch_sharding(mesh)
+  sched = optim.make_schedule(1e-3, 10_000, 0)
+  tx = optim.make_optimizer({'optimizer': spec['optimizer'], 'momentum': 0.9, 'grad_clip_norm': 1.0,
+                             'weight_decay': 0.1 if spec['optimizer'] == 'adam' else 0.0}, sched)
+  state, shardings = state_lib.create_train_state(
+      model, tx, (1, *arch.image_size, arch.channels), 0, mesh)
+  t0 = time.perf_counter()
+  if spec['task'] == 'train':
+    batch = jax.device_put({'image': images, 'labels': np.eye(spec['num_classes'], dtype=np.float32)[labels]},
+                           data_sharding)
+    compiled = step_lib.make_train_step(model, tx, sched, mesh, shardings).lower(state, batch).compile()
+    box = [state]
+
+    def run(n: int) -> None:
+      for _ in range(n):
+        box[0], metrics = compiled(box[0], batch)
+      jax.block_until_ready(metrics)
+  else:
+    x = jax.device_put(images, data_sharding)
+    compiled = jax.jit(lambda p, x: model.apply({'params': p}, x)).lower(state.params, x).compile()
+    params = state.params
+
+    def run(n: int) -> None:
+      for _ in range(n):
+        out = compiled(params, x)
+      jax.block_until_ready(out)
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes +
+            mem.temp_size_in_bytes)
+  macs = arch.get_family().forward_macs(arch.model_config, arch.num_classes, arch.image_size,
+                                        arch.channels)
+  info = {'compile_s': compile_s, 'peak_bytes': peak, 'flops_per_image':
+          2 * macs * (3 if spec['task'] == 'train' else 1), 'device': jax.devices()[0].device_kind,
+          'backend': jax.default_backend(), 'matmul_peak': _matmul_peak()}
+  return run, info
+
+
+def _matmul_peak() -> float:
+  """Best FLOP/s of a large square matmul here: float32 on CPU, bfloat16 on accelerators."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  cpu = jax.default_backend() == 'cpu'
+  n, dtype = (2048, jnp.float32) if cpu else (8192, jnp.bfloat16)
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda a, b: a @ b)
+  jax.block_until_ready(f(a, a))
+  best = float('inf')
+  for _ in range(5 if cpu else 20):
+    t = time.perf_counter()
+    jax.block_until_ready(f(a, a))
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+  """(run(n), info) for timm's or Hugging Face's model of the same architecture, eager PyTorch."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from vit_jax.convert import verify  # pylint: disable=import-outside-toplevel
+  from vit_jax.formats import hf as hf_format, timm as timm_format  # pylint: disable=import-outside-toplevel
+  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  arch = _arch(spec)
+  model = arch.create_model()
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0),
+                                      np.zeros((1, *arch.image_size, arch.channels), np.float32)))()
+  tree = arch.get_family().to_file_layout(params['params'])
+  flat = {k: np.asarray(v) for k, v in params_lib.flatten(tree).items()}
+  torch.set_num_threads(os.cpu_count() or 1)
+  with tempfile.TemporaryDirectory() as tmp:
+    if spec['impl'] == 'timm':
+      sys.path.insert(0, ROOT)
+      from tests.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
+      import_timm()
+      timm_format.write_timm(tmp, flat, arch)
+      net = verify.load_timm_model(tmp)
+      forward = lambda x: net(x)
+    else:
+      hf_format.write_hf(tmp, flat, arch)
+      net = verify.load_hf_model(tmp)
+      forward = lambda x: net(pixel_values=x).logits
+  if spec['dtype'] == 'bfloat16':
+    net = net.to(torch.bfloat16)
+  images, labels = _batch(spec)
+  dtype = torch.bfloat16 if spec['dtype'] == 'bfloat16' else torch.float32
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype)
+  y = torch.from_numpy(labels)
+  if spec['task'] == 'train':
+    net.train()
+    if spec['optimizer'] == 'adam':
+      opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=0.1)
+    else:
+      opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+
+    def one() -> None:
+      opt.zero_grad(set_to_none=True)
+      loss = torch.nn.functional.cross_entropy(forward(x).float(), y)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+      opt.step()
+  else:
+    net.eval()
+
+    def one() -> None:
+      with torch.inference_mode():
+        forward(x)
+
+  def run(n: int) -> None:
+    for _ in range(n):
+      one()
+  return run, {'device': 'cpu', 'backend': 'torch ' + torch.__version__}
+
+
+def worker_main(spec: dict[str, Any]) -> None:
+  run, info = (_ours if spec['impl'] == 'ours' else _torch)(spec)
+  run(2)  # warm-up: first calls allocate, autotune, fill caches
+  t = time.perf_counter()
+  run(1)
+  info['ready'] = True
+  info['first_s'] = time.perf_counter() - t
+  print(json.dumps(info), flush=True)
+  for line in sys.stdin:
+    cmd = line.split()
+    if not cmd or cmd[0] == 'quit':
+      break
+    n = int(cmd[1])
+    t = time.perf_counter()
+    run(n)
+    print(json.dumps({'seconds': time.perf_counter() - t, 'iterations': n}), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent: start workers, interleave windows, print the table.
+
+
+class _Worker:
+  def __init__(self, spec: dict[str, Any]):
+    self.spec = spec
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+               TF_CPP_MIN_LOG_LEVEL='3', TRANSFORMERS_VERBOSITY='error',
+               HF_HUB_DISABLE_PROGRESS_BARS='1')
+    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker',
+                                  json.dumps(spec)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    self.info: Optional[dict[str, Any]] = None
+    self.rates: list[float] = []
+
+  def read(self) -> dict[str, Any]:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f'{self.spec["impl"]} {self.spec["task"]} worker exited with '
+                         f'{self.proc.wait()} (its error is above)')
+    return json.loads(line)
+
+  def ready(self) -> dict[str, Any]:
+    self.info = self.read()
+    return self.info
+
+  def window(self, seconds: float) -> float:
+    n = max(1, round(seconds / max(self.info['first_s'], 1e-6)))
+    self.proc.stdin.write(f'time {n}\n')
+    self.proc.stdin.flush()
+    out = self.read()
+    rate = out['iterations'] * self.spec['batch'] / out['seconds']
+    self.rates.append(rate)
+    return rate
+
+  def close(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.stdin.write('quit\n')
+      self.proc.stdin.close()
+      self.proc.wait()
+
+
+def _measure(spec: dict[str, Any], impls: list[str], repeats: int, seconds: float
+             ) -> dict[str, _Worker]:
+  """Median img/s per implementation, windows interleaved; workers start one at a time so that
+  compilation is not timed against another's."""
+  workers = {}
+  try:
+    for impl in impls:
+      w = _Worker(dict(spec, impl=impl))
+      w.ready()
+      workers[impl] = w
+    for _ in range(repeats):
+      for w in workers.values():
+        w.window(seconds)
+  finally:
+    for w in workers.values():
+      w.close()
+  return workers
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  impls = ['ours'] + [c for c in args.compare.split(',') if c]
+  bad = [c for c in impls[1:] if c not in ('timm', 'hf')]
+  if bad:
+    raise SystemExit(f'--compare takes timm and/or hf, not {bad}')
+  tasks = ['infer', 'train'] if args.mode == 'both' else [args.mode]
+  base = dict(model=args.model, batch=args.batch, image_size=args.image_size,
+              channels=args.channels, num_classes=args.num_classes, dtype=args.dtype,
+              optimizer=args.optimizer, set=args.set)
+  print(f'{args.model} at {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, '
+        f'{args.dtype}, {args.optimizer} + clip 1.0; median of {args.repeats} interleaved windows '
+        f'of ~{args.seconds:.0f}s; {os.cpu_count()} CPUs')
+  results: dict[str, Any] = {'config': base, 'tasks': {}}
+  lines = []
+  peak = 0.0  # a property of the machine: the best any of our workers measured
+  for task in tasks:
+    workers = _measure(dict(base, task=task), impls, args.repeats, args.seconds)
+    ours = workers['ours'].info
+    rates = {k: statistics.median(w.rates) for k, w in workers.items()}
+    flops = ours['flops_per_image']
+    peak = max(peak, ours['matmul_peak'])
+    achieved = rates['ours'] * flops
+    kind = 'float32' if ours['backend'] == 'cpu' else 'bfloat16'
+    print(f'\n{task}: {"impl":6s} {"img/s":>9s}  {"x ours":>7s}  spread')
+    for k, w in workers.items():
+      spread = f'{min(w.rates):.1f}-{max(w.rates):.1f}'
+      print(f'{task}: {k:6s} {rates[k]:9.1f}  {rates[k] / rates["ours"]:7.2f}  {spread}')
+    print(f'{task}: {flops / 1e9:.3f} GFLOP/image (analytic), {achieved / 1e9:.1f} GFLOP/s achieved, '
+          f'MFU {achieved / peak:.1%} of the measured {kind} matmul peak {peak / 1e9:.1f} GFLOP/s '
+          f'({ours["device"]})')
+    datasheet = next((v for k, v in GPU_BF16_PEAK.items() if k in ours['device']), None)
+    if datasheet and ours['backend'] == 'gpu':
+      print(f'{task}: MFU {achieved / datasheet:.1%} of the {ours["device"]} datasheet bf16 peak '
+            f'{datasheet / 1e12:.0f} TFLOP/s')
+    mem = ours['peak_bytes']
+    print(f'{task}: compile {ours["compile_s"]:.1f}s, peak device memory '
+          f'{mem / 2**20:.1f} MiB (compiled memory analysis)' if mem else
+          f'{task}: compile {ours["compile_s"]:.1f}s')
+    torch_rates = {k: v for k, v in rates.items() if k != 'ours'}
+    if torch_rates:
+      best = max(torch_rates, key=torch_rates.get)
+      lines.append(f'{task}: {rates["ours"]:.1f} img/s (x{rates["ours"] / torch_rates[best]:.2f} '
+                   f'vs the faster PyTorch, {best} {torch_rates[best]:.1f})')
+    else:
+      lines.append(f'{task}: {rates["ours"]:.1f} img/s')
+    results['tasks'][task] = {'rates': rates, 'windows': {k: w.rates for k, w in workers.items()},
+                              'info': ours}
+  print()
+  for line in lines:
+    print(line)
+  if args.json_out:
+    with open(args.json_out, 'w') as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == '__main__':
+  if len(sys.argv) == 3 and sys.argv[1] == '--worker':
+    sys.path.insert(0, ROOT)
+    worker_main(json.loads(sys.argv[2]))
+  else:
+    raise SystemExit('run it as: python scripts/benchmark.py model --model NAME ...')

@@ -1,0 +1,164 @@
+"""`python scripts/benchmark.py tokens`: how the train step's time and memory grow with the token
+count, with and without rematerialisation and fused attention.
+
+For each image size (patch fixed, so tokens = (size / patch)^2) and each variant, the real train step
+is compiled ahead of time; peak memory comes from the compiled program's memory analysis (no run
+needed, so large sizes can be measured on a small machine), and with `--time` a few steps are timed.
+Writes `tokens.json` and `tokens.png` (memory and step time against tokens, log-log) into `--out`.
+
+Variants: plain (attention_impl explicit, no remat), remat (blocks recomputed in the backward pass,
+policy `--remat_policy`), fused (attention_impl auto: cuDNN flash attention on NVIDIA GPUs, XLA's
+fused `dot_product_attention` elsewhere) and fused+remat. Fused attention plus remat is the variant
+whose memory should grow linearly in tokens on a GPU: the [T, T] attention matrix is never stored.
+On the CPU, XLA's "fused" attention still materialises it, so expect quadratic growth there.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = {
+    'plain': {'attention_impl': 'explicit', 'remat': False},
+    'remat': {'attention_impl': 'explicit', 'remat': True},
+    'fused': {'attention_impl': 'auto', 'remat': False},
+    'fused+remat': {'attention_impl': 'auto', 'remat': True},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--model', default='ViT-B_16')
+  parser.add_argument('--sizes', default='224,448,896', help='comma-separated image sizes')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--dtype', default=None, choices=(None, 'float32', 'bfloat16'),
+                      help='default: float32 on CPU, bfloat16 elsewhere')
+  parser.add_argument('--variants', default=','.join(VARIANTS))
+  parser.add_argument('--remat_policy', default='nothing_saveable')
+  parser.add_argument('--time', action='store_true', help='also time 3 steps per point')
+  parser.add_argument('--out', default='runs/benchmark_tokens')
+
+
+def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
+  """Compile (and optionally time) one train step; runs in a fresh process per point."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+  from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  dtype = spec['dtype'] or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
+  overrides = dict(VARIANTS[spec['variant']], dtype=jnp.dtype(dtype))
+  if overrides['remat']:
+    overrides['remat'] = spec['remat_policy']
+  family, fields = registry.resolve(registry.get_model_config(spec['model']))
+  model = family.create(fields, 1000, **overrides)
+  size, batch = spec['size'], spec['batch']
+  mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
+  sched = optim.make_schedule(1e-3, 1000, 0)
+  tx = optim.make_optimizer({'optimizer': 'sgd', 'momentum': 0.9, 'grad_clip_norm': 1.0}, sched)
+  # Abstract state: the point is compiled without allocating parameters, unless it is timed.
+  abstract, shardings = state_lib.abstract_state(model, tx, (1, size, size, 3), 0, mesh)
+  batch_shape = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
+                                               sharding=sharding_lib.batch_sharding(mesh)),
+                 'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32,
+                                                sharding=sharding_lib.batch_sharding(mesh))}
+  step = step_lib.make_train_step(model, tx, sched, mesh, shardings)
+  t0 = time.perf_counter()
+  compiled = step.lower(abstract, batch_shape).compile()
+  out = {**spec, 'dtype': dtype, 'compile_s': time.perf_counter() - t0,
+         'tokens': (size // fields['patch_size']) ** 2}
+  mem = compiled.memory_analysis()
+  if mem is not None:
+    out['peak_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes -
+                         mem.alias_size_in_bytes + mem.temp_size_in_bytes)
+    out['temp_bytes'] = mem.temp_size_in_bytes
+  if spec['time']:
+    state, _ = state_lib.create_train_state(model, tx, (1, size, size, 3), 0, mesh)
+    rng = np.random.default_rng(0)
+    b = jax.device_put({'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+                        'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch)]},
+                       sharding_lib.batch_sharding(mesh))
+    state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(3):
+      state, m = compiled(state, b)
+    jax.block_until_ready(m)
+    out['step_s'] = (time.perf_counter() - t0) / 3
+  return out
+
+
+def plot(points: list[dict[str, Any]], path: str, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  timed = any('step_s' in p for p in points)
+  fig, axes = plt.subplots(1, 2 if timed else 1, figsize=(11 if timed else 6, 4.2), squeeze=False)
+  big = max((p.get('peak_bytes', 0) for p in points), default=0) >= 2**30
+  unit, scale = ('GiB', 2**30) if big else ('MiB', 2**20)
+  for variant in dict.fromkeys(p['variant'] for p in points):
+    pts = sorted((p for p in points if p['variant'] == variant and 'peak_bytes' in p),
+                 key=lambda p: p['tokens'])
+    tokens = [p['tokens'] for p in pts]
+    axes[0][0].plot(tokens, [p['peak_bytes'] / scale for p in pts], 'o-', label=variant)
+    if timed:
+      axes[0][1].plot(tokens, [p.get('step_s', float('nan')) for p in pts], 'o-', label=variant)
+  axes[0][0].set(xscale='log', yscale='log', xlabel='tokens per image',
+                 ylabel=f'peak memory of the train step ({unit})', title='memory')
+  if timed:
+    axes[0][1].set(xscale='log', yscale='log', xlabel='tokens per image',
+                   ylabel='seconds per train step', title='step time')
+  for ax in axes[0]:
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend()
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+  variants = args.variants.split(',')
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise SystemExit(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
+  os.makedirs(args.out, exist_ok=True)
+  points = []
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             TF_CPP_MIN_LOG_LEVEL='3')
+  print(f'{"variant":12s} {"size":>5s} {"tokens":>7s} {"peak GiB":>9s} {"step s":>8s} {"compile s":>9s}')
+  for size in (int(s) for s in args.sizes.split(',')):
+    for variant in variants:
+      spec = dict(model=args.model, size=size, batch=args.batch, dtype=args.dtype, variant=variant,
+                  remat_policy=args.remat_policy, time=args.time)
+      # A fresh process per point: one compile's temporaries never inflate the next one's.
+      res = subprocess.run([sys.executable, os.path.abspath(__file__), '--point', json.dumps(spec)],
+                           capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+      if res.returncode:
+        print(f'{variant:12s} {size:5d} failed: {res.stderr.strip().splitlines()[-1:]}')
+        continue
+      p = json.loads(res.stdout.strip().splitlines()[-1])
+      points.append(p)
+      step = f'{p["step_s"]:8.3f}' if 'step_s' in p else f'{"-":>8s}'
+      print(f'{variant:12s} {size:5d} {p["tokens"]:7d} {p.get("peak_bytes", 0) / 2**30:9.3f} {step} '
+            f'{p["compile_s"]:9.1f}')
+  with open(os.path.join(args.out, 'tokens.json'), 'w') as f:
+    json.dump(points, f, indent=2)
+  if points:
+    plot(points, os.path.join(args.out, 'tokens.png'),
+         f'{args.model}, batch {args.batch}, {points[0]["dtype"]}: train step vs tokens')
+  print(f'tokens: {len(points)} points -> {os.path.join(args.out, "tokens.png")}')
+  return points
+
+
+if __name__ == '__main__':
+  if len(sys.argv) == 3 and sys.argv[1] == '--point':
+    sys.path.insert(0, ROOT)
+    print(json.dumps(measure_point(json.loads(sys.argv[2]))))
+  else:
+    raise SystemExit('run it as: python scripts/benchmark.py tokens ...')

@@ -1,0 +1,102 @@
+"""Attention implementations and remat policies: the selection logic of `attention_impl='auto'`
+(checked on CPU with stand-in devices, since CI has no GPU), the numerics of every implementation
+that runs here against the explicit softmax, and every remat policy against no remat."""
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.numerics import assert_close_to_scale, assert_trees_close_to_scale
+from vit_jax.families import registry
+from vit_jax.models import attention
+from vit_jax.models.vit import REMAT_POLICIES
+
+
+def _device(platform: str, capability=None):
+  d = types.SimpleNamespace(platform=platform)
+  if capability is not None:
+    d.compute_capability = capability
+  return d
+
+
+@pytest.mark.parametrize('device, dtype, head_dim, want', [
+    (_device('gpu', '9.0'), jnp.bfloat16, 64, 'cudnn'),    # H100: flash attention
+    (_device('gpu', '8.0'), jnp.float16, 128, 'cudnn'),    # A100, the largest head cuDNN fuses
+    (_device('gpu', '9.0'), jnp.float32, 64, 'xla'),       # cuDNN's fused kernel is half precision
+    (_device('gpu', '9.0'), jnp.bfloat16, 256, 'xla'),     # head too wide for the kernel
+    (_device('gpu', '9.0'), jnp.bfloat16, 36, 'xla'),      # not a multiple of 8
+    (_device('gpu', '7.5'), jnp.bfloat16, 64, 'xla'),      # pre-Ampere
+    (_device('gpu'), jnp.bfloat16, 64, 'xla'),             # a GPU without CUDA capability (ROCm)
+    (_device('cpu'), jnp.bfloat16, 64, 'xla'),
+    (_device('tpu'), jnp.bfloat16, 128, 'xla'),
+])
+def test_auto_selects_cudnn_only_where_its_kernel_applies(device, dtype, head_dim, want):
+  assert attention.select_implementation(dtype, head_dim, device) == want
+
+
+def test_auto_on_this_machine_is_xla():
+  assert jax.default_backend() == 'cpu'
+  assert attention.select_implementation(jnp.float32, 64) == 'xla'
+
+
+@pytest.mark.parametrize('impl', ['xla', 'auto'])
+@pytest.mark.parametrize('with_bias', [False, True])
+def test_fused_implementations_match_the_explicit_softmax(impl, with_bias):
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 4, 8)), jnp.float32) for _ in range(3))
+  bias = jnp.asarray(rng.normal(size=(1, 4, 17, 17)), jnp.float32) if with_bias else None
+  want, _ = attention.dot_product_attention(q, k, v, implementation='explicit', bias=bias)
+  got, weights = attention.dot_product_attention(q, k, v, implementation=impl, bias=bias)
+  assert weights is None
+  # float32 softmax-weighted sums of O(1) values: rounding of a few ulps of the output scale.
+  assert_close_to_scale(got, want, rtol=1e-5)
+
+
+def test_auto_still_returns_weights_and_supports_dropout():
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 5, 2, 4)), jnp.float32) for _ in range(3))
+  _, weights = attention.dot_product_attention(q, k, v, implementation='auto', return_weights=True)
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+  out, _ = attention.dot_product_attention(q, k, v, implementation='auto', dropout_rate=0.5,
+                                           dropout_rng=jax.random.PRNGKey(0), deterministic=False)
+  plain, _ = attention.dot_product_attention(q, k, v, implementation='auto')
+  assert not np.allclose(out, plain)  # dropout took effect: the explicit path ran
+
+
+def test_unknown_implementation_is_refused():
+  x = jnp.zeros((1, 2, 1, 4))
+  with pytest.raises(ValueError, match='auto'):
+    attention.dot_product_attention(x, x, x, implementation='flash')
+
+
+def _loss_and_grads(name: str, **overrides):
+  model = registry.create_model(registry.get_model_config(name), 5, **overrides)
+  x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)['params']
+  labels = jax.nn.one_hot(jnp.array([1, 3]), 5)
+
+  def loss(p):
+    logits = model.apply({'params': p}, x, train=True, rngs={'dropout': jax.random.PRNGKey(1)})
+    return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits), -1))
+  return jax.value_and_grad(loss)(params)
+
+
+@pytest.mark.parametrize('policy', [True, *REMAT_POLICIES])
+def test_every_remat_policy_gives_the_plain_gradients(policy):
+  loss0, g0 = _loss_and_grads('ViT-testing', stochastic_depth=0.1)
+  loss1, g1 = _loss_and_grads('ViT-testing', stochastic_depth=0.1, remat=policy)
+  # Recomputation reorders no arithmetic that matters beyond float32 rounding of each leaf.
+  assert_close_to_scale(loss1, loss0, rtol=1e-6)
+  assert_trees_close_to_scale(g1, g0, rtol=1e-5)
+
+
+def test_mixer_takes_a_remat_policy_and_a_bad_one_is_named():
+  _, g0 = _loss_and_grads('Mixer-testing')
+  _, g1 = _loss_and_grads('Mixer-testing', remat='dots_saveable')
+  assert_trees_close_to_scale(g1, g0, rtol=1e-5)
+  with pytest.raises(ValueError, match='dots_saveable'):
+    _loss_and_grads('ViT-testing', remat='everything')

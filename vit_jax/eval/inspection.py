@@ -1,0 +1,283 @@
+"""Checkpoint + images -> the paper's Fig. 7 analyses and attention maps as PNGs, JSON and a web page.
+
+`inspect_checkpoint` is what `python -m vit_jax.inspect` runs. The checkpoint is read as `predict`
+reads it (any format, any family); what is analysed is asked of the family descriptor:
+  - attention rollout and the classifier's last-layer attention, one figure per image
+    (`rollout_XX_<name>.png`), and the mean attention distance per head and layer over a set of
+    images (`attention_distance.png`, `attention_distance.json`): need `Family.attention_fn`;
+    a family without global attention maps (Mixer, Swin, PVT) is a NotImplementedError naming it.
+  - position-embedding similarity (`posemb_similarity.png`, `.json`), plus a sincos2d table of the
+    same grid and width as a reference when the model's is learned (`posemb_similarity_sincos2d.png`)
+  - patch-embedding filters' principal components (`patch_filters.png`)
+The last two are skipped, with the family's reason in the notes, where they are not defined (a
+hybrid's embedding reads ResNet features, not pixels; posemb='none'). `index.html` shows it all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import os
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+from vit_jax.data import get_source, preprocess
+from vit_jax.eval import attention as attn_lib
+from vit_jax.eval import plots
+from vit_jax.models import params as params_lib
+from vit_jax.models.vit import sincos_2d
+
+
+@dataclasses.dataclass
+class Images:
+  """Images at the model's size: `pixels` uint8 [n, H, W, C] (for display), `inputs` float32
+  [n, H, W, C] normalised as the checkpoint declares, a name and the true class name (or None)."""
+  names: list[str]
+  pixels: np.ndarray
+  inputs: np.ndarray
+  labels: list[Optional[str]]
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+  def take(self, n: int) -> 'Images':
+    return Images(self.names[:n], self.pixels[:n], self.inputs[:n], self.labels[:n])
+
+
+def prepare(raws: Sequence[Any], names: Sequence[str], arch: Any,
+            labels: Optional[Sequence[str]] = None) -> Images:
+  """Encoded bytes or uint8 arrays -> Images, resized and normalised as `predict` does."""
+  pixels = [preprocess.eval_example(r, tuple(arch.image_size), arch.channels, name=n)
+            for r, n in zip(raws, names)]
+  if not pixels:
+    raise ValueError('no images to inspect')
+  pixels = np.stack(pixels)
+  inputs = preprocess.normalize(pixels, arch.mean, arch.std)
+  return Images(list(names), pixels, inputs, list(labels) if labels is not None else
+                [None] * len(names))
+
+
+def image_files(paths: Sequence[str], arch: Any) -> Images:
+  from vit_jax.predict import list_images  # pylint: disable=import-outside-toplevel
+  files = list_images(paths)
+  raws = []
+  for p in files:
+    with open(p, 'rb') as f:
+      raws.append(f.read())
+  return prepare(raws, files, arch)
+
+
+def dataset_images(name: str, arch: Any, n: int, split: str = 'test',
+                   data_dir: Optional[str] = None) -> Images:
+  """The first `n` examples of a dataset's split (its evaluation split by default)."""
+  if n < 1:
+    raise ValueError(f'--num_images must be at least 1, got {n}')
+  source = get_source(name, data_dir=data_dir, split=split)
+  items = [source[i] for i in range(min(n, len(source)))]
+  names = source.class_names
+  return prepare([e['image'] for e in items], [e['name'] for e in items], arch,
+                 [names[e['label']] if names else str(e['label']) for e in items])
+
+
+def attention_batches(fn: Any, params: Any, images: np.ndarray, batch_size: int):
+  """Yields (logits [b, classes], attention [L, b, heads, N, N]) float32 numpy for consecutive
+  batches of images. Short batches are padded to `batch_size` (and the padding dropped), so that
+  one compiled function serves every call."""
+  for i in range(0, len(images), batch_size):
+    batch = images[i:i + batch_size]
+    n = len(batch)
+    if n < batch_size:
+      batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
+    logits, attn = fn(params, batch)
+    yield np.asarray(logits[:n], np.float32), np.asarray(attn[:, :n], np.float32)
+
+
+def _slug(name: str) -> str:
+  base = os.path.splitext(os.path.basename(name))[0]
+  return re.sub(r'[^A-Za-z0-9_-]+', '_', base).strip('_')[:40] or 'image'
+
+
+@dataclasses.dataclass
+class Report:
+  """What was written: (section title, file name relative to out_dir, caption) and notes."""
+  out_dir: str
+  title: str
+  source: str = ''
+  figures: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+  data: list[str] = dataclasses.field(default_factory=list)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def path(self, name: str) -> str:
+    return os.path.join(self.out_dir, name)
+
+  def write_json(self, name: str, value: dict[str, Any]) -> None:
+    """One key per line (a [layers][heads] table stays one line: readable and diffable)."""
+    lines = [f' {json.dumps(k)}: {json.dumps(v)}' for k, v in value.items()]
+    with open(self.path(name), 'w') as f:
+      f.write('{\n' + ',\n'.join(lines) + '\n}\n')
+    self.data.append(name)
+
+
+def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images] = None,
+                       dataset_imgs: Optional[Images] = None, rollout_count: int = 4,
+                       batch_size: int = 32, source: str = '') -> Report:
+  """Writes every defined analysis of `predictor` (a `vit_jax.predict.Predictor`) into out_dir.
+
+  Args:
+    images: rollout figures are drawn for these (else for the first `rollout_count` of
+      dataset_imgs); the attention distance averages over dataset_imgs (else over these).
+  Returns:
+    the Report (figures, JSON files, notes on what was skipped and why); index.html is written.
+  """
+  arch = predictor.arch
+  family = arch.get_family()
+  # Asked first: a family without attention maps fails before any image is read or model run.
+  prefix, grid, patch_hw = family.token_layout(arch)
+  attn_fn = jax.jit(family.attention_fn(arch))
+  if images is None and dataset_imgs is None:
+    raise ValueError('give image files, --dataset NAME, or both: the attention analyses need images')
+  os.makedirs(out_dir, exist_ok=True)
+  report = Report(out_dir, f'{arch.name} ({family.name})', source)
+  batch_size = max(1, min(batch_size, max(len(x) for x in (images, dataset_imgs) if x is not None)))
+  flat = params_lib.flatten_numpy(family.to_file_layout(predictor.params))
+
+  shown = images if images is not None else dataset_imgs.take(rollout_count)
+  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size)
+  averaged = dataset_imgs if dataset_imgs is not None else images
+  _distance(report, attn_fn, predictor.params, averaged, prefix, grid, patch_hw, batch_size)
+  try:
+    kind, table = family.position_table(flat, arch)
+    _posemb(report, kind, table)
+  except NotImplementedError as e:
+    report.notes.append(f'position-embedding similarity skipped: {e}')
+  try:
+    _filters(report, family.patch_filters(flat, arch))
+  except NotImplementedError as e:
+    report.notes.append(f'patch-embedding filters skipped: {e}')
+  write_index(report)
+  return report
+
+
+def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size):
+  # What the classifier reads: the class token's row, or (pooled models) every token's, averaged.
+  reader = 'class token' if prefix else 'mean of all tokens'
+  k = 0
+  for logits, attn in attention_batches(attn_fn, predictor.params, shown.inputs, batch_size):
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    rolled = attn_lib.output_token_map(attn_lib.rollout(attn), prefix, grid)
+    last = attn_lib.output_token_map(attn[-1].mean(axis=1), prefix, grid)
+    for prob, r_map, l_map in zip(probs, rolled, last):
+      title = f'{os.path.basename(shown.names[k])}'
+      if predictor.arch.num_classes:  # headless models return features, not logits
+        best = int(np.argmax(prob))
+        title += f': predicted {predictor.label(best)} ({prob[best]:.0%})'
+      if shown.labels[k] is not None:
+        title += f', true {shown.labels[k]}'
+      name = f'rollout_{k:02d}_{_slug(shown.names[k])}.png'
+      plots.attention_overlays(
+          report.path(name), shown.pixels[k],
+          [(f'attention rollout\n({reader})', r_map),
+           (f'last layer ({len(attn)}), heads averaged\n({reader})', l_map)], title)
+      report.figures.append(('Attention rollout', name,
+                             f'{shown.names[k]}: rollout (residual added, heads averaged, layers '
+                             f'multiplied) and the last layer\'s attention of the {reader}'))
+      k += 1
+
+
+def _distance(report, attn_fn, params, imgs, prefix, grid, patch_hw, batch_size):
+  dists, masses = [], []
+  for _, attn in attention_batches(attn_fn, params, imgs.inputs, batch_size):
+    dists.append(attn_lib.attention_distance(attn, prefix, grid, patch_hw))
+    masses.append(attn_lib.prefix_mass(attn, prefix))
+  dist = attn_lib.summarize_distances(dists)
+  mass = attn_lib.summarize_distances(masses)
+  uniform = attn_lib.uniform_distance(grid, patch_hw)
+  layers, heads = dist.shape
+  report.write_json('attention_distance.json', {
+      'unit': 'pixels', 'num_images': len(imgs), 'images': imgs.names[:8] + (
+          ['...'] if len(imgs) > 8 else []),
+      'grid': list(grid), 'patch_size_px': list(patch_hw), 'prefix_tokens': prefix,
+      'uniform_attention_px': round(uniform, 4),
+      'mean_distance_px': [[round(float(v), 4) for v in row] for row in dist],
+      'mean_distance_px_per_layer': [round(float(v), 4) for v in dist.mean(axis=1)],
+      'prefix_attention_share': [[round(float(v), 4) for v in row] for row in mass],
+      'definition': 'per layer [L] and head [H]: sum_k w_qk |p_q - p_k| over patch keys k (weights '
+                    'renormalised over the patch keys), averaged over patch queries q and images'})
+  name = 'attention_distance.png'
+  plots.distance_scatter(report.path(name), dist, uniform,
+                         f'Mean attention distance, {report.title}: {len(imgs)} images, '
+                         f'{grid[0]}x{grid[1]} patches of {patch_hw[0]}x{patch_hw[1]} px')
+  report.figures.append(('Mean attention distance', name,
+                         f'{layers} layers x {heads} heads over {len(imgs)} images; dashed: uniform '
+                         f'attention ({uniform:.1f} px). Numbers: attention_distance.json'))
+
+
+def _posemb(report, kind, table):
+  gh, gw, d = table.shape
+  tables = [(kind, table)]
+  if kind != 'sincos2d':
+    if d % 4 == 0:
+      tables.append(('sincos2d', sincos_2d(gh, gw, d)[0].reshape(gh, gw, d)))
+    else:
+      report.notes.append(f'no sincos2d reference: width {d} is not a multiple of 4')
+  summary = {}
+  for which, tab in tables:
+    sim = attn_lib.posemb_similarity(tab)
+    levels, mean = attn_lib.similarity_by_distance(sim)
+    reference = which != kind
+    name = 'posemb_similarity' + ('_sincos2d' if reference else '') + '.png'
+    what = (f'sincos2d reference ({gh}x{gw}, width {d})' if reference
+            else f"the model's {kind} position embedding")
+    plots.posemb_grid(report.path(name), sim,
+                      f'Position-embedding similarity: {what}')
+    report.figures.append(('Position-embedding similarity', name,
+                           f'{what}: cosine similarity of each patch\'s embedding (small map at its '
+                           'row and column) with every patch\'s'))
+    summary['reference_sincos2d' if reference else 'model'] = {
+        'kind': which, 'grid': [gh, gw], 'width': d,
+        'grid_distance': [float(v) for v in levels],
+        'mean_similarity': [round(float(v), 4) for v in mean]}
+  report.write_json('posemb_similarity.json', summary)
+
+
+def _filters(report, kernel):
+  comps, explained = attn_lib.patch_components(kernel)
+  tiles = attn_lib.component_tiles(comps)
+  kh, kw, c, d = kernel.shape
+  name = 'patch_filters.png'
+  plots.filter_tiles(report.path(name), tiles, explained,
+                     f'Patch-embedding filters: top {len(tiles)} principal components of {d} '
+                     f'filters {kh}x{kw}x{c}\n(mid-grey = 0; each scaled to its own maximum)')
+  report.figures.append(('Patch-embedding filters', name,
+                         f'top {len(tiles)} principal components of the {d} embedding filters '
+                         f'({kh}x{kw}x{c}), with their share of the variance'))
+
+
+def write_index(report: Report) -> str:
+  """DIR/index.html: every figure by section, the JSON files and the notes."""
+  esc = html.escape
+  parts = [f'<!doctype html><meta charset="utf-8"><title>{esc(report.title)}: inspection</title>',
+           '<style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}'
+           'figure{margin:1em 0}figcaption{color:#444;font-size:90%}</style>',
+           f'<h1>{esc(report.title)}</h1>']
+  if report.source:
+    parts.append(f'<p>checkpoint: <code>{esc(report.source)}</code></p>')
+  if report.notes:
+    parts.append('<ul>' + ''.join(f'<li>{esc(n)}</li>' for n in report.notes) + '</ul>')
+  section = None
+  for title, name, caption in report.figures:
+    if title != section:
+      parts.append(f'<h2>{esc(title)}</h2>')
+      section = title
+    parts.append(f'<figure><img src="{esc(name)}" alt="{esc(name)}">'
+                 f'<figcaption>{esc(caption)}</figcaption></figure>')
+  if report.data:
+    parts.append('<h2>Numbers</h2><ul>' + ''.join(
+        f'<li><a href="{esc(n)}">{esc(n)}</a></li>' for n in report.data) + '</ul>')
+  path = report.path('index.html')
+  with open(path, 'w') as f:
+    f.write('\n'.join(parts) + '\n')
+  return path

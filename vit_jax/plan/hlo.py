@@ -1,0 +1,239 @@
+"""Collectives and matmul FLOPs of a compiled (SPMD-partitioned, per-device) HLO module, read from
+its text (`analyze`).
+
+For every all-reduce, all-gather, reduce-scatter, all-to-all and collective-permute this counts how
+often it runs per step (a collective inside a `while` body, e.g. of a scanned layer stack or of
+gradient accumulation, runs trip-count times), its per-device buffer size and the group it spans,
+and estimates the bytes each device sends with the bandwidth-optimal (ring) algorithms:
+
+  all-reduce of S bytes over n devices   2 (n - 1) / n * S
+  all-gather to S bytes                  (n - 1) / n * S
+  reduce-scatter to S bytes              (n - 1) * S        (the input is n * S)
+  all-to-all of S bytes                  (n - 1) / n * S
+  collective-permute of S bytes          S  (0 when every pair is a device to itself)
+
+Async pairs (`all-gather-start` / `-done`) are counted once, at the `-done`, whose shape is the
+result; ops wrapped in `async-start` computations are found in the wrapped computation.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import re
+from typing import Optional
+
+KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
+_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1,
+          'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8,
+          's64': 8, 'u64': 8, 'c64': 8, 'c128': 16}
+_HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$')
+_OP = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(' + '|'.join(KINDS) +
+                 r')(-start|-done)?\(')
+_ARRAY = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]')
+_CALLS = re.compile(r'\b(?:body|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)')
+_BRANCHES = re.compile(r'branch_computations=\{([^}]*)\}')
+_TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str
+  count: int = 0           # executions per step
+  buffer_bytes: float = 0  # per device, summed over executions (the result's size)
+  sent_bytes: float = 0    # per device, summed over executions (ring estimate above)
+
+
+def shape_bytes(shape: str) -> float:
+  """Bytes of an HLO shape string, tuples summed: 'f32[8,16]{1,0}' -> 512."""
+  total = 0.0
+  for dtype, dims in _ARRAY.findall(shape):
+    if dtype in _BYTES:
+      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+  return total
+
+
+def group_size(line: str, num_devices: int) -> int:
+  """Devices in one replica group of a collective line (every format XLA prints)."""
+  m = re.search(r'replica_groups=\{\{([^}]*)\}', line)
+  if m:
+    return max(1, len([v for v in m.group(1).split(',') if v.strip()]))
+  m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
+  if m:
+    return int(m.group(2))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\].*?\}?\s*\{([^}]*)\}", line)
+  if m:
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+    named = re.findall(r"'([^']+)'", m.group(2))
+    if named and all(n in sizes for n in named):
+      return math.prod(int(sizes[n]) for n in named)
+  return num_devices  # replica_groups={} (all devices) or a format not known here
+
+
+def _sent(kind: str, size: float, n: int, line: str) -> float:
+  if kind == 'all-reduce':
+    return 2 * (n - 1) / n * size
+  if kind in ('all-gather', 'all-to-all'):
+    return (n - 1) / n * size
+  if kind == 'reduce-scatter':
+    return (n - 1) * size
+  pairs = re.findall(r'\{(\d+),(\d+)\}', line.split('source_target_pairs=', 1)[-1])
+  moving = [p for p in pairs if p[0] != p[1]]
+  return size if moving or not pairs else 0.0
+
+
+def _computations(text: str) -> tuple[dict[str, list[str]], Optional[str]]:
+  comps: dict[str, list[str]] = {}
+  entry, current = None, None
+  for line in text.splitlines():
+    if not line.startswith((' ', '\t')):
+      m = _HEADER.match(line)
+      if m:
+        current = m.group(2)
+        comps[current] = []
+        if m.group(1):
+          entry = current
+        continue
+      if line.startswith('}'):
+        current = None
+        continue
+    if current is not None:
+      comps[current].append(line)
+  return comps, entry
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
+  """Iterations of a `while`: XLA's known_trip_count when printed (CPU), else read from the
+  condition `counter < N` that JAX's scan / fori loops compile to (counter from 0 by 1; TPU)."""
+  m = _TRIP.search(line)
+  if m:
+    return int(m.group(1))
+  cond = re.search(r'condition=%?([\w.\-]+)', line)
+  body = comps.get(cond.group(1), []) if cond else []
+  consts = [int(c) for l in body for c in re.findall(r'[su]32\[\]\S*\s+constant\((\d+)\)', l)]
+  if len(consts) == 1 and any('direction=LT' in l for l in body):
+    return consts[0]
+  return 1
+
+
+def _weights(comps: dict[str, list[str]], entry: str, loops: bool = True) -> dict[str, float]:
+  """Executions per step of every computation reachable from the entry (while bodies times their
+  known trip count; reducers are not followed)."""
+  weight: dict[str, float] = collections.defaultdict(float)
+
+  def visit(name: str, times: float, depth: int = 0) -> None:
+    if name not in comps or depth > 64:
+      return
+    weight[name] += times
+    for line in comps[name]:
+      trip = _trip_count(line, comps) if loops and ' while(' in line else 1
+      callees = _CALLS.findall(line)
+      for group in _BRANCHES.findall(line):
+        callees += [c.strip().lstrip('%') for c in group.split(',') if c.strip()]
+      reducers = re.findall(r'to_apply=%?([\w.\-]+)', line)
+      for callee in callees:
+        if callee in reducers:
+          continue  # reducers hold neither collectives nor matmuls
+        body = f'body=%{callee}' in line or f'body={callee}' in line
+        visit(callee, times * (trip if body else 1), depth + 1)
+
+  visit(entry, 1.0)
+  return weight
+
+
+def _name_of(line: str) -> str:
+  return line.split('=', 1)[0].strip().split()[-1].lstrip('%')
+
+
+def _operands(line: str, op: str) -> list[str]:
+  """Names of an instruction's operands: 'dot(%a, %b)' or 'dot(f32[2]{0} %a, ...)' -> ['a', 'b']."""
+  inner = line.split(f' {op}(', 1)[1]
+  depth, end = 0, len(inner)
+  for i, ch in enumerate(inner):
+    depth += ch in '([{'
+    depth -= ch in ')]}'
+    if depth < 0:
+      end = i
+      break
+  return [t.strip().split()[-1].lstrip('%') for t in re.split(r',\s*(?![^\[{]*[\]}])',
+                                                              inner[:end]) if t.strip()]
+
+
+def _dims(shape: str) -> list[int]:
+  m = _ARRAY.search(shape)
+  return [int(d) for d in m.group(2).split(',') if d] if m else []
+
+
+def _matmul_flops(line: str, shapes: dict[str, str]) -> float:
+  """2 x multiply-adds of one dot or convolution instruction (0 for anything else)."""
+  m = re.match(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\S+)\s+(dot|convolution)\(', line)
+  if not m:
+    return 0.0
+  out = math.prod(_dims(m.group(1)))
+  ops = _operands(line, m.group(2))
+  if m.group(2) == 'dot':
+    lhs = _dims(shapes.get(ops[0], '')) if ops else []
+    dims = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', line)
+    k = math.prod(lhs[int(d)] for d in dims.group(1).split(',') if d) if dims and lhs else 1
+    return 2.0 * out * k
+  window = re.search(r'size=([\dx]+)', line)
+  labels = re.search(r'dim_labels=\w+_(\w+)->', line)
+  kernel = _dims(shapes.get(ops[1], '')) if len(ops) > 1 else []
+  k_in = kernel[labels.group(1).index('i')] if labels and kernel and 'i' in labels.group(1) else 1
+  sizes = [int(v) for v in window.group(1).split('x')] if window else []
+  dilate = re.search(r'lhs_dilate=([\dx]+)', line)
+  # An input dilated by d holds one real value in d: a window of w meets ceil(w / d) of them.
+  ds = [int(v) for v in dilate.group(1).split('x')] if dilate else [1] * len(sizes)
+  k_win = math.prod(-(-w // d) for w, d in zip(sizes, ds))
+  return 2.0 * out * k_win * k_in
+
+
+def analyze(text: str, num_devices: int) -> tuple[dict[str, Collective], float, float]:
+  """({kind: Collective} per step, matmul FLOPs per step, the same FLOPs with every loop body
+  counted once, as `cost_analysis()` counts) of one device's compiled module.
+
+  The FLOPs count every dot and convolution (2 x multiply-adds) times its executions: unlike
+  `cost_analysis()`, which counts a loop body once, this counts a scanned layer stack or the
+  accumulation loop trip-count times, and it leaves out elementwise work (not at MXU peak)."""
+  out = {k: Collective(k) for k in KINDS}
+  comps, entry = _computations(text)
+  if entry is None:
+    return out, 0.0, 0.0
+  weight = _weights(comps, entry)
+  once = _weights(comps, entry, loops=False)
+  starts, shapes = {}, {}  # async start name -> its line (groups); instruction name -> shape
+  for lines in comps.values():
+    for line in lines:
+      d = re.match(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s', line)
+      if d:
+        shapes[d.group(1)] = d.group(2)
+      m = _OP.match(line)
+      if m and m.group(3) == '-start':
+        starts[_name_of(line)] = line
+  flops = flops_once = 0.0
+  for name, times in weight.items():
+    for line in comps[name]:
+      if ' dot(' in line or ' convolution(' in line:
+        f = _matmul_flops(line, shapes)
+        flops += times * f
+        flops_once += once.get(name, 0.0) * f
+      m = _OP.match(line)
+      if not m or m.group(3) == '-start':
+        continue
+      shape, kind = m.group(1), m.group(2)
+      size = shape_bytes(shape)
+      if m.group(3) == '-done':
+        operand = re.search(r'-done\(%?([\w.\-]+)', line)
+        line = starts.get(operand.group(1), line) if operand else line
+      n = group_size(line, num_devices)
+      c = out[kind]
+      c.count += int(round(times))
+      c.buffer_bytes += times * size
+      c.sent_bytes += times * _sent(kind, size, n, line)
+  return out, flops, flops_once
+
+
+def collectives(text: str, num_devices: int) -> dict[str, Collective]:
+  """{kind: Collective} per step for the HLO module `text` (compiled.as_text()), over
+  `num_devices`; kinds that never occur are present with count 0."""
+  return analyze(text, num_devices)[0]
