@@ -1,4 +1,4 @@
-"""Faults during training (issue K section 2): NaN gradients, a full disk during an asynchronous
+"""Faults during training: NaN gradients, a full disk during an asynchronous
 save, and a process lost from a two-process run. The SIGKILL soak is in tests/test_train.py.
 
 Each fault test appends its outcome to $VIT_JAX_RELIABILITY_LOG (tests/reliability_log.py):
@@ -13,13 +13,12 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.reliability_log import record
-from tests.test_train import ROOT, digest, main_cmd, result_of, run_main, tiny_config
+from tests.test_train import ROOT, digest, main_cmd, run_main, tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Non-finite values. The injection is test-only: at the chosen steps the batch's first label is
@@ -234,7 +233,7 @@ def test_disk_full_in_an_async_save_is_a_clear_error_and_keeps_the_last_checkpoi
 def test_disk_full_during_training_stops_then_resumes_bitwise(tmp_path):
   """`python -m vit_jax.main` with its workdir on a tmpfs that holds the first checkpoint but not
   the second (sized from a reference run's checkpoint, plus a filler file): the run stops, exit 1,
-  with a last line naming the directory and the space needed; the first checkpoint stays
+  with an `error:` line naming the directory and the space needed; the first checkpoint stays
   readable; after the filler is deleted the same command resumes from it, skips the half-written
   step and ends bitwise equal to the uninterrupted run."""
   args = ['--config.total_steps=40', '--config.checkpoint_every=10', '--config.eval_every=20',

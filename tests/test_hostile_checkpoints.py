@@ -1,7 +1,7 @@
-"""Hostile checkpoint files: truncated, bit-flipped and wrong-dtype `.npz`; `.safetensors` with a bad
-or lying header; timm / Hugging Face directories whose config.json disagrees with the weights. Each
-is a clear error naming the file and what is wrong, never silently different numbers. Nothing in the
-package unpickles. A run's own (orbax) checkpoints: tests/test_hostile_resume.py. Counts go to
+"""Hostile checkpoint files: truncated, bit-flipped and wrong-dtype `.npz`; `.safetensors` with a
+bad or lying header; timm / Hugging Face directories whose config.json disagrees with the weights.
+Each is a clear error naming the file and what is wrong, never silently different numbers. Nothing
+in the package unpickles. A run's own (orbax) checkpoints: tests/test_hostile_resume.py. Counts to
 $VIT_JAX_RELIABILITY_LOG (tests/reliability_log.py).
 """
 from __future__ import annotations

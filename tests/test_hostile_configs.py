@@ -125,8 +125,9 @@ def test_every_key_refuses_a_negative_and_a_nan(key):
     _check_value(key, raw)
 
 
+# Swin-testing: patch 2, 2 stages, window 4.
 SWIN = ['--config.model.name=Swin-testing', '--config.model.classifier=None',
-        '--config.model.posemb=None', '--config.model.patch_size=None']  # patch 2, 2 stages, window 4
+        '--config.model.posemb=None', '--config.model.patch_size=None']
 
 
 @pytest.mark.parametrize('overrides,refusal', [
@@ -176,7 +177,7 @@ def mesh_fits(mesh, devices: int) -> dict | None:
 def _check_devices(mesh, devices, processes, batch, accum, eval_bs) -> None:
   config = parse(f'--config.mesh={tuple(mesh)!r}', f'--config.batch_size={batch}',
                  f'--config.accum_steps={accum}', f'--config.eval_batch_size={eval_bs}',
-                 f'--config.warmup_steps=1')
+                 '--config.warmup_steps=1')
   shape = mesh_fits(mesh, devices)
   problems = {'accum_steps'} if batch % accum else set()
   if shape is None:
@@ -234,8 +235,8 @@ def test_mesh_and_batch_against_the_devices_many(mesh, devices, processes, batch
 
 @pytest.mark.parametrize('override,message', [
     ("--config.mesh=(('data', 3),)", "config error: mesh: mesh {'data': 3} needs 3 devices"),
-    ('--config.batch_size=33', 'config error: batch_size 33 / accum_steps 1 = 33 must be a '
-                               'multiple of 2'),
+    pytest.param('--config.batch_size=33', 'config error: batch_size 33 / accum_steps 1 = 33 '
+                 'must be a multiple of 2', marks=pytest.mark.slow),  # the same wiring again
 ])
 def test_main_refuses_before_compiling_or_writing(tmp_path, override, message):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_LOG_COMPILES='1', TF_CPP_MIN_LOG_LEVEL='3')

@@ -65,7 +65,8 @@ def test_logits_match_timm_and_keys_round_trip(timm, fields, h, w):
     inter = model.forward_intermediates(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
                                         intermediates_only=True)
   maps = ours.apply({'params': params}, jnp.asarray(x), features=True)
-  # Stage outputs at the scale of each map: float32 through up to 4 stages, 1e-5 of it.
+  # Stage outputs at the scale of each map: float32 through up to 4 stages, summed in another
+  # order by torch; measured <= 1.2e-6 of the scale.
   for i, (a, b) in enumerate(zip(maps, inter)):
     assert_close_to_scale(a, b.numpy().transpose(0, 2, 3, 1), rtol=1e-5, what=f'stage {i}')
 
@@ -87,8 +88,9 @@ def test_resize_timm_method_matches_timm(timm, old, new):
                                    old_window_size=(oh, ow)).numpy()
   got = resize_relative_position_bias(table, old, new, method='timm')
   assert got.shape == want.shape and got.dtype == np.float32
-  # N(0, 1) tables, interpolated in float32 by both: 1e-6 of the table's scale.
-  assert_close_to_scale(got, want, rtol=1e-6, what='resized table')
+  # N(0, 1) tables interpolated in float32 by two implementations: sums of up to 16 weighted terms,
+  # ~16 eps = 2e-6 of the table's scale at worst; measured 3.4e-7.
+  assert_close_to_scale(got, want, rtol=1e-5, what='resized table')
   with pytest.raises(ValueError, match="method 'nearest' is not one of"):
     resize_relative_position_bias(table, old, new, method='nearest')
 

@@ -2,8 +2,8 @@
 
 Orbax stores arrays compressed, without checksums: a flipped bit in a data file can restore as
 silently wrong numbers. `seal` adds to a checkpoint's metadata, at save time, [number of arrays,
-S, W] over every array's bits read as unsigned words w_i (32-bit; 16- and 8-bit types widened; 64-bit
-split in two): S = sum(w_i), W = sum((i + 1) w_i), both mod 2^32, i the row-major word index,
+S, W] over every array's bits read as unsigned words w_i (32-bit; 16- and 8-bit types widened;
+64-bit split in two): S = sum(w_i), W = sum((i + 1) w_i), both mod 2^32, i the row-major index,
 summed over arrays. Integer sums mod 2^32 are exact in any order, so the figure is the same on the
 accelerator (computed where the sharded arrays live, in one jitted reduction: no gather to a host),
 on the host with NumPy, and for any mesh. Any single flipped bit changes S; `check` refuses a

@@ -134,9 +134,9 @@ class CheckpointManager:
 
     abstract_state: ShapeDtypeStructs with shardings (see `train.state.abstract_state`); the state is
     restored directly into that sharding. A newest checkpoint that fails to read, or whose arrays
-    no longer match the fingerprint saved with them (`integrity.py`), is logged and skipped in favour
-    of the one before it, and moved aside to `<step>.unreadable` (kept for inspection; the resumed
-    run writes that step afresh when it gets there).
+    no longer match the fingerprint saved with them (`integrity.py`), is logged and skipped in
+    favour of the one before it, and moved aside to `<step>.unreadable` (kept for inspection; the
+    resumed run writes that step afresh when it gets there).
     """
     steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
     if not steps:

@@ -14,10 +14,10 @@ hold exactly those names. For the ViT, two layouts exist on disk:
     MultiHeadDotProductAttention_0, LayerNorm_1, MlpBlock_0}` or one scanned `encoderblock` with a
     leading [depth] axis, and `MAPHead_0` for attention pooling.
 
-Files are always read with `allow_pickle=False`. A damaged file is a ValueError naming it and what is
-wrong: truncated or not a zip archive, a member whose CRC-32 fails (every member is checked before
-any is used, so a flipped bit anywhere, even one that would still parse, is caught), an array that
-does not parse, or parameters that are not floating point.
+Files are always read with `allow_pickle=False`. A damaged file is a ValueError naming it and what
+is wrong: truncated or not a zip archive, a member whose CRC-32 fails (every member is checked
+before any is used, so a flipped bit anywhere, even one that would still parse, is caught), an
+array that does not parse, or parameters that are not floating point.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ _SCANNED_KEY = re.compile(r'^Transformer/encoderblock/([^/]+)/(.*)$')
 
 
 def load_npz(path: str | os.PathLike) -> Flat:
-  """Every array of an `.npz` file, by its key, read with allow_pickle=False; its CRC-32s checked."""
+  """Every array of an `.npz` file, by its key (allow_pickle=False; CRC-32s checked first)."""
   with open(path, 'rb') as f:
     data = f.read()  # Reading whole keeps this working for any file-like path wrapper.
   try:
@@ -60,8 +60,9 @@ def load_npz(path: str | os.PathLike) -> Flat:
   except Exception as e:  # BadZipFile, EOFError, ValueError, tokenize errors of a bad header, ...
     if str(path) in str(e):
       raise
-    raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}). It is truncated, '
-                     f'corrupted, holds pickled objects (never loaded), or is not an .npz') from e
+    raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e}). It is '
+                     f'truncated, corrupted, holds pickled objects (never loaded), or is not an '
+                     f'.npz') from e
 
 
 def check_dtypes(flat: Mapping[str, np.ndarray], path: Any) -> None:

@@ -2,8 +2,8 @@
 `.safetensors` weights. A damaged file is a ValueError naming it and what is wrong, never a bare
 library error; a safetensors header is checked in Python before a byte of data is used.
 
-safetensors layout: 8 bytes little-endian N, N bytes of JSON {name: {dtype, shape, data_offsets: [a, b]}, and
-`__metadata__`}, then the data; tensor bytes [a, b) are relative to the end of the header.
+safetensors layout: 8 bytes little-endian N, N bytes of JSON {name: {dtype, shape, data_offsets:
+[a, b]}, and `__metadata__`}, then the data; tensor bytes [a, b) count from the header's end.
 The format carries no checksum: a flipped bit inside tensor data cannot be detected here.
 """
 from __future__ import annotations
@@ -61,8 +61,9 @@ def safetensors_header(path: str | os.PathLike) -> dict[str, Any]:
       raise _bad(path, f'tensor {name!r} claims bytes [{a:,}, {b:,}) of data, but the file holds '
                  f'{data_size:,} bytes of data')
     if b - a != math.prod(shape) * ITEMSIZE[dtype]:
-      raise _bad(path, f'tensor {name!r} ({dtype} {shape}) needs {math.prod(shape) * ITEMSIZE[dtype]:,}'
-                 f' bytes, its offsets span {b - a:,}')
+      need = math.prod(shape) * ITEMSIZE[dtype]
+      raise _bad(path, f'tensor {name!r} ({dtype} {shape}) needs {need:,} bytes, its offsets span '
+                 f'{b - a:,}')
   return header
 
 
@@ -123,5 +124,5 @@ def check_declared(config_path: str, declared: Mapping[str, Any], implied: Mappi
       a, b = _canon(key, declared[key]), _canon(key, implied[key])
       if not _same(a, b):
         raise ValueError(f'{config_path} says {key}={declared[key]!r}, but the weights next to it '
-                         f'have {key}={implied[key]!r}: the config belongs to other weights; fix it '
-                         f'or use the weights it was saved with')
+                         f'have {key}={implied[key]!r}: the config belongs to other weights; fix '
+                         f'it or use the weights it was saved with')

@@ -208,9 +208,9 @@ def _validate_mesh(mesh: Any) -> None:
 
 def _validate_model_values(model: ml_collections.ConfigDict, family) -> None:
   """Overrides of numeric and boolean model fields, judged by the module's annotation of the field:
-  `int` a positive integer (>= 0 where Optional: 0 is none), `Sequence[int]` a tuple of them, both
-  where both are allowed (`patch_size` 16 or (16, 8)); `float` finite, in [0, 1) for rates
-  (`*rate*`, `*drop*`, `stochastic*`), > 0 for `*ratio*`; `bool` True or False."""
+  `int` a positive integer (>= 0 where Optional: 0 is none), `Sequence[int]` a tuple of them, an
+  int or an (h, w) pair where both are allowed (`patch_size` 16 or (16, 8)); `float` finite, in
+  [0, 1) for rates (`*rate*`, `*drop*`, `stochastic*`), > 0 for `*ratio*`; `bool` True or False."""
   kinds = {f.name: str(f.type) for f in dataclasses.fields(family.module_class())}
   for key, value in model.items():
     kind = kinds.get(key, '')
@@ -223,9 +223,10 @@ def _validate_model_values(model: ml_collections.ConfigDict, family) -> None:
     outer = re.sub(r'(Sequence|tuple|list|Tuple|List)\[[^\]]*\]', 'SEQ', kind)
     scalar_ok, seq_ok = re.search(r'\b(int|float)\b', outer), 'SEQ' in outer
     is_seq = isinstance(value, (tuple, list))
-    _need(seq_ok if is_seq else bool(scalar_ok),
+    pair = scalar_ok and seq_ok  # `n` or `(h, w)`, as patch_size and window_size
+    _need((seq_ok and (not pair or len(value) == 2)) if is_seq else bool(scalar_ok),
           f'{where} must be {"a tuple" if not scalar_ok else "a single number"}'
-          f'{" or a tuple" if scalar_ok and seq_ok else ""} ({kind})')
+          f'{" or an (h, w) pair" if pair else ""} ({kind})')
     for v in (value if is_seq else [value]):
       if 'float' in kind:
         lo, hi = ((0, 1) if re.search(r'rate|drop|stochastic', key) else
