@@ -10,6 +10,9 @@ ensure_venv dev
 ensure_fashion_mnist || echo ">> Fashion-MNIST tests will be skipped" >&2
 
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# tests/interop.py: under this script a missing torch, timm, transformers or the torchvision
+# stand-in fails the interop tests instead of skipping them.
+export VIT_JAX_REQUIRE_INTEROP="${VIT_JAX_REQUIRE_INTEROP:-1}"
 PY="$VENV/bin/python"
 WORKERS="${VIT_JAX_TEST_WORKERS:-2}"
 
