@@ -6,7 +6,8 @@ random labels; train step = forward + softmax cross-entropy + backward + global-
 the optimizer update (SGD with momentum 0.9 by default; `--optimizer adam` for Adam with decoupled
 weight decay 0.1). Inference = forward only, no gradients. Each implementation runs in its own
 process (its own threads and allocator); after warm-up, the processes are asked in turn for one timed
-window each, `--repeats` rounds, so that a slow minute of the machine hits everyone alike; the figure
+window each (preceded by one untimed iteration), `--repeats` rounds, so that a slow minute of the
+machine hits everyone alike; the figure
 reported is the median window.
 
 Ours is the real jitted step of `vit_jax.train` (donated state, the configured optimizer), compiled
@@ -91,6 +92,8 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   import numpy as np  # pylint: disable=import-outside-toplevel
   from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax import runtime  # pylint: disable=import-outside-toplevel
+  runtime.tune_for_backend(jax.default_backend())  # as the trainer does (vit_jax.train.build)
   arch = _arch(spec)
   model = arch.create_model(dtype=jnp.dtype(spec['dtype']))
   images, labels = _batch(spec)
@@ -131,7 +134,8 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
                                         arch.channels)
   info = {'compile_s': compile_s, 'peak_bytes': peak, 'flops_per_image':
           2 * macs * (3 if spec['task'] == 'train' else 1), 'device': jax.devices()[0].device_kind,
-          'backend': jax.default_backend(), 'matmul_peak': _matmul_peak()}
+          'backend': jax.default_backend(), 'matmul_peak': _matmul_peak(),
+          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator_tuned': runtime._tuned}  # pylint: disable=protected-access
   return run, info
 
 
@@ -224,6 +228,10 @@ def worker_main(spec: dict[str, Any]) -> None:
     if not cmd or cmd[0] == 'quit':
       break
     n = int(cmd[1])
+    # One untimed iteration first: a window measures back-to-back steps, as training runs them,
+    # not the first step after the other implementations had the machine (that one was up to
+    # 1.5x slower for a ViT-S/16 train step here, whichever implementation ran before).
+    run(1)
     t = time.perf_counter()
     run(n)
     print(json.dumps({'seconds': time.perf_counter() - t, 'iterations': n}), flush=True)
@@ -314,6 +322,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     peak = max(peak, ours['matmul_peak'])
     achieved = rates['ours'] * flops
     kind = 'float32' if ours['backend'] == 'cpu' else 'bfloat16'
+    if task == tasks[0]:
+      print(f'ours: XLA_FLAGS="{ours["xla_flags"]}", host allocator tuned: '
+            f'{ours["allocator_tuned"]} (vit_jax/runtime.py; VIT_JAX_CPU_TUNING=0 turns both off)')
     print(f'\n{task}: {"impl":6s} {"img/s":>9s}  {"x ours":>7s}  spread')
     for k, w in workers.items():
       spread = f'{min(w.rates):.1f}-{max(w.rates):.1f}'

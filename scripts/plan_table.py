@@ -34,6 +34,7 @@ def main(argv=None) -> int:
   p.add_argument('--scan', action='store_true')
   p.add_argument('--max_compiles', type=int, default=3)
   p.add_argument('--top', type=int, default=1)
+  p.add_argument('--hlo_dir', default=None, help='keep the compiled modules (text, gzip) here')
   p.add_argument('--teachers', default='',
                  help='STUDENT=TEACHER,...: plan these students with a registered teacher (shapes)')
   args, config_args = p.parse_known_args(argv)
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
       topology = topologies.parse(name)
       t0 = time.time()
       plans = suggest.suggest(config, topology, max_compiles=args.max_compiles, top=args.top,
-                              teacher_model=teachers.get(model),
+                              teacher_model=teachers.get(model), hlo_dir=args.hlo_dir,
                               log=lambda s: print(s, flush=True))
       seconds = time.time() - t0
       print(suggest.format_table(plans, topology), flush=True)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         label = model + (' (scan)' if extra else '') + (
             f' + teacher {teachers[model]}' if model in teachers else '')
         row = (f'| {label} | {name} | '
-               f'{best.memory["total"] / 2 ** 30:.1f} / {topology.chip.hbm_bytes / 2 ** 30:.0f} '
+               f'{best.memory["total"] / 2 ** 30:.1f} / {topology.chip.hbm_bytes / 2 ** 30:.1f} '
                f'GiB | {"yes" if best.fits else "no"} | {best.times["step"] * 1e3:.0f} | '
                f'{best.images_per_second:,.0f} | {100 * best.mfu:.0f}% | '
                f'{m["data"]} x {m["fsdp"]} x {m["tensor"]} | {"on" if best.remat else "off"} | '

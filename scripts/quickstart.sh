@@ -16,9 +16,6 @@ ensure_venv
 ensure_fashion_mnist
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL=3
-# glibc returns large freed buffers to the kernel and takes page faults to get them back on every
-# step; keeping them makes XLA's CPU train step markedly faster (see scripts/benchmark.py step).
-export GLIBC_TUNABLES="${GLIBC_TUNABLES:-glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296}"
 PY="$VENV/bin/python"
 
 stage() {  # stage NAME CONFIG [overrides...]: trains (or resumes) OUT/NAME, prints its result line

@@ -2,10 +2,11 @@
 # The reliability suite and its figures: hostile inputs (tests/test_hostile*.py), faults during
 # training (tests/test_faults.py: NaN gradients, a full disk, a lost process) and the SIGKILL soak
 # (tests/test_train.py), fast and slow parts, in .venv (created or refreshed first). Each test
-# appends {"category", "case", "outcome"} lines to $VIT_JAX_RELIABILITY_LOG (tests/reliability_log.py);
-# the summary counts them. Last line: `reliability: N cases, L lost`; the exit status is non-zero
-# when anything was lost (a fault not survived, a resume that differs) or a test failed.
-#   scripts/reliability.sh               everything (about 10 min on 2 cores)
+# appends {"category", "case", "outcome"} lines to $VIT_JAX_RELIABILITY_LOG
+# (tests/reliability_log.py); the summary counts them. Last line: `reliability: N cases, L lost`.
+# The exit status is non-zero when anything was lost (a fault not survived, a resume that differs)
+# or a test failed.
+#   scripts/reliability.sh               everything (about 6 min on 2 quiet cores)
 #   scripts/reliability.sh -k disk_full  extra arguments go to pytest
 # The disk-full tests mount a tmpfs: they need root (CI runs as root) and are skipped otherwise.
 set -uo pipefail
@@ -63,7 +64,8 @@ for case, n in sorted(collections.Counter(r['case'] for r in faults).items()):
   lost = sum(r['outcome'] != 'survived' for r in faults if r['case'] == case)
   print(f'  {case:<32} {n:>3}' + (f'  LOST {lost}' if lost else ''))
 resumes = [r for r in rows if r['category'] == 'resume']
-print(f'resumes checked bitwise: {sum(r["outcome"] == "bitwise" for r in resumes)} of {len(resumes)}'
+bitwise = sum(r['outcome'] == 'bitwise' for r in resumes)
+print(f'resumes checked bitwise: {bitwise} of {len(resumes)}'
       + (f' ({", ".join(r["case"] for r in resumes)})' if resumes else ''))
 lost = sum(r['outcome'] in BAD or (r['category'] == 'fault' and r['outcome'] != 'survived')
            for r in rows)
@@ -71,6 +73,7 @@ if failed or status:
   print(f'tests failed: {failed} (pytest exit {status}); see the output above')
 if skipped:
   print(f'tests skipped: {skipped} (e.g. no tmpfs without root)')
+print(f'outcomes, one JSON line per case: {os.path.join(out, "outcomes.jsonl")}')
 print(f'reliability: {len(rows)} cases, {lost + failed} lost')
 sys.exit(1 if lost or failed or status else 0)
 EOF

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -140,7 +141,11 @@ def run_all(cmds: Sequence[Sequence[str]], timeout: float, envs: Optional[Sequen
 
 
 def check_ok(results: Sequence[tuple[int, str]]) -> None:
-  bad = [(i, rc, out[-4000:]) for i, (rc, out) in enumerate(results) if rc != 0]
+  def excerpt(out: str) -> str:
+    # A crash (a fatal signal) prints its cause far above the thread dump that ends the log.
+    cause = [l for l in out.splitlines() if re.match(r'F\d{4} |Fatal|.*(Check failed|Error)', l)][:20]
+    return '\n'.join(cause) + '\n...\n' + out[-3000:]
+  bad = [(i, rc, excerpt(out)) for i, (rc, out) in enumerate(results) if rc != 0]
   if bad:
     raise AssertionError('\n'.join(f'process {i} exited {rc}:\n{out}' for i, rc, out in bad))
 

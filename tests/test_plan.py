@@ -110,7 +110,8 @@ ENTRY %main (x: f32[256]) -> f32[256] {
 
 
 def test_collectives_counts_sizes_groups_and_loops():
-  out, flops, once = hlo.analyze(HLO, num_devices=8)
+  a = hlo.analyze(HLO, num_devices=8)
+  out, flops, once = a.collectives, a.flops, a.flops_once
   ag, ar, rs, cp = (out[k] for k in ('all-gather', 'all-reduce', 'reduce-scatter',
                                      'collective-permute'))
   # Inside the while body: 12 executions each.
@@ -126,6 +127,10 @@ def test_collectives_counts_sizes_groups_and_loops():
   # the transposed conv (input dilated 4x): each output meets 1 real value per dimension, 16 ch.
   convs = 2 * (2 * 2 * 2 * 16) * 16 * 3 + 2 * (2 * 8 * 8 * 3) * 16
   assert (flops, once) == (12 * 2 * 8 * 32 * 4 + convs, 2 * 8 * 32 * 4 + convs)
+  # Per-instruction traffic: the loop's dot reads x (1 KiB) and w (256 B), writes 128 B, 12 times.
+  dot = [row for row in a.ops if row[1] == 2 * 8 * 32 * 4]
+  assert len(dot) == 1 and tuple(dot[0]) == (12, 2 * 8 * 32 * 4, 1024 + 256 + 128)
+  assert a.op_seconds(peak_flops=1e6, hbm_bw=1e12) == pytest.approx(flops / 1e6)  # compute-bound
 
 
 def test_shape_bytes_and_group_formats():

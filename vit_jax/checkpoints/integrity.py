@@ -57,8 +57,11 @@ def _jax_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.sum(w, dtype=jnp.uint32), jnp.sum((index + jnp.uint32(1)) * w, dtype=jnp.uint32)
 
 
-# One small program per (shape, dtype, sharding): a deep model's repeated blocks share them.
-_jax_leaf_sums = jax.jit(_jax_sums)
+# One program for the whole tree (compiled once per run: the state's structure does not change).
+# Not one per leaf: hundreds of small sharded programs in flight at once, each with its own
+# all-reduce, can leave XLA:CPU's in-process collectives waiting on threads busy with the others
+# until its 40 s rendezvous timeout aborts the process (seen with 8 fake devices on 2 cores).
+_jax_tree_sums = jax.jit(lambda leaves: [_jax_sums(x) for x in leaves])
 
 
 def fingerprint(tree: Any) -> list[int]:
@@ -67,7 +70,7 @@ def fingerprint(tree: Any) -> list[int]:
   on_device = [x for x in leaves if isinstance(x, jax.Array)]
   sums = [_np_sums(np.asarray(x)) for x in leaves if not isinstance(x, jax.Array)]
   if on_device:
-    sums += [(int(s), int(w)) for s, w in jax.device_get([_jax_leaf_sums(x) for x in on_device])]
+    sums += [(int(s), int(w)) for s, w in jax.device_get(_jax_tree_sums(on_device))]
   return [len(leaves), sum(s for s, _ in sums) & _MASK, sum(w for _, w in sums) & _MASK]
 
 

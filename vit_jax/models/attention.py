@@ -117,9 +117,12 @@ class MultiHeadDotProductAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
         features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
-    q = dense('query')(inputs_q)
-    k = dense('key')(inputs_kv)
-    v = dense('value')(inputs_kv)
+    # Projections over rows [B*T, D] (see vit.rows: one-axis bias gradients are faster on CPU).
+    proj = lambda name, x: dense(name)(x.reshape(-1, features)).reshape(
+        *x.shape[:-1], self.num_heads, head_dim)
+    q = proj('query', inputs_q)
+    k = proj('key', inputs_kv)
+    v = proj('value', inputs_kv)
     rng = None
     if self.dropout_rate > 0.0 and not deterministic:
       rng = self.make_rng('dropout')
@@ -128,5 +131,5 @@ class MultiHeadDotProductAttention(nn.Module):
         deterministic=deterministic, return_weights=return_weights)
     out = nn.DenseGeneral(features=features, axis=(-2, -1), dtype=self.dtype,
                           param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                          bias_init=self.bias_init, name='out')(y)
-    return out, weights
+                          bias_init=self.bias_init, name='out')(y.reshape(-1, *y.shape[-2:]))
+    return out.reshape(*y.shape[:-2], features), weights

@@ -14,14 +14,17 @@ FLOPs per chip are the dots and convolutions of the partitioned (per-device) pro
 (scanned layers, accumulation) counted trip-count times (`hlo.analyze`; XLA's `cost_analysis()`,
 printed too, counts a loop body once); the family's analytic count (3 x forward MACs x 2 per
 image: forward and a backward of twice its cost) is printed beside them: the ratio is 1 for a plain
-step and 4/3 with remat (the forward runs twice). Step time = max(compute at bf16 peak, HBM traffic at HBM bandwidth,
-collective bytes at ICI bandwidth): a bound that assumes perfect overlap. MFU uses the analytic
-FLOPs (remat's recomputation is not useful work).
+step and 4/3 with remat (the forward runs twice). Roofline: every executed instruction (a fusion
+with its matmuls) takes max(its FLOPs at bf16 peak, its operands' and result's HBM bytes at HBM
+bandwidth); their sum, times executions, is the compute-and-memory time; the step is the larger
+of that and the collectives' bytes at ICI bandwidth (collectives overlapped with compute). MFU uses
+the analytic FLOPs (remat's recomputation is not useful work).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import gzip
 import hashlib
 import math
 import re
@@ -30,6 +33,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+import numpy as np
 
 from vit_jax.families.base import hw
 from vit_jax.plan import hlo
@@ -82,11 +86,13 @@ class Plan:
   flops_per_chip: float        # matmuls and convolutions of the compiled program, loops unrolled
   cost_flops_per_chip: float   # XLA's cost_analysis() (all ops; a loop body counted once)
   analytic_flops_per_step: float
-  bytes_accessed_per_chip: float
+  bytes_accessed_per_chip: float  # HBM bytes the instructions read and write, loops unrolled
+  cost_bytes_per_chip: float      # XLA's cost_analysis() 'bytes accessed'
   collectives: dict[str, hlo.Collective]
   compile_seconds: float
   fingerprint: str
   oom: str = ''  # the compiler's out-of-memory message when it refused (FLOPs then uncompiled)
+  ops: Any = None  # hlo.Analysis.ops: (executions, FLOPs, HBM bytes) per instruction
 
   @property
   def chips(self) -> int:
@@ -106,7 +112,12 @@ class Plan:
     t = {'compute': self.flops_per_chip / chip.peak_flops,
          'hbm': self.bytes_accessed_per_chip / chip.hbm_bw,
          'collectives': self.ici_bytes_per_chip / chip.ici_bw}
-    t['step'] = max(t.values())
+    if self.ops is not None and len(self.ops):
+      w, f, b = self.ops.T
+      t['ops'] = float((w * np.maximum(f / chip.peak_flops, b / chip.hbm_bw)).sum())
+    else:  # nothing compiled: the totals' roofline
+      t['ops'] = max(t['compute'], t['hbm'])
+    t['step'] = max(t['ops'], t['collectives'])
     return t
 
   @property
@@ -137,11 +148,12 @@ def with_overrides(config: ml_collections.ConfigDict, **values: Any) -> ml_colle
 
 def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
               num_classes: Optional[int] = None, devices: Optional[list] = None,
-              teacher_model: Optional[str] = None) -> Plan:
+              teacher_model: Optional[str] = None, hlo_path: Optional[str] = None) -> Plan:
   """Compiles `config`'s train step for `topology` and measures it (see the module docstring).
 
   devices: the topology's devices when already at hand (`topologies.devices(topology)`).
   teacher_model: plan distillation with this registered architecture as the teacher.
+  hlo_path: also write the compiled module's text there (gzip), to analyse again without compiling.
   """
   devices = devices if devices is not None else topo_lib.devices(topology)
   classes = num_classes_of(config, num_classes)
@@ -195,16 +207,18 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
           config.batch_size
     except Exception:  # pylint: disable=broad-except
       pass  # a teacher whose fields the family cannot count: the student's FLOPs only
-  colls, matmul_flops, once = hlo.analyze(compiled.as_text() if compiled else '', len(devices))
+  text = compiled.as_text() if compiled else ''
+  if hlo_path and text:
+    with gzip.open(hlo_path, 'wt') as f:
+      f.write(text)
+  a = hlo.analyze(text, len(devices))
   cost_flops = float(cost.get('flops', 0.0)) / per_chip
-  # cost_analysis() counts a loop body once: scale its HBM bytes as the loops scale the matmuls.
-  loop_scale = matmul_flops / once if once else 1.0
+  cost_bytes = float(cost.get('bytes accessed', 0.0)) / per_chip
   return Plan(topology, config.model.name, built.family.name, config.batch_size,
               config.accum_steps, {a: int(n) for a, n in built.mesh.shape.items()},
               built.fields.get('remat'), jax.numpy.dtype(built.model.dtype).name,
-              mem, matmul_flops or cost_flops, cost_flops, float(analytic),
-              float(cost.get('bytes accessed', 0.0)) / per_chip * loop_scale, colls, seconds,
-              fingerprint, oom)
+              mem, a.flops or cost_flops, cost_flops, float(analytic), a.hbm_bytes or cost_bytes,
+              cost_bytes, a.collectives, seconds, fingerprint, oom, a.ops)
 
 
 def oom_temporaries(message: str) -> float:
@@ -262,7 +276,8 @@ def format_plan(plan: Plan) -> str:
             f'  FLOPs per step           {_si(plan.flops_per_chip * plan.chips, "FLOP")} '
             f'(compiled) vs {_si(plan.analytic_flops_per_step, "FLOP")} (analytic 3 x forward; '
             f'ratio {plan.flops_per_chip * plan.chips / max(plan.analytic_flops_per_step, 1):.2f})',
-            f'  HBM bytes accessed/chip  {_si(plan.bytes_accessed_per_chip, "B")}',
+            f'  HBM bytes per chip       {_si(plan.bytes_accessed_per_chip, "B")} (instructions\' '
+            f'operands and results; XLA cost analysis: {_si(plan.cost_bytes_per_chip, "B")})',
             '', 'collectives per step (per chip):']
   for c in plan.collectives.values():
     if c.count:
@@ -273,9 +288,10 @@ def format_plan(plan: Plan) -> str:
   lines += ['', f'roofline ({chip.name}: {_si(chip.peak_flops, "FLOP/s")} bf16, HBM '
                 f'{_si(chip.hbm_bw, "B/s")}, ICI {_si(chip.ici_bw, "B/s")} per chip; '
                 f'{chip.source}):',
-            f'  compute {t["compute"] * 1e3:.2f} ms, HBM {t["hbm"] * 1e3:.2f} ms, collectives '
-            f'{t["collectives"] * 1e3:.2f} ms -> step >= {t["step"] * 1e3:.2f} ms '
-            '(max: perfect overlap)',
+            f'  totals: compute {t["compute"] * 1e3:.2f} ms, HBM {t["hbm"] * 1e3:.2f} ms, '
+            f'collectives {t["collectives"] * 1e3:.2f} ms',
+            f'  per instruction max(compute, HBM), summed: {t["ops"] * 1e3:.2f} ms; with the '
+            f'collectives overlapped: step ~ {t["step"] * 1e3:.2f} ms',
             f'  {plan.images_per_second:,.0f} images/s, MFU {100 * plan.mfu:.1f}% '
             '(analytic FLOPs / (step x chips x peak))',
             '', f'fits: {"yes" if plan.fits else "no"}']

@@ -23,6 +23,8 @@ import math
 import re
 from typing import Optional
 
+import numpy as np
+
 KINDS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
 _BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1,
           'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8,
@@ -116,9 +118,10 @@ def _trip_count(line: str, comps: dict[str, list[str]]) -> int:
   return 1
 
 
-def _weights(comps: dict[str, list[str]], entry: str, loops: bool = True) -> dict[str, float]:
+def _weights(comps: dict[str, list[str]], entry: str, loops: bool = True,
+             fusions: bool = True) -> dict[str, float]:
   """Executions per step of every computation reachable from the entry (while bodies times their
-  known trip count; reducers are not followed)."""
+  trip count unless not `loops`; fused computations unless not `fusions`; never reducers)."""
   weight: dict[str, float] = collections.defaultdict(float)
 
   def visit(name: str, times: float, depth: int = 0) -> None:
@@ -127,6 +130,8 @@ def _weights(comps: dict[str, list[str]], entry: str, loops: bool = True) -> dic
     weight[name] += times
     for line in comps[name]:
       trip = _trip_count(line, comps) if loops and ' while(' in line else 1
+      if not fusions and ' fusion(' in line:
+        continue
       callees = _CALLS.findall(line)
       for group in _BRANCHES.findall(line):
         callees += [c.strip().lstrip('%') for c in group.split(',') if c.strip()]
@@ -176,64 +181,175 @@ def _matmul_flops(line: str, shapes: dict[str, str]) -> float:
     dims = re.search(r'lhs_contracting_dims=\{([\d,]*)\}', line)
     k = math.prod(lhs[int(d)] for d in dims.group(1).split(',') if d) if dims and lhs else 1
     return 2.0 * out * k
-  window = re.search(r'size=([\dx]+)', line)
-  labels = re.search(r'dim_labels=\w+_(\w+)->', line)
+  labels = re.search(r'dim_labels=(\w+)_(\w+)->(\w+)', line)
+  lhs = _dims(shapes.get(ops[0], '')) if ops else []
   kernel = _dims(shapes.get(ops[1], '')) if len(ops) > 1 else []
-  k_in = kernel[labels.group(1).index('i')] if labels and kernel and 'i' in labels.group(1) else 1
-  sizes = [int(v) for v in window.group(1).split('x')] if window else []
-  dilate = re.search(r'lhs_dilate=([\dx]+)', line)
-  # An input dilated by d holds one real value in d: a window of w meets ceil(w / d) of them.
-  ds = [int(v) for v in dilate.group(1).split('x')] if dilate else [1] * len(sizes)
-  k_win = math.prod(-(-w // d) for w, d in zip(sizes, ds))
-  return 2.0 * out * k_win * k_in
+  if not labels or not lhs or not kernel:
+    return 0.0
+  lhs_l, ker_l, out_l = labels.groups()
+  out_dims = _dims(m.group(1))
+  k_in = kernel[ker_l.index('i')]
+  spatial = sorted(c for c in lhs_l if c.isdigit())
+  taps, out_spatial = 1, 1
+  for axis, d in enumerate(spatial):
+    o = out_dims[out_l.index(d)]
+    taps *= _real_taps(line, axis, lhs[lhs_l.index(d)], o)
+    out_spatial *= o
+  # Every output element: its window's real (not padding, not dilation) input taps x k_in.
+  return 2.0 * out / max(out_spatial, 1) * taps * k_in
 
 
-def analyze(text: str, num_devices: int) -> tuple[dict[str, Collective], float, float]:
-  """({kind: Collective} per step, matmul FLOPs per step, the same FLOPs with every loop body
-  counted once, as `cost_analysis()` counts) of one device's compiled module.
+def _window_attr(line: str, key: str, axis: int, default: int) -> int:
+  m = re.search(rf'\b{key}=([\d_x]+)', line)
+  if not m:
+    return default
+  parts = m.group(1).split('x')
+  return int(parts[axis].split('_')[0]) if axis < len(parts) else default
+
+
+def _real_taps(line: str, axis: int, extent: int, out_extent: int) -> int:
+  """Window positions that meet a real input element, summed over the output positions of one
+  spatial axis of a convolution (XLA writes batched matmuls and transposed convolutions as
+  convolutions whose windows run over padding or a dilated input)."""
+  size = _window_attr(line, 'size', axis, 1)
+  stride = _window_attr(line, 'stride', axis, 1)
+  pad = _window_attr(line, 'pad', axis, 0)
+  lhs_dilate = _window_attr(line, 'lhs_dilate', axis, 1)
+  rhs_dilate = _window_attr(line, 'rhs_dilate', axis, 1)
+  pos = (np.arange(out_extent)[:, None] * stride + np.arange(size)[None, :] * rhs_dilate - pad)
+  dilated = (extent - 1) * lhs_dilate + 1
+  real = (pos >= 0) & (pos < dilated) & (pos % lhs_dilate == 0)
+  return int(real.sum())
+
+
+_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$')
+_ARRAY_LAYOUT = re.compile(r'\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?')
+# Instructions that move no HBM bytes themselves (control flow, aliases, wrappers, markers).
+_NO_TRAFFIC = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'while', 'call',
+               'conditional', 'after-all', 'partition-id', 'replica-id', 'async-start',
+               'async-update', 'async-done', 'copy-start', 'add-dependency', 'opt-barrier'}
+
+
+def hbm_bytes(shape: str) -> float:
+  """Bytes of a shape string that live in HBM: arrays whose layout names another memory space
+  (TPU's `S(1)`: on-chip VMEM) are left out."""
+  total = 0.0
+  for dtype, dims, layout in _ARRAY_LAYOUT.findall(shape):
+    if dtype in _BYTES and not re.search(r'S\([1-9]', layout or ''):
+      total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(',') if d)
+  return total
+
+
+@dataclasses.dataclass
+class Analysis:
+  """What `analyze` reads from a compiled module (one device, one step).
+
+  collectives: {kind: Collective}; flops: dot and convolution FLOPs, loops unrolled; flops_once:
+  the same with every loop body counted once (as `cost_analysis()` counts); ops: [N, 3] array of
+  (executions, matmul FLOPs, HBM bytes read and written) per executed instruction (a fusion with
+  its fused matmuls), for a per-operation roofline."""
+  collectives: dict[str, Collective]
+  flops: float
+  flops_once: float
+  ops: np.ndarray
+
+  @property
+  def hbm_bytes(self) -> float:
+    return float((self.ops[:, 0] * self.ops[:, 2]).sum()) if len(self.ops) else 0.0
+
+  def op_seconds(self, peak_flops: float, hbm_bw: float) -> float:
+    """Sum over instructions of max(FLOPs / peak, bytes / bandwidth), times executions."""
+    if not len(self.ops):
+      return 0.0
+    w, f, b = self.ops.T
+    return float((w * np.maximum(f / peak_flops, b / hbm_bw)).sum())
+
+
+def analyze(text: str, num_devices: int) -> Analysis:
+  """Collectives, matmul FLOPs and per-instruction traffic of one device's compiled module.
 
   The FLOPs count every dot and convolution (2 x multiply-adds) times its executions: unlike
   `cost_analysis()`, which counts a loop body once, this counts a scanned layer stack or the
-  accumulation loop trip-count times, and it leaves out elementwise work (not at MXU peak)."""
+  accumulation loop trip-count times, and it leaves out elementwise work (not at MXU peak). HBM
+  bytes of an instruction are its operands' and result's (a fusion's internals stay on chip)."""
   out = {k: Collective(k) for k in KINDS}
   comps, entry = _computations(text)
   if entry is None:
-    return out, 0.0, 0.0
+    return Analysis(out, 0.0, 0.0, np.zeros((0, 3)))
   weight = _weights(comps, entry)
   once = _weights(comps, entry, loops=False)
+  executed = _weights(comps, entry, fusions=False)
   starts, shapes = {}, {}  # async start name -> its line (groups); instruction name -> shape
   for lines in comps.values():
     for line in lines:
-      d = re.match(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\S+)\s', line)
+      d = _INSTR.match(line)
       if d:
         shapes[d.group(1)] = d.group(2)
       m = _OP.match(line)
       if m and m.group(3) == '-start':
         starts[_name_of(line)] = line
   flops = flops_once = 0.0
+  fused: dict[str, float] = {}  # matmul FLOPs inside each computation (for fusions)
+  for name, lines in comps.items():
+    fused[name] = sum(_matmul_flops(l, shapes) for l in lines
+                      if ' dot(' in l or ' convolution(' in l)
   for name, times in weight.items():
+    flops += times * fused[name]
+    flops_once += once.get(name, 0.0) * fused[name]
+  ops = []
+  for name, times in executed.items():
     for line in comps[name]:
-      if ' dot(' in line or ' convolution(' in line:
-        f = _matmul_flops(line, shapes)
-        flops += times * f
-        flops_once += once.get(name, 0.0) * f
-      m = _OP.match(line)
-      if not m or m.group(3) == '-start':
+      d = _INSTR.match(line)
+      if d is None:
         continue
-      shape, kind = m.group(1), m.group(2)
-      size = shape_bytes(shape)
-      if m.group(3) == '-done':
-        operand = re.search(r'-done\(%?([\w.\-]+)', line)
-        line = starts.get(operand.group(1), line) if operand else line
-      n = group_size(line, num_devices)
-      c = out[kind]
-      c.count += int(round(times))
-      c.buffer_bytes += times * size
-      c.sent_bytes += times * _sent(kind, size, n, line)
-  return out, flops, flops_once
+      op = d.group(3)
+      m = _OP.match(line)
+      if m:
+        if m.group(3) != '-start':
+          _count_collective(out[m.group(2)], m, line, starts, times, num_devices)
+        continue
+      if op in _NO_TRAFFIC or (op == 'custom-call' and not d.group(4).startswith('%')):
+        continue
+      if op == 'copy-done':  # an asynchronous copy between HBM and on-chip memory
+        ops.append((times, 0.0, shape_bytes(d.group(2))))
+        continue
+      f = 0.0
+      if op in ('dot', 'convolution'):
+        f = _matmul_flops(line, shapes)
+      elif op == 'fusion':
+        callee = re.search(r'calls=%?([\w.\-]+)', line)
+        f = _fused_flops(callee.group(1), comps, fused) if callee else 0.0
+      traffic = hbm_bytes(d.group(2)) + sum(hbm_bytes(shapes.get(o, ''))
+                                           for o in _operands(line, op))
+      ops.append((times, f, traffic))
+  return Analysis(out, flops, flops_once, np.array(ops, dtype=np.float64).reshape(-1, 3))
+
+
+def _fused_flops(name: str, comps: dict[str, list[str]], fused: dict[str, float],
+                 depth: int = 0) -> float:
+  """Matmul FLOPs of a fused computation, nested fusions included."""
+  total = fused.get(name, 0.0)
+  for line in comps.get(name, []) if depth < 16 else []:
+    if ' fusion(' in line:
+      callee = re.search(r'calls=%?([\w.\-]+)', line)
+      if callee:
+        total += _fused_flops(callee.group(1), comps, fused, depth + 1)
+  return total
+
+
+def _count_collective(c: Collective, m, line: str, starts: dict[str, str], times: float,
+                      num_devices: int) -> None:
+  size = shape_bytes(m.group(1))
+  if m.group(3) == '-done':
+    operand = re.search(r'-done\(%?([\w.\-]+)', line)
+    line = starts.get(operand.group(1), line) if operand else line
+  n = group_size(line, num_devices)
+  c.count += int(round(times))
+  c.buffer_bytes += times * size
+  c.sent_bytes += times * _sent(c.kind, size, n, line)
 
 
 def collectives(text: str, num_devices: int) -> dict[str, Collective]:
   """{kind: Collective} per step for the HLO module `text` (compiled.as_text()), over
   `num_devices`; kinds that never occur are present with count 0."""
-  return analyze(text, num_devices)[0]
+  return analyze(text, num_devices).collectives

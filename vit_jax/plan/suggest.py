@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Callable, Optional
 
 import jax
@@ -155,10 +156,10 @@ def estimate(c: Candidate, s: _Screen, config, topology) -> tuple[float, float]:
 
 def suggest(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
             num_classes: Optional[int] = None, teacher_model: Optional[str] = None,
-            max_compiles: int = 6, top: int = 3,
+            max_compiles: int = 6, top: int = 3, hlo_dir: Optional[str] = None,
             log: Callable[[str], None] = lambda s: None) -> list[core.Plan]:
   """Compiled plans of the best candidates (see the module docstring), fitting ones first, each
-  group by estimated step time."""
+  group by estimated step time. hlo_dir: keep every compiled module's text there."""
   devices = topo_lib.devices(topology)
   classes = core.num_classes_of(config, num_classes)
   screen, cands = _screen(config, topology, devices, classes)
@@ -184,8 +185,12 @@ def suggest(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
     tried.add(c)
     cfg = core.with_overrides(config, **c.overrides())
     try:
+      path = None
+      if hlo_dir:
+        path = os.path.join(hlo_dir, f'{config.model.name}_{topology.name}_d{c.data}f{c.fsdp}'
+                                     f't{c.tensor}_r{int(bool(c.remat))}_a{c.accum}.hlo.gz')
       plan = core.make_plan(cfg, topology, num_classes=classes, devices=devices,
-                            teacher_model=teacher_model)
+                            teacher_model=teacher_model, hlo_path=path)
     except ValueError as e:  # e.g. a batch that does not split over this mesh's processes
       log(f'  {c}: skipped ({e})')
       too_small[group(c)] = max(too_small.get(group(c), 0), c.accum)

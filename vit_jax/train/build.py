@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vit_jax import runtime
 from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
 from vit_jax.families.base import Architecture, Family, hw
@@ -166,6 +167,8 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, *,
   """
   devices = list(jax.devices() if devices is None else devices)
   platform = devices[0].platform
+  if not abstract:
+    runtime.tune_for_backend(platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   family, model, fields = build_model(config, num_classes, platform)
   schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
