@@ -7,8 +7,7 @@ the optimizer update (SGD with momentum 0.9 by default; `--optimizer adam` for A
 weight decay 0.1). Inference = forward only, no gradients. Each implementation runs in its own
 process (its own threads and allocator); after warm-up, the processes are asked in turn for one timed
 window each (preceded by one untimed iteration), `--repeats` rounds, so that a slow minute of the
-machine hits everyone alike; the figure
-reported is the median window.
+machine hits everyone alike; the figure reported is the median window.
 
 Ours is the real jitted step of `vit_jax.train` (donated state, the configured optimizer), compiled
 ahead of time so that compile time and the compiled program's memory analysis are reported. The

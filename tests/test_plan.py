@@ -223,3 +223,18 @@ def test_cpu8_suggest_ranks_fitting_meshes():
   steps = [float(r.split()[-3]) for r in rows if ' yes ' in r]
   assert steps == sorted(steps) and steps
   assert 'pick: --config.mesh=' in out.stdout
+
+
+def test_a_plan_the_compiler_refused_has_no_rate_instead_of_dividing_by_zero():
+  """An out-of-memory compile leaves no step time (suggest then lists it as not fitting)."""
+  import types  # pylint: disable=import-outside-toplevel
+  from vit_jax.plan import core  # pylint: disable=import-outside-toplevel
+  refused = types.SimpleNamespace(batch_size=4096, times={'step': 0.0}, chips=16,
+                                  analytic_flops_per_step=1e15,
+                                  topology=types.SimpleNamespace(chip=types.SimpleNamespace(
+                                      peak_flops=197e12)))
+  assert core.Plan.images_per_second.fget(refused) == 0.0
+  assert core.Plan.mfu.fget(refused) == 0.0
+  refused.times['step'] = 2.0
+  assert core.Plan.images_per_second.fget(refused) == 2048.0
+  assert core.Plan.mfu.fget(refused) == pytest.approx(1e15 / (2.0 * 16 * 197e12))

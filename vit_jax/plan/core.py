@@ -122,12 +122,15 @@ class Plan:
 
   @property
   def images_per_second(self) -> float:
-    return self.batch_size / self.times['step']
+    """0 when nothing was compiled (the compiler refused the program: no step time)."""
+    step = self.times['step']
+    return self.batch_size / step if step > 0 else 0.0
 
   @property
   def mfu(self) -> float:
+    step = self.times['step']
     return self.analytic_flops_per_step / (
-        self.times['step'] * self.chips * self.topology.chip.peak_flops)
+        step * self.chips * self.topology.chip.peak_flops) if step > 0 else 0.0
 
   def mesh_str(self) -> str:
     return 'x'.join(f'{a}{n}' for a, n in self.mesh.items() if n > 1) or 'one device'
