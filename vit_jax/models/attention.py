@@ -118,7 +118,7 @@ class MultiHeadDotProductAttention(nn.Module):
         features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
     # Projections over rows [B*T, D] (see vit.rows: one-axis bias gradients are faster on CPU).
-    proj = lambda name, x: dense(name)(x.reshape(-1, features)).reshape(
+    proj = lambda name, x: dense(name)(x.reshape(-1, x.shape[-1])).reshape(
         *x.shape[:-1], self.num_heads, head_dim)
     q = proj('query', inputs_q)
     k = proj('key', inputs_kv)
