@@ -92,7 +92,7 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   from vit_jax import runtime  # pylint: disable=import-outside-toplevel
-  runtime.tune_for_backend(jax.default_backend())  # as the trainer does (vit_jax.train.build)
+  tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
   arch = _arch(spec)
   model = arch.create_model(dtype=jnp.dtype(spec['dtype']))
   images, labels = _batch(spec)
@@ -134,7 +134,7 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   info = {'compile_s': compile_s, 'peak_bytes': peak, 'flops_per_image':
           2 * macs * (3 if spec['task'] == 'train' else 1), 'device': jax.devices()[0].device_kind,
           'backend': jax.default_backend(), 'matmul_peak': _matmul_peak(),
-          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator_tuned': runtime._tuned}  # pylint: disable=protected-access
+          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator_tuned': tuned}
   return run, info
 
 

@@ -43,10 +43,10 @@ def enabled() -> bool:
   return os.environ.get('VIT_JAX_CPU_TUNING', '1').strip().lower() not in ('0', 'false', 'no', 'off')
 
 
-def with_defaults(xla_flags: str) -> str:
-  """`xla_flags` with every flag of CPU_XLA_FLAGS it does not name appended."""
+def with_defaults(xla_flags: str, defaults: tuple[tuple[str, str], ...] = CPU_XLA_FLAGS) -> str:
+  """`xla_flags` with every (name, value) of `defaults` it does not name appended."""
   flags = xla_flags.split()
-  for name, value in CPU_XLA_FLAGS:
+  for name, value in defaults:
     if not any(f.lstrip('-').split('=', 1)[0] == name for f in flags):
       flags.append(f'--{name}={value}')
   return ' '.join(flags)
@@ -94,8 +94,8 @@ def tune_host_allocator() -> bool:
   return _tuned
 
 
-def tune_for_backend(backend: str) -> None:
+def tune_for_backend(backend: str) -> bool:
   """What the trainer calls once it knows its backend: the allocator tuning on 'cpu' only (on
-  accelerator hosts large host buffers, e.g. checkpoint copies, should go back to the OS)."""
-  if backend == 'cpu':
-    tune_host_allocator()
+  accelerator hosts large host buffers, e.g. checkpoint copies, should go back to the OS).
+  True when the allocator is tuned."""
+  return backend == 'cpu' and tune_host_allocator()
