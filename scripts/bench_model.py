@@ -144,14 +144,18 @@ def _matmul_peak() -> float:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   cpu = jax.default_backend() == 'cpu'
   n, dtype = (2048, jnp.float32) if cpu else (8192, jnp.bfloat16)
-  a = jnp.ones((n, n), dtype)
+  # Random operands: a GPU's tensor cores draw less power (and clock higher) on ones or zeros.
+  a, b = (jax.random.normal(jax.random.PRNGKey(i), (n, n), dtype) for i in range(2))
   f = jax.jit(lambda a, b: a @ b)
-  jax.block_until_ready(f(a, a))
+  jax.block_until_ready(f(a, b))
+  reps = 1 if cpu else 10  # a GPU product takes ~1.5 ms: time several per window
   best = float('inf')
-  for _ in range(5 if cpu else 20):
+  for _ in range(5):
     t = time.perf_counter()
-    jax.block_until_ready(f(a, a))
-    best = min(best, time.perf_counter() - t)
+    for _ in range(reps):
+      out = f(a, b)
+    jax.block_until_ready(out)
+    best = min(best, (time.perf_counter() - t) / reps)
   return 2 * n ** 3 / best
 
 
@@ -182,12 +186,21 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
       hf_format.write_hf(tmp, flat, arch)
       net = verify.load_hf_model(tmp)
       forward = lambda x: net(pixel_values=x).logits
-  if spec['dtype'] == 'bfloat16':
+  # On a CUDA machine PyTorch runs on the GPU with float32 parameters and bfloat16 autocast, as our
+  # accelerator default (bf16 compute, f32 parameters); on the CPU bfloat16 means bf16 parameters.
+  cuda = torch.cuda.is_available()
+  device = torch.device('cuda' if cuda else 'cpu')
+  bf16 = spec['dtype'] == 'bfloat16'
+  if bf16 and not cuda:
     net = net.to(torch.bfloat16)
+  net = net.to(device)
   images, labels = _batch(spec)
-  dtype = torch.bfloat16 if spec['dtype'] == 'bfloat16' else torch.float32
-  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype)
-  y = torch.from_numpy(labels)
+  dtype = torch.bfloat16 if bf16 and not cuda else torch.float32
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype).to(device)
+  y = torch.from_numpy(labels).to(device)
+  if cuda and bf16:
+    plain_forward = forward
+    forward = lambda x: _autocast(torch, plain_forward, x)
   if spec['task'] == 'train':
     net.train()
     if spec['optimizer'] == 'adam':
@@ -211,7 +224,15 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   def run(n: int) -> None:
     for _ in range(n):
       one()
-  return run, {'device': 'cpu', 'backend': 'torch ' + torch.__version__}
+    if cuda:
+      torch.cuda.synchronize()  # kernels are queued; the window ends when they have run
+  return run, {'device': torch.cuda.get_device_name() if cuda else 'cpu',
+               'backend': 'torch ' + torch.__version__}
+
+
+def _autocast(torch: Any, forward: Any, x: Any) -> Any:
+  with torch.autocast('cuda', dtype=torch.bfloat16):
+    return forward(x)
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -246,6 +267,12 @@ class _Worker:
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
                TF_CPP_MIN_LOG_LEVEL='3', TRANSFORMERS_VERBOSITY='error',
                HF_HUB_DISABLE_PROGRESS_BARS='1')
+    if spec['impl'] != 'ours':
+      env['JAX_PLATFORMS'] = 'cpu'  # JAX only makes the weights there; the GPU is PyTorch's
+    else:
+      # The workers are alive together: JAX's default (75% of the GPU taken at start) would leave
+      # PyTorch too little. Half is several times what a benchmarked step needs.
+      env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
     self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker',
                                   json.dumps(spec)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)

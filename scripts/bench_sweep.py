@@ -15,12 +15,16 @@ On the CPU, XLA's "fused" attention still materialises it, so expect quadratic g
 from __future__ import annotations
 
 import argparse
+import ast
+import concurrent.futures
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
@@ -40,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--variants', default=','.join(VARIANTS))
   parser.add_argument('--remat_policy', default='nothing_saveable')
   parser.add_argument('--time', action='store_true', help='also time 3 steps per point')
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='model field override for every point, e.g. --set scan=True')
+  parser.add_argument('--jobs', type=int, default=1,
+                      help='points compiled at once (each in its own process); timed steps still '
+                           'run one at a time, under a lock')
   parser.add_argument('--out', default='runs/benchmark_tokens')
 
 
@@ -56,6 +65,12 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
   if overrides['remat']:
     overrides['remat'] = spec['remat_policy']
   family, fields = registry.resolve(registry.get_model_config(spec['model']))
+  for item in spec.get('set', []):
+    key, value = item.split('=', 1)
+    try:
+      fields[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      fields[key] = value
   model = family.create(fields, 1000, **overrides)
   size, batch = spec['size'], spec['batch']
   mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
@@ -78,19 +93,43 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
                          mem.alias_size_in_bytes + mem.temp_size_in_bytes)
     out['temp_bytes'] = mem.temp_size_in_bytes
   if spec['time']:
-    state, _ = state_lib.create_train_state(model, tx, (1, size, size, 3), 0, mesh)
-    rng = np.random.default_rng(0)
-    b = jax.device_put({'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-                        'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch)]},
-                       sharding_lib.batch_sharding(mesh))
-    state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    t0 = time.perf_counter()
-    for _ in range(3):
-      state, m = compiled(state, b)
-    jax.block_until_ready(m)
-    out['step_s'] = (time.perf_counter() - t0) / 3
+    with _exclusive(spec.get('lock')):
+      out['step_s'] = _time_steps(compiled, model, tx, size, batch, mesh)
   return out
+
+
+@contextlib.contextmanager
+def _exclusive(path: Optional[str]):
+  """Holds an flock on `path` (if any): points compile side by side but time one at a time."""
+  if not path:
+    yield
+    return
+  with open(path, 'a') as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _time_steps(compiled, model, tx, size, batch, mesh) -> float:
+  """Seconds per train step: one warm-up step, then the mean of 3."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  state, _ = state_lib.create_train_state(model, tx, (1, size, size, 3), 0, mesh)
+  rng = np.random.default_rng(0)
+  b = jax.device_put({'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
+                      'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch)]},
+                     sharding_lib.batch_sharding(mesh))
+  state, m = compiled(state, b)
+  jax.block_until_ready(m)
+  t0 = time.perf_counter()
+  for _ in range(3):
+    state, m = compiled(state, b)
+  jax.block_until_ready(m)
+  return (time.perf_counter() - t0) / 3
 
 
 def plot(points: list[dict[str, Any]], path: str, title: str) -> None:
@@ -108,13 +147,23 @@ def plot(points: list[dict[str, Any]], path: str, title: str) -> None:
     axes[0][0].plot(tokens, [p['peak_bytes'] / scale for p in pts], 'o-', label=variant)
     if timed:
       axes[0][1].plot(tokens, [p.get('step_s', float('nan')) for p in pts], 'o-', label=variant)
+  # Guides through the lowest first point: what linear and quadratic growth in tokens would give.
+  firsts = [p for p in points if 'peak_bytes' in p and p['tokens'] == min(q['tokens'] for q in points)]
+  all_tokens = sorted({p['tokens'] for p in points})
+  if firsts and len(all_tokens) > 1:
+    t0, m0 = all_tokens[0], min(p['peak_bytes'] for p in firsts) / scale
+    for power, style in ((1, ':'), (2, '--')):
+      axes[0][0].plot(all_tokens, [m0 * (t / t0) ** power for t in all_tokens], style, color='grey',
+                      linewidth=0.8, label=f'∝ tokens{"²" if power == 2 else ""}')
   axes[0][0].set(xscale='log', yscale='log', xlabel='tokens per image',
                  ylabel=f'peak memory of the train step ({unit})', title='memory')
   if timed:
     axes[0][1].set(xscale='log', yscale='log', xlabel='tokens per image',
                    ylabel='seconds per train step', title='step time')
   for ax in axes[0]:
-    ax.grid(True, which='both', alpha=0.3)
+    ax.set_xticks(all_tokens, [str(t) for t in all_tokens])
+    ax.minorticks_off()
+    ax.grid(True, which='major', alpha=0.3)
     ax.legend()
   fig.suptitle(title)
   fig.tight_layout()
@@ -128,25 +177,29 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   if unknown:
     raise SystemExit(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
   os.makedirs(args.out, exist_ok=True)
-  points = []
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              TF_CPP_MIN_LOG_LEVEL='3')
+  if args.jobs > 1:
+    # Several processes share the accelerator: each takes memory as it needs it instead of JAX's
+    # default 75% at start. The figures are the compiled programs' own, so this changes none.
+    env.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  specs = [dict(model=args.model, size=int(size), batch=args.batch, dtype=args.dtype,
+                variant=variant, remat_policy=args.remat_policy, time=args.time, set=args.set,
+                lock=os.path.join(os.path.abspath(args.out), 'timing.lock'))
+           for size in args.sizes.split(',') for variant in variants]
   print(f'{"variant":12s} {"size":>5s} {"tokens":>7s} {"peak GiB":>9s} {"step s":>8s} {"compile s":>9s}')
-  for size in (int(s) for s in args.sizes.split(',')):
-    for variant in variants:
-      spec = dict(model=args.model, size=size, batch=args.batch, dtype=args.dtype, variant=variant,
-                  remat_policy=args.remat_policy, time=args.time)
-      # A fresh process per point: one compile's temporaries never inflate the next one's.
-      res = subprocess.run([sys.executable, os.path.abspath(__file__), '--point', json.dumps(spec)],
-                           capture_output=True, text=True, env=env, cwd=ROOT, check=False)
-      if res.returncode:
-        print(f'{variant:12s} {size:5d} failed: {res.stderr.strip().splitlines()[-1:]}')
-        continue
-      p = json.loads(res.stdout.strip().splitlines()[-1])
-      points.append(p)
-      step = f'{p["step_s"]:8.3f}' if 'step_s' in p else f'{"-":>8s}'
-      print(f'{variant:12s} {size:5d} {p["tokens"]:7d} {p.get("peak_bytes", 0) / 2**30:9.3f} {step} '
-            f'{p["compile_s"]:9.1f}')
+  # A fresh process per point: one compile's temporaries never inflate the next one's.
+  with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+    results = list(pool.map(lambda spec: _run_point(spec, env), specs))
+  points = []
+  for spec, (p, error) in zip(specs, results):
+    if p is None:
+      print(f'{spec["variant"]:12s} {spec["size"]:5d} failed: {error}')
+      continue
+    points.append(p)
+    step = f'{p["step_s"]:8.3f}' if 'step_s' in p else f'{"-":>8s}'
+    print(f'{p["variant"]:12s} {p["size"]:5d} {p["tokens"]:7d} {p.get("peak_bytes", 0) / 2**30:9.3f} '
+          f'{step} {p["compile_s"]:9.1f}')
   with open(os.path.join(args.out, 'tokens.json'), 'w') as f:
     json.dump(points, f, indent=2)
   if points:
@@ -154,6 +207,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
          f'{args.model}, batch {args.batch}, {points[0]["dtype"]}: train step vs tokens')
   print(f'tokens: {len(points)} points -> {os.path.join(args.out, "tokens.png")}')
   return points
+
+
+def _run_point(spec: dict[str, Any], env: dict[str, str]
+               ) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+  res = subprocess.run([sys.executable, os.path.abspath(__file__), '--point', json.dumps(spec)],
+                       capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+  if res.returncode:
+    return None, ' '.join(res.stderr.strip().splitlines()[-1:])
+  point = json.loads(res.stdout.strip().splitlines()[-1])
+  point.pop('lock', None)
+  return point, None
 
 
 if __name__ == '__main__':

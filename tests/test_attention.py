@@ -27,7 +27,9 @@ def _device(platform: str, capability=None):
     (_device('gpu', '9.0'), jnp.bfloat16, 64, 'cudnn'),    # H100: flash attention
     (_device('gpu', '8.0'), jnp.float16, 128, 'cudnn'),    # A100, the largest head cuDNN fuses
     (_device('gpu', '9.0'), jnp.float32, 64, 'xla'),       # cuDNN's fused kernel is half precision
-    (_device('gpu', '9.0'), jnp.bfloat16, 256, 'xla'),     # head too wide for the kernel
+    (_device('gpu', '9.0'), jnp.bfloat16, 256, 'cudnn'),   # Hopper takes heads up to 256
+    (_device('gpu', '8.0'), jnp.bfloat16, 256, 'xla'),     # ... Ampere up to 128
+    (_device('gpu', '9.0'), jnp.bfloat16, 264, 'xla'),     # head too wide for any kernel
     (_device('gpu', '9.0'), jnp.bfloat16, 36, 'xla'),      # not a multiple of 8
     (_device('gpu', '7.5'), jnp.bfloat16, 64, 'xla'),      # pre-Ampere
     (_device('gpu'), jnp.bfloat16, 64, 'xla'),             # a GPU without CUDA capability (ROCm)
@@ -38,9 +40,10 @@ def test_auto_selects_cudnn_only_where_its_kernel_applies(device, dtype, head_di
   assert attention.select_implementation(dtype, head_dim, device) == want
 
 
-def test_auto_on_this_machine_is_xla():
-  assert jax.default_backend() == 'cpu'
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the CPU case; tests/test_gpu.py has the GPU one')
+def test_auto_on_a_cpu_is_xla():
   assert attention.select_implementation(jnp.float32, 64) == 'xla'
+  assert attention.select_implementation(jnp.bfloat16, 64) == 'xla'
 
 
 @pytest.mark.parametrize('impl', ['xla', 'auto'])
@@ -49,11 +52,37 @@ def test_fused_implementations_match_the_explicit_softmax(impl, with_bias):
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 4, 8)), jnp.float32) for _ in range(3))
   bias = jnp.asarray(rng.normal(size=(1, 4, 17, 17)), jnp.float32) if with_bias else None
-  want, _ = attention.dot_product_attention(q, k, v, implementation='explicit', bias=bias)
-  got, weights = attention.dot_product_attention(q, k, v, implementation=impl, bias=bias)
+  with jax.default_matmul_precision('highest'):  # TF32 on a GPU would blur the comparison
+    want, _ = attention.dot_product_attention(q, k, v, implementation='explicit', bias=bias)
+    got, weights = attention.dot_product_attention(q, k, v, implementation=impl, bias=bias)
   assert weights is None
   # float32 softmax-weighted sums of O(1) values: rounding of a few ulps of the output scale.
   assert_close_to_scale(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize('bias_shape', [None, (1, 4, 17, 17), (2, 1, 1, 17)])
+def test_padding_for_cudnn_keeps_output_and_gradients(bias_shape):
+  """The odd-length padding cuDNN needs (17 tokens -> 18 with the 18th key masked), run through
+  XLA's kernel here: the same outputs and input gradients as the explicit softmax."""
+  rng = np.random.default_rng(3)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 17, 4, 8)), jnp.float32) for _ in range(3))
+  bias = None if bias_shape is None else jnp.asarray(rng.normal(size=bias_shape), jnp.float32)
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def padded(q, k, v):
+    return attention.fused_attention(q, k, v, implementation='xla', bias=bias, length_multiple=2)
+
+  def explicit(q, k, v):
+    return attention.dot_product_attention(q, k, v, implementation='explicit', bias=bias)[0]
+
+  with jax.default_matmul_precision('highest'):  # TF32 on a GPU would blur the comparison
+    out_p, vjp_p = jax.vjp(padded, q, k, v)
+    out_e, vjp_e = jax.vjp(explicit, q, k, v)
+    grads_p, grads_e = vjp_p(cot), vjp_e(cot)
+  assert out_p.shape == q.shape
+  assert_close_to_scale(out_p, out_e, rtol=1e-5)
+  for a, b in zip(grads_p, grads_e):
+    assert_close_to_scale(a, b, rtol=1e-5)
 
 
 def test_auto_still_returns_weights_and_supports_dropout():

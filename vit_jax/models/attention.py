@@ -29,10 +29,38 @@ def select_implementation(dtype: Any, head_dim: int, device: Any = None) -> str:
     major = int(str(capability).split('.')[0])
   except ValueError:
     major = 0
+  max_head = 256 if major >= 9 else 128  # Hopper's kernels take heads up to 256
   if (device.platform == 'gpu' and major >= 8 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-      and head_dim % 8 == 0 and head_dim <= 128):
+      and head_dim % 8 == 0 and head_dim <= max_head):
     return 'cudnn'
   return 'xla'
+
+
+def fused_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, implementation: str,
+                    bias: Optional[jax.Array] = None, length_multiple: int = 1) -> jax.Array:
+  """`jax.nn.dot_product_attention` with the tokens padded to a multiple of `length_multiple`.
+
+  cuDNN's backward pass refuses odd sequence lengths (jax 0.10-0.11 check `T % 2` whenever a bias
+  operand exists, and pass an empty one when there is none), and a ViT has 197 tokens. Padding the
+  queries, keys and values with zeros and masking the padded keys out (`key_value_seq_lengths`)
+  gives the same output for the real queries; the padded query rows are dropped.
+  Shapes as `dot_product_attention`; returns [B, T, H, K].
+  """
+  batch, t, s = query.shape[0], query.shape[1], key.shape[1]
+  pad_t, pad_s = -t % length_multiple, -s % length_multiple
+  if not (pad_t or pad_s):
+    return jax.nn.dot_product_attention(query, key, value, bias=bias, implementation=implementation)
+  tokens = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0)))
+  if bias is not None:
+    bias = jnp.asarray(bias)
+    bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+    # Pad only the query/key axes the bias really has (size 1 broadcasts).
+    bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad_t if bias.shape[2] > 1 else 0),
+                          (0, pad_s if bias.shape[3] > 1 else 0)))
+  out = jax.nn.dot_product_attention(
+      tokens(query, pad_t), tokens(key, pad_s), tokens(value, pad_s), bias=bias,
+      key_value_seq_lengths=jnp.full((batch,), s, jnp.int32), implementation=implementation)
+  return out[:, :t]
 
 
 def dot_product_attention(
@@ -69,10 +97,13 @@ def dot_product_attention(
   if implementation == 'auto':
     implementation = select_implementation(query.dtype, query.shape[-1])
   if implementation in ('xla', 'cudnn') and not return_weights and not use_dropout:
-    if bias is not None and implementation == 'cudnn':
-      bias = bias.astype(query.dtype)  # cuDNN takes the bias in the activations' dtype
-    return jax.nn.dot_product_attention(query, key, value, bias=bias,
-                                        implementation=implementation), None
+    multiple = 1
+    if implementation == 'cudnn':
+      multiple = 2  # see fused_attention
+      if bias is not None:
+        bias = bias.astype(query.dtype)  # cuDNN takes the bias in the activations' dtype
+    return fused_attention(query, key, value, implementation=implementation, bias=bias,
+                           length_multiple=multiple), None
 
   depth = query.shape[-1]
   query = query / jnp.sqrt(depth).astype(query.dtype)

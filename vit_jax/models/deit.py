@@ -63,7 +63,7 @@ class DistilledVisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: Union[bool, str] = False
   scan: bool = False
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   act: str = 'gelu'
 
   @property

@@ -128,7 +128,7 @@ class SpatialReductionAttention(nn.Module):
   act: str = 'gelu'
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -208,7 +208,7 @@ class Block(nn.Module):
   drop_path_rate: float = 0.0
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -248,7 +248,7 @@ class Stage(nn.Module):
   drop_path_rates: Sequence[float] = ()
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -276,7 +276,9 @@ class PyramidVisionTransformerV2(nn.Module):
       attention_dropout_rate: on the attention weights (both train=True only).
     act: 'gelu' (exact, timm) or 'gelu_tanh', for every GELU of the model.
     head_zeroinit: zero the head kernel (fine-tuning), else truncated normal(0.02) as timm.
-    attention_impl: None/'explicit', 'xla', 'cudnn' or 'auto' (see `attention.dot_product_attention`).
+    attention_impl: 'auto' (default: cuDNN flash attention on NVIDIA GPUs where it applies, XLA's
+      fused attention elsewhere), 'xla', 'cudnn', or None/'explicit' (plain softmax); see
+      `attention.dot_product_attention`.
   """
   num_classes: Optional[int]
   embed_dims: Sequence[int] = (64, 128, 320, 512)
@@ -292,7 +294,7 @@ class PyramidVisionTransformerV2(nn.Module):
   head_zeroinit: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False):

@@ -162,7 +162,7 @@ class Encoder1DBlock(nn.Module):
   stochastic_depth: bool = False
   deterministic: bool = True
   return_weights: bool = False
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   act: str = 'gelu_tanh'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -204,7 +204,7 @@ class Encoder(nn.Module):
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
   stochastic_depth: float = 0.0
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   remat: Union[bool, str] = False
   scan: bool = False
   act: str = 'gelu_tanh'
@@ -307,7 +307,9 @@ class VisionTransformer(nn.Module):
     dtype: computation dtype (bfloat16 for mixed precision); param_dtype: parameter dtype.
     remat: recompute block activations in the backward pass: True / 'full', or a policy name of
       `REMAT_POLICIES` ('dots_saveable', ...); scan: `nn.scan` over the blocks.
-    attention_impl: None/'explicit', 'xla', 'cudnn' or 'auto' (see `attention.dot_product_attention`).
+    attention_impl: 'auto' (default: cuDNN flash attention on NVIDIA GPUs where it applies, XLA's
+      fused attention elsewhere), 'xla', 'cudnn', or None/'explicit' (plain softmax); see
+      `attention.dot_product_attention`.
     act: 'gelu_tanh' (Google's checkpoints) or 'gelu' (exact; timm and Hugging Face).
   """
   num_classes: Optional[int]
@@ -328,7 +330,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat: Union[bool, str] = False
   scan: bool = False
-  attention_impl: Optional[str] = None
+  attention_impl: Optional[str] = 'auto'
   act: str = 'gelu_tanh'
 
   @property
