@@ -94,7 +94,8 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   from vit_jax import runtime  # pylint: disable=import-outside-toplevel
   tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
   arch = _arch(spec)
-  model = arch.create_model(dtype=jnp.dtype(spec['dtype']))
+  from vit_jax.train import build  # pylint: disable=import-outside-toplevel
+  model = arch.create_model(dtype=build.compute_dtype(spec['dtype']))  # 'auto' as the trainer
   images, labels = _batch(spec)
   mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
   data_sharding = sharding_lib.batch_sharding(mesh)

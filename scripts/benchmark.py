@@ -15,6 +15,8 @@ returns the function that runs it.
                           one registered model (any family): train and inference img/s, GFLOP/image,
                           MFU, compile time and peak memory, against timm / Hugging Face in PyTorch
                           (scripts/bench_model.py has the protocol)
+  python scripts/benchmark.py loop --config configs/quickstart.py --steps 400
+                          the training loop's img/s (metrics.jsonl) against its bare train step
   python scripts/benchmark.py tokens --model ViT-B_16 --sizes 224,448,896 [--time]
                           train-step memory (and time) against tokens: plain, remat, fused, both
 """
@@ -283,6 +285,14 @@ def model_mode(parser: argparse.ArgumentParser):
   import bench_model  # pylint: disable=import-outside-toplevel
   bench_model.add_arguments(parser)
   return bench_model.run
+
+
+@mode('loop')
+def loop_mode(parser: argparse.ArgumentParser):
+  """The training loop's img/s (metrics.jsonl) against its bare jitted train step."""
+  import bench_loop  # pylint: disable=import-outside-toplevel
+  bench_loop.add_arguments(parser)
+  return bench_loop.run
 
 
 @mode('tokens')

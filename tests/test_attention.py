@@ -129,3 +129,26 @@ def test_mixer_takes_a_remat_policy_and_a_bad_one_is_named():
   assert_trees_close_to_scale(g1, g0, rtol=1e-5)
   with pytest.raises(ValueError, match='dots_saveable'):
     _loss_and_grads('ViT-testing', remat='everything')
+
+
+def test_training_fuses_qkv_into_one_matmul_with_the_same_parameters_and_numbers():
+  """Training self-attention stacks the query/key/value kernels into one matmul; inference keeps
+  three. Same parameters (names, shapes, initial values whichever path creates them), same outputs
+  and same gradients."""
+  mha = attention.MultiHeadDotProductAttention(num_heads=2)
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 5, 8)), jnp.float32)
+  p_eval = mha.init(jax.random.PRNGKey(0), x)['params']
+  p_train = mha.init(jax.random.PRNGKey(0), x, deterministic=False)['params']
+  assert jax.tree_util.tree_structure(p_eval) == jax.tree_util.tree_structure(p_train)
+  for a, b in zip(jax.tree_util.tree_leaves(p_eval), jax.tree_util.tree_leaves(p_train)):
+    np.testing.assert_array_equal(a, b)
+
+  def loss(p, deterministic):
+    y, _ = mha.apply({'params': p}, x, deterministic=deterministic)
+    return jnp.sum(y * jnp.arange(y.size).reshape(y.shape) / y.size)
+  train_jaxpr = str(jax.make_jaxpr(lambda p: loss(p, False))(p_eval))
+  assert train_jaxpr.count('dot_general') == 1 + 2 + 1  # qkv, the two attention products, out
+  with jax.default_matmul_precision('highest'):
+    (l_e, g_e), (l_t, g_t) = (jax.value_and_grad(loss)(p_eval, d) for d in (True, False))
+  assert_close_to_scale(l_t, l_e, rtol=1e-6)
+  assert_trees_close_to_scale(g_t, g_e, rtol=1e-6)
