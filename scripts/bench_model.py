@@ -201,7 +201,10 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   y = torch.from_numpy(labels).to(device)
   if cuda and bf16:
     plain_forward = forward
-    forward = lambda x: _autocast(torch, plain_forward, x)
+
+    def forward(x):
+      with torch.autocast('cuda', dtype=torch.bfloat16):
+        return plain_forward(x)
   if spec['task'] == 'train':
     net.train()
     if spec['optimizer'] == 'adam':
@@ -229,11 +232,6 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
       torch.cuda.synchronize()  # kernels are queued; the window ends when they have run
   return run, {'device': torch.cuda.get_device_name() if cuda else 'cpu',
                'backend': 'torch ' + torch.__version__}
-
-
-def _autocast(torch: Any, forward: Any, x: Any) -> Any:
-  with torch.autocast('cuda', dtype=torch.bfloat16):
-    return forward(x)
 
 
 def worker_main(spec: dict[str, Any]) -> None:
