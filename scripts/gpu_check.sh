@@ -38,11 +38,11 @@ run_env() {
 }
 # The tests' CPU shortcut (no LLVM optimisation) is off: the GPU is compiled as users' runs are.
 run_tests() {
-  stage tests 120 env VIT_JAX_TEST_OPTIMIZED=1 "$py" -m pytest -q -p no:cacheprovider \
+  stage tests 300 env VIT_JAX_TEST_OPTIMIZED=1 "$py" -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py tests/test_attention.py
 }
 run_gpu_tests() {
-  stage gpu_tests 60 env VIT_JAX_TEST_OPTIMIZED=1 "$py" -m pytest -q -p no:cacheprovider \
+  stage gpu_tests 180 env VIT_JAX_TEST_OPTIMIZED=1 "$py" -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py
 }
 run_model() {  # train and inference, next to timm and Hugging Face

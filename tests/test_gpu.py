@@ -7,6 +7,8 @@ tests/test_attention.py). `scripts/gpu_check.sh` runs this file on a lent GPU.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +74,7 @@ def test_cudnn_is_really_used_by_auto():
   assert '__cudnn$fmha' in hlo, 'no cuDNN fused attention in the compiled program'
 
 
+@functools.lru_cache(maxsize=None)  # the explicit reference is compiled once for the three cases
 def _step(impl, remat):
   model = registry.create_model(registry.get_model_config('ViT-testing'), 5, dtype=jnp.bfloat16,
                                 attention_impl=impl, remat=remat)
