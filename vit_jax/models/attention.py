@@ -18,6 +18,20 @@ Initializer = Callable[..., jax.Array]
 IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'explicit', 'auto')
 
 
+def rows(x: jax.Array, dtype: Any) -> jax.Array:
+  """[..., D] -> [rows, D] when computing in float32 (the CPU's dtype); x unchanged otherwise.
+
+  On XLA:CPU, dense layers and LayerNorms over one axis of rows make the gradients of their biases
+  and scales sums over one axis, several times faster than over (batch, tokens) (its tree-reduction
+  rewriter padded 50 tokens to 64; measured in scripts/benchmark.py model). On a TPU the same
+  reshape costs a relayout (197 tokens are not a multiple of its tiles): the ViT-B/16 plan on a
+  v5p-64 estimated a 10% slower step with it, so bfloat16 (the accelerators' dtype) keeps [B, T, D].
+  """
+  if jnp.dtype(dtype) != jnp.float32:
+    return x
+  return x.reshape(-1, x.shape[-1])
+
+
 def select_implementation(dtype: Any, head_dim: int, device: Any = None) -> str:
   """What `implementation='auto'` runs: 'cudnn' (flash attention) on an NVIDIA GPU of compute
   capability >= 8.0 when the activations are bfloat16/float16 and the head dim is a multiple of 8 up
@@ -167,13 +181,15 @@ class MultiHeadDotProductAttention(nn.Module):
     dense = lambda name: nn.DenseGeneral(
         features=(self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
         kernel_init=self.kernel_init, bias_init=self.bias_init, name=name)
-    # Projections over rows [B*T, D] (see vit.rows: one-axis bias gradients are faster on CPU).
-    proj = lambda name, x: dense(name)(x.reshape(-1, x.shape[-1])).reshape(
+    in_rows = jnp.dtype(self.dtype) == jnp.float32  # see `rows`
+    proj = lambda name, x: dense(name)(rows(x, self.dtype)).reshape(
         *x.shape[:-1], self.num_heads, head_dim)
-    if inputs_kv is inputs_q and not deterministic:
-      # Training self-attention: one matmul for q, k and v, and so one for each of their gradients
-      # (Fashion-MNIST model train step x1.10 on the 2-core CPU, ViT-Ti/16 unchanged). Inference
-      # keeps three: slicing the fused result cost that model's inference 10%.
+    if inputs_kv is inputs_q and not deterministic and in_rows:
+      # Training self-attention in float32 (the CPU's compute dtype): one matmul for q, k and v, and
+      # so one for each of their gradients (Fashion-MNIST model train step x1.10 on the 2-core CPU,
+      # ViT-Ti/16 unchanged). Inference keeps three: slicing the fused result cost that model's
+      # inference 10%. bfloat16 (the GPU/TPU default) keeps three too: with the fused form, the
+      # ViT-B/16 pod plan on v5p-64 estimated a 9% slower step (61 against 56 ms).
       q, k, v = self._fused_qkv(inputs_q, head_dim)
     else:
       q = proj('query', inputs_q)
@@ -187,7 +203,8 @@ class MultiHeadDotProductAttention(nn.Module):
         deterministic=deterministic, return_weights=return_weights)
     out = nn.DenseGeneral(features=features, axis=(-2, -1), dtype=self.dtype,
                           param_dtype=self.param_dtype, kernel_init=self.kernel_init,
-                          bias_init=self.bias_init, name='out')(y.reshape(-1, *y.shape[-2:]))
+                          bias_init=self.bias_init, name='out')(
+                              y.reshape(-1, *y.shape[-2:]) if in_rows else y)
     return out.reshape(*y.shape[:-2], features), weights
 
   def _fused_qkv(self, x: jax.Array, head_dim: int) -> tuple[jax.Array, jax.Array, jax.Array]:

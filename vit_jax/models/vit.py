@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.models.attention import MultiHeadDotProductAttention
+from vit_jax.models.attention import MultiHeadDotProductAttention, rows
 
 Dtype = Any
 
@@ -129,18 +129,11 @@ class MlpBlock(nn.Module):
         kernel_init=nn.initializers.xavier_uniform(),
         bias_init=nn.initializers.normal(stddev=1e-6), name=name)
     shape = x.shape
-    x = rows(x)
+    x = rows(x, self.dtype)
     x = gelu(dense(self.mlp_dim, 'Dense_0')(x), self.act)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
     x = dense(shape[-1], 'Dense_1')(x)
     return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).reshape(shape)
-
-
-def rows(x: jax.Array) -> jax.Array:
-  """[..., D] -> [rows, D]. Dense layers and LayerNorms see their tokens as one axis of rows: the
-  gradients of their biases and scales are then sums over one axis, which XLA:CPU reduces several
-  times faster than over (batch, tokens) (same values; measured in scripts/benchmark.py model)."""
-  return x.reshape(-1, x.shape[-1])
 
 
 def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
@@ -173,7 +166,7 @@ class Encoder1DBlock(nn.Module):
                                      name=name)
     use_drop_path = self.stochastic_depth and not self.deterministic
 
-    y = norm('LayerNorm_0')(rows(x)).reshape(x.shape)
+    y = norm('LayerNorm_0')(rows(x, self.dtype)).reshape(x.shape)
     y, weights = MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
         dropout_rate=self.attention_dropout_rate, implementation=self.attention_impl,
@@ -184,7 +177,7 @@ class Encoder1DBlock(nn.Module):
       y = drop_path(y, drop_rate, self.make_rng('dropout'))
     x = x + y
 
-    y = norm('LayerNorm_2')(rows(x)).reshape(x.shape)
+    y = norm('LayerNorm_2')(rows(x, self.dtype)).reshape(x.shape)
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.act, self.dtype, self.param_dtype,
                  name='MlpBlock_3')(
         y, deterministic=self.deterministic)
