@@ -2,10 +2,11 @@
 
 Trains `--config` with `python -m vit_jax.main` for `--steps` steps (no checkpoints until the last
 step, evaluation only at the end, a log line every `--log_every` steps), and takes the median
-`img_per_s` of `metrics.jsonl` after the first window (which holds the compile). Then it times the bare
-jitted step of the same model, batch, image size and optimizer with `benchmark.py model`'s protocol
-(a fixed in-memory batch), in windows before and after the run, and prints both and their ratio. The loop's extra work (reading and
-augmenting images, metrics, the finite check, logging) should cost at most 10%.
+`img_per_s` of `metrics.jsonl` after the first window (which holds the compile). The bare jitted
+step of the same model, batch, image size and optimizer is timed with `benchmark.py model`'s
+protocol (a fixed in-memory batch) in windows before and after that run; both rates and their ratio
+are printed. The loop's extra work (reading and augmenting images, metrics, the finite check,
+logging) should cost at most 10%.
 
   python scripts/benchmark.py loop --config configs/quickstart.py --steps 400
 """

@@ -60,17 +60,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # answer `time N` (run N iterations, report seconds) until `quit`.
 
 
-def _arch(spec: dict[str, Any]):
+def resolve_model(name: str, sets: list[str]) -> tuple[Any, dict[str, Any]]:
+  """(family, fields) of a registered model with `--set FIELD=VALUE` overrides (values parsed as
+  Python literals, else kept as strings)."""
   import ast  # pylint: disable=import-outside-toplevel
   from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
-  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
-  family, fields = registry.resolve(registry.get_model_config(spec['model']))
-  for item in spec['set']:
+  family, fields = registry.resolve(registry.get_model_config(name))
+  for item in sets:
     key, value = item.split('=', 1)
     try:
       fields[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       fields[key] = value
+  return family, fields
+
+
+def _arch(spec: dict[str, Any]):
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  family, fields = resolve_model(spec['model'], spec['set'])
   return Architecture(dict(fields), spec['num_classes'], spec['image_size'], spec['channels'],
                       family.name)
 

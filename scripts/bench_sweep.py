@@ -15,7 +15,6 @@ On the CPU, XLA's "fused" attention still materialises it, so expect quadratic g
 from __future__ import annotations
 
 import argparse
-import ast
 import concurrent.futures
 import contextlib
 import fcntl
@@ -58,19 +57,13 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+  import bench_model  # pylint: disable=import-outside-toplevel  (this folder: sys.path[0])
   from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   dtype = spec['dtype'] or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
   overrides = dict(VARIANTS[spec['variant']], dtype=jnp.dtype(dtype))
   if overrides['remat']:
     overrides['remat'] = spec['remat_policy']
-  family, fields = registry.resolve(registry.get_model_config(spec['model']))
-  for item in spec.get('set', []):
-    key, value = item.split('=', 1)
-    try:
-      fields[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      fields[key] = value
+  family, fields = bench_model.resolve_model(spec['model'], spec.get('set', []))
   model = family.create(fields, 1000, **overrides)
   size, batch = spec['size'], spec['batch']
   mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
@@ -148,8 +141,8 @@ def plot(points: list[dict[str, Any]], path: str, title: str) -> None:
     if timed:
       axes[0][1].plot(tokens, [p.get('step_s', float('nan')) for p in pts], 'o-', label=variant)
   # Guides through the lowest first point: what linear and quadratic growth in tokens would give.
-  firsts = [p for p in points if 'peak_bytes' in p and p['tokens'] == min(q['tokens'] for q in points)]
   all_tokens = sorted({p['tokens'] for p in points})
+  firsts = [p for p in points if 'peak_bytes' in p and p['tokens'] == all_tokens[0]]
   if firsts and len(all_tokens) > 1:
     t0, m0 = all_tokens[0], min(p['peak_bytes'] for p in firsts) / scale
     for power, style in ((1, ':'), (2, '--')):
