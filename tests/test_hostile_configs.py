@@ -19,6 +19,7 @@ import pytest
 
 from tests.reliability_log import record
 from vit_jax import sharding as sharding_lib
+from vit_jax.models.vit import REMAT_POLICIES
 from vit_jax.train import validate
 
 _QUIET = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -77,12 +78,13 @@ VALID = {
     'model.num_layers': model_int(lambda v: True),
     'model.mlp_dim': model_int(lambda v: True),
     'model.dropout_rate': lambda v: v is None or (number(v) and 0 <= v < 1),
+    'model.remat': lambda v: v is None or isinstance(v, bool) or v in REMAT_POLICIES,
 }
 RAW = st.one_of(
     st.integers(-3, 40).map(str), st.integers(-10 ** 12, 10 ** 12).map(str),
     st.sampled_from(['0.0', '0.5', '-0.5', '0.999', '1.0', '1.5', '2.5', '1e-3', '-1e-9', 'nan',
                      '-nan', 'inf', '-inf', 'abc', '', 'True', 'False', 'None', '(4, 4)',
-                     '(2, 3)', '(4,)', '[1]', '0x10', '1_000']))
+                     '(2, 3)', '(4,)', '[1]', '0x10', '1_000', 'dots_saveable', 'full']))
 
 
 def _check_value(key: str, raw: str) -> None:
@@ -109,6 +111,14 @@ def _check_value(key: str, raw: str) -> None:
 @given(st.sampled_from(sorted(VALID)), RAW)
 def test_any_value_of_any_key_is_accepted_if_valid_else_refused_naming_it(key, raw):
   _check_value(key, raw)
+
+
+@pytest.mark.parametrize('raw', ['dots_saveable', 'nothing_saveable', 'full', 'True', 'False',
+                                 'dots', '', '3', '(1, 2)'])
+def test_remat_takes_a_flag_or_a_policy_name(raw):
+  """`--config.model.remat=dots_saveable` (the README's advice for deep models) is accepted; a
+  misspelt policy is refused before anything starts, naming the policies."""
+  _check_value('model.remat', raw)
 
 
 @pytest.mark.slow

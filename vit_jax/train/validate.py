@@ -13,6 +13,7 @@ import ml_collections
 from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
 from vit_jax.families.base import hw
+from vit_jax.models import vit as vit_models
 from vit_jax.train import optim, step as step_lib
 
 REQUIRED = ('model.name', 'dataset', 'data_dir', 'image_size', 'batch_size', 'total_steps',
@@ -219,6 +220,11 @@ def _validate_model_values(model: ml_collections.ConfigDict, family) -> None:
     where = f'model.{key} {value!r}'
     if kind == 'bool':
       _need(isinstance(value, bool), f'{where} must be True or False')
+      continue
+    if re.search(r'\bstr\b', kind):  # Union[bool, str]: remat, a flag or a policy name
+      _need(isinstance(value, bool) or (isinstance(value, str) and (
+          key != 'remat' or value in vit_models.REMAT_POLICIES)),
+            f'{where} must be True, False or a policy: {", ".join(sorted(vit_models.REMAT_POLICIES))}')
       continue
     outer = re.sub(r'(Sequence|tuple|list|Tuple|List)\[[^\]]*\]', 'SEQ', kind)
     scalar_ok, seq_ok = re.search(r'\b(int|float)\b', outer), 'SEQ' in outer
