@@ -319,10 +319,101 @@ def analyze(text: str, num_devices: int) -> Analysis:
       elif op == 'fusion':
         callee = re.search(r'calls=%?([\w.\-]+)', line)
         f = _fused_flops(callee.group(1), comps, fused) if callee else 0.0
-      traffic = hbm_bytes(d.group(2)) + sum(hbm_bytes(shapes.get(o, ''))
-                                           for o in _operands(line, op))
-      ops.append((times, f, traffic))
+      ops.append((times, f, _traffic(line, d, op, shapes, comps)))
   return Analysis(out, flops, flops_once, np.array(ops, dtype=np.float64).reshape(-1, 3))
+
+
+_PARAM = re.compile(r'parameter\((\d+)\)')
+_PASS_THROUGH = ('bitcast', 'reshape', 'get-tuple-element', 'copy')  # views of the same bytes
+
+
+def _traffic(line: str, d: re.Match, op: str, shapes: dict[str, str],
+             comps: dict[str, list[str]]) -> float:
+  """HBM bytes an instruction reads and writes: its operands and result, except where only a slice
+  moves. A dynamic-slice reads its result's bytes; a dynamic-update-slice updates its buffer in
+  place (reads and writes the update only). Inside a fusion (nested ones included), a parameter
+  seen only through dynamic-slices is read slice by slice, and an output that is an in-place update
+  writes the update. A scanned layer stack's loop body is made of these: counted whole, each of L
+  iterations would move all L layers' saved activations."""
+  operands = _operands(line, op)
+  if op == 'dynamic-slice':
+    return 2 * hbm_bytes(d.group(2))
+  if op == 'dynamic-update-slice' and len(operands) > 1:
+    return 2 * hbm_bytes(shapes.get(operands[1], ''))
+  full = hbm_bytes(d.group(2)) + sum(hbm_bytes(shapes.get(o, '')) for o in operands)
+  callee = re.search(r'calls=%?([\w.\-]+)', line) if op == 'fusion' else None
+  if callee is None or callee.group(1) not in comps:
+    return full
+  body = _Fused(comps, callee.group(1))
+  total = body.written(body.root) if body.root in body.instrs else hbm_bytes(d.group(2))
+  for i, outer in enumerate(operands):
+    whole = hbm_bytes(shapes.get(outer, ''))
+    sliced = body.param_read(i)
+    total += whole if sliced is None else min(sliced, whole)
+  return min(total, full)
+
+
+class _Fused:
+  """A fused computation's instructions and their users, for `_traffic`."""
+
+  def __init__(self, comps: dict[str, list[str]], name: str, depth: int = 0):
+    self.comps, self.depth = comps, depth
+    self.instrs: dict[str, tuple[str, str, list[str], str]] = {}  # name -> (shape, op, args, line)
+    self.users: dict[str, list[str]] = {}
+    self.params: dict[int, str] = {}
+    self.root = None
+    for l in comps.get(name, []):
+      m = _INSTR.match(l)
+      if m is None:
+        continue
+      inst, shape, kind = m.group(1), m.group(2), m.group(3)
+      args = _operands(l, kind) if kind not in ('parameter', 'constant') else []
+      self.instrs[inst] = (shape, kind, args, l)
+      for a in args:
+        self.users.setdefault(a, []).append(inst)
+      p = _PARAM.search(l) if kind == 'parameter' else None
+      if p:
+        self.params[int(p.group(1))] = inst
+      if l.lstrip().startswith('ROOT'):
+        self.root = inst
+
+  def param_read(self, index: int) -> Optional[float]:
+    name = self.params.get(index)
+    return None if name is None else self.read(name)
+
+  def read(self, name: str, depth: int = 0) -> Optional[float]:
+    """Bytes of `name` read when every use is a slice or an in-place buffer; None if some use
+    reads all of it."""
+    total = 0.0
+    for u in self.users.get(name, []):
+      shape, kind, args, line = self.instrs[u]
+      if kind in _PASS_THROUGH and depth < 8:
+        sub = self.read(u, depth + 1)
+      elif kind == 'dynamic-slice' and args and args[0] == name:
+        sub = hbm_bytes(shape)
+      elif kind == 'dynamic-update-slice' and args and args[0] == name:
+        sub = 0.0  # the buffer updated in place: only the update is written (see `written`)
+      elif kind == 'fusion' and self.depth < 4:
+        callee = re.search(r'calls=%?([\w.\-]+)', line)
+        inner = _Fused(self.comps, callee.group(1), self.depth + 1) if callee else None
+        subs = [inner.param_read(i) if inner else None for i, a in enumerate(args) if a == name]
+        sub = None if any(x is None for x in subs) else sum(subs)
+      else:
+        sub = None
+      if sub is None:
+        return None
+      total += sub
+    return total
+
+  def written(self, name: str, depth: int = 0) -> float:
+    shape, kind, args, _ = self.instrs[name]
+    if kind == 'tuple' and depth < 8:
+      return sum(self.written(a, depth + 1) for a in args if a in self.instrs)
+    if kind in ('bitcast', 'reshape') and args and args[0] in self.instrs and depth < 8:
+      return self.written(args[0], depth + 1)
+    if kind == 'dynamic-update-slice' and len(args) > 1 and args[1] in self.instrs:
+      return hbm_bytes(self.instrs[args[1]][0])
+    return hbm_bytes(shape)
 
 
 def _fused_flops(name: str, comps: dict[str, list[str]], fused: dict[str, float],
