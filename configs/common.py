@@ -111,8 +111,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.heartbeat_timeout = 100
   c.shutdown_timeout = 300
   # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one); only the
-  # CPU backend is affected. Experimental: faster on 2 cores, but XLA once aborted a run in its
-  # in-process collectives; README ("Scaling out") has the figures. No shipped config sets it.
+  # CPU backend is affected. It pays when attention's many small products dominate (the Fashion-MNIST
+  # ViT: configs/fashion_mnist.py sets 2), not for ViT-Ti/S at 224; vit_jax/runtime.py (split_cpu)
+  # and the README's speed section have the figures.
   c.cpu_devices = 0
 
   # Evaluation, logging, checkpoints.

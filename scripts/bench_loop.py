@@ -1,8 +1,8 @@
 """`python scripts/benchmark.py loop`: the training loop's img/s against its bare train step.
 
 Trains `--config` with `python -m vit_jax.main` for `--steps` steps (no checkpoints until the last
-step, evaluation only at the end, a log line every `--log_every` steps), and takes the median
-`img_per_s` of `metrics.jsonl` after the first window (which holds the compile). The bare jitted
+step, evaluation only at the end, no warm-up, a log line every `--log_every` steps), and takes the
+median `img_per_s` of `metrics.jsonl` after the first window (which holds the compile). The bare jitted
 step of the same model, batch, image size and optimizer is timed with `benchmark.py model`'s
 protocol (a fixed in-memory batch) in windows before and after that run; both rates and their ratio
 are printed. The loop's extra work (reading and augmenting images, metrics, the finite check,
@@ -45,7 +45,7 @@ def _bare_spec(workdir: str) -> dict[str, Any]:
   return dict(model=config['model']['name'], batch=config['batch_size'],
               image_size=arch['image_size'][0], channels=arch['channels'],
               num_classes=arch['num_classes'], optimizer=config['optimizer'],
-              dtype=config['dtype'], set=overrides)
+              dtype=config['dtype'], set=overrides, cpu_devices=config.get('cpu_devices') or 1)
 
 
 def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[float]:
@@ -53,7 +53,8 @@ def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[
   cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', f'--config={args.config}',
          f'--config.total_steps={args.steps}', '--config.checkpoint_every=0',
          f'--config.log_every={args.log_every}', '--config.eval_every=0',
-         '--config.progress=False', *args.override]
+         # No warm-up: it does not change the speed, and a run this short cannot hold a long one.
+         '--config.warmup_steps=0', '--config.progress=False', *args.override]
   out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
   if out.returncode:
     raise SystemExit(f'the training run failed:\n{out.stderr[-3000:]}')

@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--compare', default='', help='comma-separated: timm, hf')
   parser.add_argument('--repeats', type=int, default=4, help='timed windows per implementation')
   parser.add_argument('--seconds', type=float, default=6.0, help='target length of one window')
+  parser.add_argument('--cpu_devices', type=int, default=1,
+                      help='ours on a CPU: the host as N JAX devices, data parallel, as '
+                           '--config.cpu_devices=N trains (vit_jax/runtime.py: split_cpu)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='model field override, e.g. --set num_layers=6 --set attention_impl=xla')
   parser.add_argument('--json_out', default=None, help='also write every figure as JSON here')
@@ -99,12 +102,18 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   from vit_jax import runtime  # pylint: disable=import-outside-toplevel
+  runtime.split_cpu(spec.get('cpu_devices', 1))  # as vit_jax.main does, before the backend starts
   tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
   arch = _arch(spec)
   from vit_jax.train import build  # pylint: disable=import-outside-toplevel
   model = arch.create_model(dtype=build.compute_dtype(spec['dtype']))  # 'auto' as the trainer
   images, labels = _batch(spec)
-  mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
+  # One device, or the CPU split into `cpu_devices` (an accelerator backend is not split).
+  devices = jax.devices()[:spec.get('cpu_devices', 1)] if jax.default_backend() == 'cpu' else (
+      jax.devices()[:1])
+  if spec['batch'] % len(devices):
+    raise SystemExit(f'--batch {spec["batch"]} does not split over {len(devices)} CPU devices')
+  mesh = sharding_lib.make_mesh((('data', -1),), devices)
   data_sharding = sharding_lib.batch_sharding(mesh)
   sched = optim.make_schedule(1e-3, 10_000, 0)
   tx = optim.make_optimizer({'optimizer': spec['optimizer'], 'momentum': 0.9, 'grad_clip_norm': 1.0,
@@ -142,7 +151,8 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   info = {'compile_s': compile_s, 'peak_bytes': peak, 'flops_per_image':
           2 * macs * (3 if spec['task'] == 'train' else 1), 'device': jax.devices()[0].device_kind,
           'backend': jax.default_backend(), 'matmul_peak': _matmul_peak(),
-          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator_tuned': tuned}
+          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator_tuned': tuned,
+          'devices': len(devices)}
   return run, info
 
 
@@ -339,7 +349,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   tasks = ['infer', 'train'] if args.mode == 'both' else [args.mode]
   base = dict(model=args.model, batch=args.batch, image_size=args.image_size,
               channels=args.channels, num_classes=args.num_classes, dtype=args.dtype,
-              optimizer=args.optimizer, set=args.set)
+              optimizer=args.optimizer, set=args.set, cpu_devices=args.cpu_devices)
   print(f'{args.model} at {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, '
         f'{args.dtype}, {args.optimizer} + clip 1.0; median of {args.repeats} interleaved windows '
         f'of ~{args.seconds:.0f}s; {os.cpu_count()} CPUs')
@@ -356,7 +366,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kind = 'float32' if ours['backend'] == 'cpu' else 'bfloat16'
     if task == tasks[0]:
       print(f'ours: XLA_FLAGS="{ours["xla_flags"]}", host allocator tuned: '
-            f'{ours["allocator_tuned"]} (vit_jax/runtime.py; VIT_JAX_CPU_TUNING=0 turns both off)')
+            f'{ours["allocator_tuned"]} (vit_jax/runtime.py; VIT_JAX_CPU_TUNING=0 turns both off), '
+            f'{ours["devices"]} JAX device(s), data parallel')
     print(f'\n{task}: {"impl":6s} {"img/s":>9s}  {"x ours":>7s}  spread')
     for k, w in workers.items():
       spread = f'{min(w.rates):.1f}-{max(w.rates):.1f}'

@@ -9,7 +9,7 @@ returns the function that runs it.
 
   python scripts/benchmark.py step --model ViT-Mini_7 --variants explicit,xla,remat --torch
                                                       train-step img/s side by side, as ratios
-  python scripts/benchmark.py step --variants explicit,cpu2   ... 1 vs 2 JAX devices on the CPU
+  python scripts/benchmark.py step --variants auto,cpu2   ... 1 vs 2 JAX devices on the CPU
 
   python scripts/benchmark.py model --model ViT-Ti_16 --compare timm,hf
                           one registered model (any family): train and inference img/s, GFLOP/image,
@@ -155,7 +155,8 @@ def data_mode(parser: argparse.ArgumentParser):
 STEP_VARIANTS = {
     # name: (VisionTransformer overrides, description); `cpu_devices` is not a model field: the
     # host CPU is split into that many JAX devices and the batch is split over them.
-    'explicit': ({}, 'attention softmax in plain jnp (the default)'),
+    'auto': ({}, "the registry's fields (attention_impl='auto', one device)"),
+    'explicit': ({'attention_impl': 'explicit'}, 'attention softmax in plain jnp'),
     'cpu2': ({'cpu_devices': 2}, 'host CPU as 2 JAX devices, data parallel (--config.cpu_devices=2)'),
     'xla': ({'attention_impl': 'xla'}, 'jax.nn.dot_product_attention, implementation xla'),
     'cudnn': ({'attention_impl': 'cudnn'}, 'jax.nn.dot_product_attention, implementation cudnn'),
@@ -245,7 +246,7 @@ def step_mode(parser: argparse.ArgumentParser):
   parser.add_argument('--batch-size', type=int, default=256)
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--num-classes', type=int, default=10)
-  parser.add_argument('--variants', default='explicit,xla',
+  parser.add_argument('--variants', default='auto,explicit',
                       help=f'comma-separated, the first is the baseline: {", ".join(STEP_VARIANTS)}')
   parser.add_argument('--torch', action='store_true', help='also time PyTorch (transformers) ViT')
 
@@ -255,9 +256,8 @@ def step_mode(parser: argparse.ArgumentParser):
     if unknown:
       raise SystemExit(f'unknown variants {unknown}; choose from {list(STEP_VARIANTS)}')
     cpu_devices = max(STEP_VARIANTS[n][0].get('cpu_devices', 1) for n in names)
-    if cpu_devices > 1:  # before any JAX backend starts; other variants use the first device only
-      import jax
-      jax.config.update('jax_num_cpu_devices', cpu_devices)
+    from vit_jax import runtime  # pylint: disable=import-outside-toplevel
+    runtime.split_cpu(cpu_devices)  # before any JAX backend starts; other variants use device 0
     rates = {}
     for name in names:
       rates[name] = _time_jax_step(args.model, STEP_VARIANTS[name][0], args.size, args.channels,

@@ -26,7 +26,9 @@ def _benchmark(*args: str) -> str:
 def test_model_mode_reports_rates_flops_and_memory(tmp_path):
   path = tmp_path / 'r.json'
   stdout = _benchmark('model', '--model', 'ViT-testing', '--image_size', '16', '--num_classes', '5',
-                      '--batch', '2', '--repeats', '2', '--seconds', '0.05', '--json_out', str(path))
+                      '--batch', '2', '--repeats', '2', '--seconds', '0.05', '--cpu_devices', '2',
+                      '--json_out', str(path))
+  assert '2 JAX device(s), data parallel' in stdout
   last = stdout.strip().splitlines()[-2:]
   assert last[0].startswith('infer: ') and last[1].startswith('train: ') and 'img/s' in last[1]
   result = json.loads(path.read_text())
@@ -35,6 +37,7 @@ def test_model_mode_reports_rates_flops_and_memory(tmp_path):
     assert len(result['tasks'][task]['windows']['ours']) == 2
     assert result['tasks'][task]['rates']['ours'] > 0
     assert info['peak_bytes'] > 0 and info['matmul_peak'] > 1e9
+    assert info['devices'] == 2  # the CPU split as --config.cpu_devices=2 trains
     # Analytic FLOPs: the forward's MACs x 2, x 3 more for a training step.
     assert info['flops_per_image'] == pytest.approx(
         factor * result['tasks']['infer']['info']['flops_per_image'])
@@ -58,7 +61,7 @@ def test_loop_mode_times_the_model_the_run_trained(tmp_path):
   """`benchmark.py loop` reads the run's model back from its workdir (config.json, checkpoint)."""
   (tmp_path / 'config.json').write_text(json.dumps({
       'model': {'name': 'ViT-Mini_7', 'classifier': 'gap', 'posemb': 'sincos2d', 'scan': None},
-      'batch_size': 256, 'optimizer': 'adam', 'dtype': 'auto'}))
+      'batch_size': 256, 'optimizer': 'adam', 'dtype': 'auto', 'cpu_devices': 2}))
   meta = tmp_path / 'checkpoints' / '400' / 'meta'
   meta.mkdir(parents=True)
   (tmp_path / 'checkpoints' / '50').mkdir()
@@ -66,5 +69,5 @@ def test_loop_mode_times_the_model_the_run_trained(tmp_path):
       'num_classes': 10, 'image_size': [28, 28], 'channels': 1}}))
   spec = bench_loop._bare_spec(str(tmp_path))  # pylint: disable=protected-access
   assert spec == dict(model='ViT-Mini_7', batch=256, image_size=28, channels=1, num_classes=10,
-                      optimizer='adam', dtype='auto',
+                      optimizer='adam', dtype='auto', cpu_devices=2,
                       set=["classifier='gap'", "posemb='sincos2d'"])

@@ -136,4 +136,4 @@ def test_fashion_mnist_config_is_the_measured_one():
   assert (m['classifier'], m['posemb']) == ('gap', 'sincos2d')
   assert (c.total_steps, c.batch_size, c.warmup_steps, c.base_lr) == (9000, 256, 500, 2e-3)
   assert (c.augment, c.label_smoothing, c.weight_decay, c.cpu_devices) == ('pad_crop_flip', 0.1,
-                                                                          0.05, 0)
+                                                                          0.05, 2)

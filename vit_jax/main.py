@@ -16,6 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vit_jax import runtime
 from vit_jax.train import validate
 
 FLAGS = flags.FLAGS
@@ -54,17 +55,6 @@ def _maybe_initialize_distributed(config) -> None:
                                shutdown_timeout_seconds=int(config.get('shutdown_timeout', 300)))
 
 
-def _set_cpu_devices(count: int) -> None:
-  """Splits the host CPU into `count` JAX devices (0: leave JAX's default).
-
-  Must run before any JAX backend starts. An explicit --xla_force_host_platform_device_count in
-  XLA_FLAGS (the tests' way of faking 8 devices) wins over the config.
-  """
-  if count and 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-    import jax  # pylint: disable=g-import-not-at-top
-    jax.config.update('jax_num_cpu_devices', int(count))
-
-
 def main(argv) -> None:
   del argv
   config = FLAGS.config
@@ -72,7 +62,7 @@ def main(argv) -> None:
     validate.validate(config)
   except validate.ConfigError as e:
     sys.exit(f'config error: {e}')
-  _set_cpu_devices(config.get('cpu_devices', 0))
+  runtime.split_cpu(config.get('cpu_devices', 0))
   _maybe_initialize_distributed(config)
   import jax  # pylint: disable=g-import-not-at-top
   try:  # the mesh and batch sizes against the devices, before anything is compiled or written
