@@ -8,12 +8,16 @@ decay, warm-up and cosine decay, clipping at 1).
 Measured on the 2-core CPU machine: 92.07% test top-1 on the current code (83.6% at step 1,500,
 86.9% at 3,000, 88.6% at 4,500, 90.8% at 6,000, 91.7% at 7,500), about 1h45m of training on an idle
 machine; an earlier version of the code reached 92.41% (93.8% on the un-augmented training images).
-It is the teacher of the README's distillation figures. It runs on the host CPU split into 2 JAX
-devices (`cpu_devices=2`, data parallel): XLA:CPU runs attention's 1,024 small products per block
-on one thread, and a second device keeps the second core busy (train step x1.04 here; the
-accuracies above were measured on one device: same maths, another summation order). Why this size: ViT-Micro_4 (width 96, depth 4) trained 19 epochs reached 90.18% on
-test but only 91.2% on its own training images: it underfit, so capacity and epochs, not more
-regularisation, were what it lacked.
+It is the teacher of the README's distillation figures.
+
+It runs on the host CPU split into 2 JAX devices (`cpu_devices=2`, data parallel): XLA:CPU runs
+attention's 1,024 small products per block on one thread, and a second device keeps the second
+core busy (train step x1.04 here; the accuracies above were measured on one device: same maths,
+another summation order).
+
+Why this size: ViT-Micro_4 (width 96, depth 4) trained 19 epochs reached 90.18% on test but only
+91.2% on its own training images: it underfit, so capacity and epochs, not more regularisation,
+were what it lacked.
 """
 from configs import common, quickstart
 
