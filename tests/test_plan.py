@@ -167,6 +167,18 @@ SCAN_HLO = """HloModule jit_train_step
   ROOT %red = f32[64,64]{1,0} reduce(%w0, %c), dimensions={0}, to_apply=%add
 }
 
+%view (v0: f32[24,64,64]) -> f32[24,64,64] {
+  %v0 = f32[24,64,64]{2,1,0} parameter(0)
+  ROOT %vb = f32[24,64,64]{2,1,0} bitcast(%v0)
+}
+
+%viewsum (s0: f32[24,64,64]) -> f32[64,64] {
+  %s0 = f32[24,64,64]{2,1,0} parameter(0)
+  %vv = f32[24,64,64]{2,1,0} fusion(%s0), kind=kLoop, calls=%view
+  %c2 = f32[] constant(0)
+  ROOT %red2 = f32[64,64]{1,0} reduce(%vv, %c2), dimensions={0}, to_apply=%add
+}
+
 %add (x: f32[], y: f32[]) -> f32[] {
   ROOT %s = f32[] add(f32[] %x, f32[] %y)
 }
@@ -180,6 +192,7 @@ SCAN_HLO = """HloModule jit_train_step
   %slice = f32[1,64,64]{2,1,0} dynamic-slice(%stack, %i, %i, %i), dynamic_slice_sizes={1,64,64}
   %put = f32[24,64,64]{2,1,0} dynamic-update-slice(%stack, %slice, %i, %i, %i)
   %sum = f32[64,64]{1,0} fusion(%stack), kind=kLoop, calls=%whole
+  %sum2 = f32[64,64]{1,0} fusion(%stack), kind=kLoop, calls=%viewsum
   ROOT %t = (s32[], f32[24,64,64], f32[64,64]) tuple(%i, %saved, %read)
 }
 
@@ -208,6 +221,7 @@ def test_scanned_loop_traffic_counts_the_slices_that_move():
       2 * layer,              # %slice: one layer out
       2 * layer,              # %put: one layer in, in place
       stack + layer,          # %sum: reads every layer
+      stack + layer,          # %sum2: the same through a nested fusion that only views the stack
   ])
   assert a.hbm_bytes == pytest.approx(24 * sum(per_iteration))
 

@@ -383,7 +383,9 @@ class _Fused:
 
   def read(self, name: str, depth: int = 0) -> Optional[float]:
     """Bytes of `name` read when every use is a slice or an in-place buffer; None if some use
-    reads all of it."""
+    reads all of it (the computation's result included: what uses it is outside)."""
+    if name == self.root:
+      return None
     total = 0.0
     for u in self.users.get(name, []):
       shape, kind, args, line = self.instrs[u]
@@ -411,9 +413,19 @@ class _Fused:
       return sum(self.written(a, depth + 1) for a in args if a in self.instrs)
     if kind in ('bitcast', 'reshape') and args and args[0] in self.instrs and depth < 8:
       return self.written(args[0], depth + 1)
-    if kind == 'dynamic-update-slice' and len(args) > 1 and args[1] in self.instrs:
+    if (kind == 'dynamic-update-slice' and len(args) > 1 and args[1] in self.instrs and
+        self._is_parameter(args[0])):  # in place: the buffer came in, only the update changes
       return hbm_bytes(self.instrs[args[1]][0])
     return hbm_bytes(shape)
+
+  def _is_parameter(self, name: str, depth: int = 0) -> bool:
+    """Whether `name` is an incoming buffer: a parameter, a view of one, or a nested fusion that
+    works in place on one (`output_to_operand_aliasing` to its first operand)."""
+    shape, kind, args, line = self.instrs.get(name, ('', '', [], ''))
+    aliased = kind == 'fusion' and 'output_to_operand_aliasing={{}: (0,' in line
+    if (kind in ('bitcast', 'reshape', 'get-tuple-element') or aliased) and args and depth < 8:
+      return self._is_parameter(args[0], depth + 1)
+    return kind == 'parameter'
 
 
 def _fused_flops(name: str, comps: dict[str, list[str]], fused: dict[str, float],
