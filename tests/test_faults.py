@@ -356,7 +356,11 @@ def test_lost_process_stops_the_other_then_both_resume(tmp_path):
       timings[case] = (round(seconds, 1), rc)
       assert ok, (case, seconds, rc, out[-3000:])
       if victim == 1:
-        assert 'tasks are unhealthy (stopped sending heartbeats)' in out, out[-3000:]
+        # The service names the lost task: by its missed heartbeats, or, when the killed process's
+        # connection drop is seen first (a loaded machine), as disconnected.
+        reasons = ('tasks are unhealthy (stopped sending heartbeats)', 'has disconnected')
+        assert any(r in out for r in reasons), [l for l in out.splitlines()
+                                                if 'fatal' in l or 'task' in l.lower()]
     print('survivor exit (seconds, status):', timings)
 
     outs = []
