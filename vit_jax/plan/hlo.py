@@ -317,14 +317,23 @@ def analyze(text: str, num_devices: int) -> Analysis:
       if op in ('dot', 'convolution'):
         f = _matmul_flops(line, shapes)
       elif op == 'fusion':
-        callee = re.search(r'calls=%?([\w.\-]+)', line)
-        f = _fused_flops(callee.group(1), comps, fused) if callee else 0.0
+        callee = _callee(line)
+        f = _fused_flops(callee, comps, fused) if callee else 0.0
       ops.append((times, f, _traffic(line, d, op, shapes, comps)))
   return Analysis(out, flops, flops_once, np.array(ops, dtype=np.float64).reshape(-1, 3))
 
 
 _PARAM = re.compile(r'parameter\((\d+)\)')
-_PASS_THROUGH = ('bitcast', 'reshape', 'get-tuple-element', 'copy')  # views of the same bytes
+_FUSION_CALL = re.compile(r'calls=%?([\w.\-]+)')
+# Inside a fusion these move no bytes of their own: views, and a copy, which is computed element by
+# element like the rest, so a slice of its result reads only that slice of its operand.
+_PASS_THROUGH = ('bitcast', 'reshape', 'get-tuple-element', 'copy')
+
+
+def _callee(line: str) -> Optional[str]:
+  """The fused computation a fusion instruction calls."""
+  m = _FUSION_CALL.search(line)
+  return m.group(1) if m else None
 
 
 def _traffic(line: str, d: re.Match, op: str, shapes: dict[str, str],
@@ -341,10 +350,10 @@ def _traffic(line: str, d: re.Match, op: str, shapes: dict[str, str],
   if op == 'dynamic-update-slice' and len(operands) > 1:
     return 2 * hbm_bytes(shapes.get(operands[1], ''))
   full = hbm_bytes(d.group(2)) + sum(hbm_bytes(shapes.get(o, '')) for o in operands)
-  callee = re.search(r'calls=%?([\w.\-]+)', line) if op == 'fusion' else None
-  if callee is None or callee.group(1) not in comps:
+  callee = _callee(line) if op == 'fusion' else None
+  if callee not in comps:
     return full
-  body = _Fused(comps, callee.group(1))
+  body = _Fused(comps, callee)
   total = body.written(body.root) if body.root in body.instrs else hbm_bytes(d.group(2))
   for i, outer in enumerate(operands):
     whole = hbm_bytes(shapes.get(outer, ''))
@@ -396,8 +405,8 @@ class _Fused:
       elif kind == 'dynamic-update-slice' and args and args[0] == name:
         sub = 0.0  # the buffer updated in place: only the update is written (see `written`)
       elif kind == 'fusion' and self.depth < 4:
-        callee = re.search(r'calls=%?([\w.\-]+)', line)
-        inner = _Fused(self.comps, callee.group(1), self.depth + 1) if callee else None
+        callee = _callee(line)
+        inner = _Fused(self.comps, callee, self.depth + 1) if callee else None
         subs = [inner.param_read(i) if inner else None for i, a in enumerate(args) if a == name]
         sub = None if any(x is None for x in subs) else sum(subs)
       else:
@@ -434,9 +443,9 @@ def _fused_flops(name: str, comps: dict[str, list[str]], fused: dict[str, float]
   total = fused.get(name, 0.0)
   for line in comps.get(name, []) if depth < 16 else []:
     if ' fusion(' in line:
-      callee = re.search(r'calls=%?([\w.\-]+)', line)
+      callee = _callee(line)
       if callee:
-        total += _fused_flops(callee.group(1), comps, fused, depth + 1)
+        total += _fused_flops(callee, comps, fused, depth + 1)
   return total
 
 
