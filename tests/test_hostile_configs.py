@@ -78,7 +78,8 @@ VALID = {
     'model.num_layers': model_int(lambda v: True),
     'model.mlp_dim': model_int(lambda v: True),
     'model.dropout_rate': lambda v: v is None or (number(v) and 0 <= v < 1),
-    'model.remat': lambda v: v is None or isinstance(v, bool) or v in REMAT_POLICIES,
+    'model.remat': lambda v: v is None or isinstance(v, bool) or (isinstance(v, str) and
+                                                              v in REMAT_POLICIES),
 }
 RAW = st.one_of(
     st.integers(-3, 40).map(str), st.integers(-10 ** 12, 10 ** 12).map(str),
@@ -114,7 +115,7 @@ def test_any_value_of_any_key_is_accepted_if_valid_else_refused_naming_it(key, r
 
 
 @pytest.mark.parametrize('raw', ['dots_saveable', 'nothing_saveable', 'full', 'True', 'False',
-                                 'dots', '', '3', '(1, 2)'])
+                                 'dots', '', '3', '(1, 2)', '[1]'])
 def test_remat_takes_a_flag_or_a_policy_name(raw):
   """`--config.model.remat=dots_saveable` (the README's advice for deep models) is accepted; a
   misspelt policy is refused before anything starts, naming the policies."""
