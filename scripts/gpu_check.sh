@@ -5,13 +5,14 @@
 #   2. ViT-B/16 at 224², bfloat16, batch 256: train and inference img/s and MFU next to timm's and
 #      Hugging Face's ViT in PyTorch on the same GPU (bf16 autocast),
 #   3. the token sweep (224 -> 448 -> 896, plain / remat / fused / fused+remat): memory and step time,
-#   4. ours alone with the plain softmax, and at batch 512, to show what each choice is worth.
+#   4. ours alone with the plain softmax, and at batch 512, to show what each choice is worth,
+#   5. (stage sweep, not in the default list) ours alone under a few XLA GPU flags and at batch 384.
 # Each stage has its own time limit, so one that fails or hangs costs only itself.
 #
 #   scripts/gpu_check.sh OUT_DIR [STAGE ...]
 #     writes log.txt, vit_b16.json, tokens.json, tokens.png into OUT_DIR; the stages default to
-#     env tests model tokens explicit batch512 (others: gpu_tests, train; TOKEN_VARIANTS=fused,...
-#     limits the sweep)
+#     env tests model tokens explicit batch512 (others: gpu_tests, train, sweep);
+#     TOKEN_VARIANTS=fused,... limits the token stage's variants
 #
 # It uses the machine's own python3 and packages (PYTHON to override); the project's pins apply to
 # the CPU virtual environment only.
@@ -65,6 +66,20 @@ run_explicit() {
 run_batch512() {
   stage batch512 70 "$py" scripts/benchmark.py model --model ViT-B_16 --batch 512 --dtype bfloat16 \
     --mode train --repeats 2 --seconds 3
+}
+
+run_sweep() {  # ours alone, training, one XLA knob at a time against the default: what moves MFU
+  local v name
+  for v in default: cublaslt:--xla_gpu_enable_cublaslt=true \
+      no_triton_gemm:--xla_gpu_enable_triton_gemm=false \
+      no_command_buffers:--xla_gpu_enable_command_buffer= ; do
+    name=${v%%:*}
+    stage "sweep_$name" 60 env XLA_FLAGS="${v#*:}" "$py" scripts/benchmark.py model \
+      --model ViT-B_16 --batch 256 --dtype bfloat16 --mode train --repeats 2 --seconds 2 \
+      --json_out "$out/sweep_$name.json"
+  done
+  stage sweep_batch384 60 "$py" scripts/benchmark.py model --model ViT-B_16 --batch 384 \
+    --dtype bfloat16 --mode train --repeats 2 --seconds 2 --json_out "$out/sweep_batch384.json"
 }
 
 shift || true

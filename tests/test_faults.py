@@ -274,9 +274,6 @@ def _errors(stderr):
 # ---------------------------------------------------------------------------------------------
 # A process lost from a two-process run (jax.distributed on 127.0.0.1, as tests/test_multiprocess).
 
-FAST_COMPILE = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
-
-
 def _start_two(workdir, tag, started, *extra):
   """Starts `main` as processes 0 and 1 of a run (2 CPU devices each) on a fresh coordinator port;
   [(process, its log file)], also appended to `started` for the clean-up."""
@@ -284,7 +281,7 @@ def _start_two(workdir, tag, started, *extra):
   coordinator = f'127.0.0.1:{worker.free_port()}'
   procs = []
   for i in range(2):
-    env = worker.worker_env(XLA_FLAGS='--xla_force_host_platform_device_count=2' + FAST_COMPILE,
+    env = worker.worker_env(XLA_FLAGS='--xla_force_host_platform_device_count=2',
                             JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES='2',
                             JAX_PROCESS_ID=str(i))
     log = open(f'{workdir}.{tag}.{i}.log', 'w+')

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ml_collections import config_flags
 import pytest
 
+from tests import sharding_worker as worker
 from tests.reliability_log import record
 from vit_jax import sharding as sharding_lib
 from vit_jax.models.vit import REMAT_POLICIES
@@ -250,8 +251,7 @@ def test_mesh_and_batch_against_the_devices_many(mesh, devices, processes, batch
                  'must be a multiple of 2', marks=pytest.mark.slow),  # the same wiring again
 ])
 def test_main_refuses_before_compiling_or_writing(tmp_path, override, message):
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_LOG_COMPILES='1', TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)
+  env = worker.worker_env(JAX_LOG_COMPILES='1')
   out = subprocess.run(
       [sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}',
        '--config=configs/quickstart.py', *BASE, '--config.cpu_devices=2', override],

@@ -272,14 +272,12 @@ TINY = ['--config.model.name=ViT-testing', '--config.model.patch_size=2', '--con
         '--config.warmup_steps=2', '--config.base_lr=0.003', '--config.eval_batch_size=80',
         '--config.progress=False', '--config.augment=none', '--config.log_every=2',
         '--config.eval_every=6', '--config.checkpoint_every=3']
-FAST_COMPILE = ' --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 
 
 def cpu_env(devices: int, **extra: str) -> dict:
   """A worker's environment (as `sharding_worker.worker_env`) with `devices` CPU devices."""
-  return clean_env(PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3',
-                   XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}' + FAST_COMPILE,
-                   **extra)
+  flags = f'--xla_force_host_platform_device_count={devices}' + worker.FAST_COMPILE
+  return clean_env(PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3', XLA_FLAGS=flags, **extra)
 
 
 def run_groups(cmds: list[list[str]], envs: list[dict], timeout: float) -> list[tuple[int, str]]:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests.data_helpers import make_folder
+from tests.sharding_worker import worker_env
 from tests.test_npz import make_params
 
 pytestmark = pytest.mark.slow
@@ -36,9 +37,7 @@ STAGE1 = ['--config=configs/quickstart.py:model=ViT-testing', '--config.model.pa
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)   # one CPU device, whatever the caller's setting
-  return env
+  return worker_env()  # one CPU device, whatever the caller's XLA_FLAGS
 
 
 def result_of(out):

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from tests.sharding_worker import worker_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A small digits job (8x8 grayscale, 10 classes): fast enough to run many times.
@@ -34,9 +36,7 @@ def run_main(workdir, *extra, timeout=300, check=True):
 
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='3')
-  env.pop('XLA_FLAGS', None)
-  return env
+  return worker_env()  # one CPU device, whatever the caller's XLA_FLAGS
 
 
 def result_of(out):
