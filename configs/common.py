@@ -115,6 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
   # ViT: configs/fashion_mnist.py sets 2), not for ViT-Ti/S at 224; vit_jax/runtime.py (split_cpu)
   # and the README's speed section have the figures.
   c.cpu_devices = 0
+  # XLA's persistent compilation cache: a directory (local, or gs://... on Cloud TPU) that keeps the
+  # compiled train and eval steps, so that the same job started again (after a preemption, to
+  # resume, or a second run of the same config) loads them instead of compiling them. '': JAX's own
+  # setting (the JAX_COMPILATION_CACHE_DIR variable; off when unset). Programs that compile in under
+  # a second are not kept (JAX's default).
+  c.compilation_cache_dir = ''
 
   # Evaluation, logging, checkpoints.
   c.eval_every = 1000

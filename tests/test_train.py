@@ -4,6 +4,7 @@ checkpoints. Runs `python -m vit_jax.main` in subprocesses, as a user would. Non
 full disk and a lost process: tests/test_faults.py."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -110,6 +111,38 @@ def test_cpu_devices_splits_the_host_and_trains_the_same(tmp_path):
   # Same batches, same mathematics; only the order of the batch-mean reduction differs.
   for a, b in zip(*losses):
     assert abs(a - b) <= 1e-5 * abs(a), losses
+
+
+def test_compilation_cache_dir_gives_the_next_start_its_compiled_steps(tmp_path):
+  """A second run of the same job with the same --config.compilation_cache_dir loads its train step
+  from there (JAX logs a persistent-cache hit; the first run had none) and trains identically."""
+  cache = tmp_path / 'xla'
+  args = ('--config.total_steps=10', '--config.eval_every=0', '--config.checkpoint_every=10',
+          '--config.log_every=5', f'--config.compilation_cache_dir={cache}')
+  # JAX keeps only programs that took a second to compile by default; these take less. Whatever
+  # cache scripts/test.sh set for the suite is not this one.
+  env = worker_env(JAX_LOG_COMPILES='1', JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  outs = []
+  for name in ('first', 'second'):
+    out = subprocess.run(main_cmd(tmp_path / name, *args), cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    outs.append(out.stderr)
+  hit = re.compile(r"Persistent compilation cache hit for '(\w+)'")
+  assert not hit.findall(outs[0]) and os.listdir(cache)
+  assert any('train_step' in name for name in hit.findall(outs[1])), hit.findall(outs[1])
+  rows = [(tmp_path / n / 'metrics.jsonl').read_text() for n in ('first', 'second')]
+  assert rows[0].count('"loss"') == 2
+  strip = lambda text: [{k: v for k, v in json.loads(l).items() if 'per_s' not in k and 'seconds'
+                         not in k} for l in text.splitlines()]
+  assert strip(rows[0]) == strip(rows[1])
+  from vit_jax.train import validate  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  with config.ignore_type():  # a config built in code can hold anything
+    config.compilation_cache_dir = 5
+  with pytest.raises(validate.ConfigError, match='compilation_cache_dir must be a directory path'):
+    validate.validate(config)
 
 
 def tiny_config(**overrides):

@@ -63,6 +63,7 @@ def main(argv) -> None:
   except validate.ConfigError as e:
     sys.exit(f'config error: {e}')
   runtime.split_cpu(config.get('cpu_devices', 0))
+  runtime.use_compilation_cache(config.get('compilation_cache_dir') or '')
   _maybe_initialize_distributed(config)
   import jax  # pylint: disable=g-import-not-at-top
   try:  # the mesh and batch sizes against the devices, before anything is compiled or written

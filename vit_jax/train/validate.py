@@ -99,6 +99,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   cpu_devices = config.get('cpu_devices', 0)
   _need(isinstance(cpu_devices, int) and cpu_devices >= 0,
         f'cpu_devices must be an integer >= 0 (0: one CPU device), got {cpu_devices!r}')
+  cache_dir = config.get('compilation_cache_dir', '')
+  _need(cache_dir is None or isinstance(cache_dir, str),
+        f"compilation_cache_dir must be a directory path ('' for JAX's own setting), got "
+        f"{cache_dir!r}")
   _need(isinstance(config.get('skip_nonfinite', False), bool),
         f"skip_nonfinite must be True or False, got {config.get('skip_nonfinite')!r}")
   for key in ('heartbeat_timeout', 'shutdown_timeout'):
