@@ -132,6 +132,19 @@ class Family:
   test_model: Optional[str] = None
   test_image_size: int = 16
   default_resize: str = 'bilinear'
+  # What the module accepts from a training objective and gives back (`vit_jax.models.tokens`:
+  # TOKEN_MASK, KEEP, PROMPTS, TOKEN_MAP, TWO_HEADS); an objective that needs a capability the
+  # family lacks is refused before anything compiles, with the family's reason from `lacks`.
+  capabilities: tuple[str, ...] = ()
+  lacks: Mapping[str, str] = {}
+
+  def missing_capability(self, needs: Sequence[str]) -> Optional[str]:
+    """Why this family cannot serve an objective that needs `needs` (None: it can)."""
+    for capability in needs:
+      if capability not in self.capabilities:
+        why = self.lacks.get(capability, f'its module does not provide {capability!r}')
+        return f'the {self.name} family cannot serve it: {why}'
+    return None
 
   # ---- building ----
   def module_class(self) -> type:

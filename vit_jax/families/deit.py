@@ -18,6 +18,7 @@ from vit_jax.families import vit_interop
 from vit_jax.families.base import IMAGENET, Flat, hw
 from vit_jax.families.vit import (BLOCK, POSEMB_KEY, SIZES, TENSOR_RULES, VitFamily, fixed_posemb)
 from vit_jax.models import deit as deit_models
+from vit_jax.models import tokens as tokens_lib
 
 
 def deit_fields(size: str, patch: int) -> dict[str, Any]:
@@ -55,6 +56,7 @@ class DeitFamily(VitFamily):
   writes_npz = False  # Google released no DeiT; its .npz layout has no distillation token.
   num_tokens = 2
   test_model = 'DeiT-testing'
+  capabilities = VitFamily.capabilities + (tokens_lib.TWO_HEADS,)
   test_image_size = 16
 
   def module_class(self) -> type:

@@ -17,6 +17,7 @@ import numpy as np
 
 from vit_jax.families import resample
 from vit_jax.families.base import Architecture, Family, Flat, check_sizes, hw
+from vit_jax.models import tokens as tokens_lib
 from vit_jax.models import vit as vit_models
 
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
@@ -136,6 +137,7 @@ class VitFamily(Family):
   writes_npz = True
   test_model = 'ViT-testing'
   num_tokens = 1  # prefix tokens a 'token' classifier adds (DeiT: 2)
+  capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
 
   def module_class(self) -> type:
     return vit_models.VisionTransformer
