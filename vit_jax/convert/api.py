@@ -123,13 +123,26 @@ def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *
   if model is not None:
     kwargs['model_config'] = dict(registry.get_model_config(model))
   ckpt = read_checkpoint(input_path, **kwargs)
+  if ckpt.objective and to != 'orbax':
+    from vit_jax import objectives  # pylint: disable=import-outside-toplevel
+    why = objectives.get(ckpt.objective['name']).exportable
+    if why and ckpt.objective_params:
+      raise ValueError(f'{input_path} was trained with objective {ckpt.objective["name"]!r}; it '
+                       f'cannot be written as {to}: {why}')
   arch = resolve_architecture(ckpt, model=model, image_size=image_size)
   names = read_class_names(class_names) if isinstance(class_names, str) else class_names
   names = list(names) if names is not None else ckpt.class_names
+  if names is not None and arch.num_classes is None and class_names is None:
+    names = None  # a headless encoder (self-supervised) of a labelled dataset
   if names is not None and len(names) != (arch.num_classes or 0):
     raise ValueError(f'{len(names)} class names for a head of {arch.num_classes} classes')
   written = WRITERS[to](os.fspath(output), ckpt.params, arch, names)
-  result = ConvertResult(ckpt.format, arch, written, list(ckpt.notes))
+  notes = list(ckpt.notes)
+  if ckpt.objective_params:
+    groups = sorted({'/'.join(k.split('/')[:2]) for k in ckpt.objective_params})
+    notes.append(f'left out the {ckpt.objective["name"]} objective\'s own parameters (not part of '
+                 f'the model): {len(ckpt.objective_params)} arrays under {", ".join(groups)}')
+  result = ConvertResult(ckpt.format, arch, written, notes)
   if verify:
     result.max_abs_diff = verify_written(to, written, ckpt.params, arch)
   if log is not None:
