@@ -219,6 +219,11 @@ class Objective:
     out['eval_count'] = int(totals['count'])
     return out
 
+  def analytic_macs(self, model_macs: int) -> int:
+    """Multiply-accumulates of one training example's forward pass, given the model's
+    (`Family.forward_macs`) on the whole image: what a plan's analytic FLOPs count."""
+    return model_macs
+
   # ---- checkpoints and inference ----
   def meta(self) -> dict[str, Any]:
     """What a checkpoint records about how it was trained (JSON)."""
