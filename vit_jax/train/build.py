@@ -150,14 +150,16 @@ def _steps(config, model, objective, tx, schedule, mesh, shardings, extras, extr
 
 def build_training(config: ml_collections.ConfigDict, num_classes: Optional[int], *,
                    devices: Optional[Sequence[Any]] = None, abstract: bool = False,
-                   teacher_model: Optional[str] = None) -> Training:
+                   teacher_model: Optional[str] = None,
+                   objective: Optional[Objective] = None) -> Training:
   """Mesh, model, objective, schedule, optimizer, abstract state and shardings, extras and jitted
   steps of `config` for a dataset of `num_classes` (None or 0: unlabelled).
 
   devices: the mesh's devices (default: all of `jax.devices()`); a plan passes a topology's
   (compile-only TPU devices, or fake CPU ones), and `config.dtype='auto'` follows their platform.
   abstract: the extras (a teacher, frozen parameters) as shapes only; teacher_model: a registered
-  architecture to plan distillation with when there is no teacher checkpoint.
+  architecture to plan distillation with when there is no teacher checkpoint; objective: the
+  objective already made (e.g. with a teacher in memory) instead of the config's.
   Frozen model parameters (an objective that freezes a pretrained backbone) are not loaded here:
   `with_frozen` adds them (`abstract`: their shapes are added here).
   """
@@ -171,7 +173,8 @@ def build_training(config: ml_collections.ConfigDict, num_classes: Optional[int]
   if teacher_model and objectives_lib.name_of(config) == 'classify':
     config = config.copy_and_resolve_references()
     config.objective.name = 'distill'
-  objective = objectives_lib.create(config, family, fields, num_classes or None, **kwargs)
+  if objective is None:
+    objective = objectives_lib.create(config, family, fields, num_classes or None, **kwargs)
   family, model, fields = build_model(config, objective.head_classes(), platform)
   schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
                                  config.lr_decay, config.end_lr)

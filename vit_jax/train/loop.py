@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import data
+from vit_jax import objectives
 from vit_jax import sharding as sharding_lib
 from vit_jax.checkpoints import manager as ckpt_lib
 from vit_jax.eval import fewshot as fewshot_lib
@@ -42,6 +43,10 @@ from vit_jax.train import state as state_lib
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss or gradients became NaN or infinite."""
+
+
+class DataError(ValueError):
+  """The data cannot serve the run (an unlabelled dataset for an objective that needs labels)."""
 
 
 @dataclasses.dataclass
@@ -183,14 +188,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
   # `build_training` that `vit_jax.plan` compiles ahead of time).
   train_src, eval_src = _sources(config)
   num_classes = train_src.num_classes
+  labels = objectives.get(objectives.name_of(config)).uses_labels
+  if labels and not num_classes:
+    raise DataError(f'the dataset {config.dataset!r} has no labels, and objective '
+                     f'{objectives.name_of(config)!r} trains on labels: label it (one folder per '
+                     'class), or choose an objective that needs none (mpp, mae)')
   built = build_lib.build_training(config, num_classes)
   mesh, family, model, fields = built.mesh, built.family, built.model, built.fields
   tx, use_ema, input_shape, objective = built.tx, built.use_ema, built.input_shape, built.objective
-  labels = 'labels' in objective.batch_spec(input_shape[1:])
-  if labels and not num_classes:
-    raise ValueError(f'the dataset {config.dataset!r} has no labels, and objective '
-                     f'{objective.name!r} trains on labels: label it, or choose an objective that '
-                     'needs none (mpp, mae)')
 
   # 2. State: resume, or initialise (from pretrained weights when asked).
   ckpt = ckpt_lib.CheckpointManager(os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),

@@ -158,7 +158,8 @@ def _validate_objective(config: ml_collections.ConfigDict, family) -> None:
       deit = [n for n in registry.names()
               if 'two_heads' in registry.family_of(n).capabilities]
       message = (f'distill.teacher is set, but the student {config.model.name} ({family.name} '
-                 f'family) has no distillation head; distil into a DeiT: one of {deit}')
+                 f'family) has no distillation head ({message.split(": ", 1)[-1]}); distil into '
+                 f'a DeiT: one of {deit}')
     raise ConfigError(message) from e
   # Keys outside any objective's block that only some objectives can use.
   if not objectives.get(objectives.name_of(config)).uses_labels:
