@@ -17,6 +17,9 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+# `hw` is re-exported: train/ imports it from here (new code: `vit_jax.shapes`).
+from vit_jax.shapes import hw  # pylint: disable=unused-import
+
 Flat = dict[str, np.ndarray]
 Rule = tuple[str, tuple]
 
@@ -26,16 +29,6 @@ ACTIVATIONS = ('gelu', 'gelu_tanh')
 # Pixels scaled to [0, 1] then normalised as (x - mean) / std. This project trains on [-1, 1].
 SIGNED_UNIT = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def hw(value: Any) -> tuple[int, int]:
-  """An int or an (h, w) pair (tuple, list, array) -> (h, w) ints. The one place this is spelled."""
-  if np.ndim(value) == 0:
-    return int(value), int(value)
-  value = [int(v) for v in value]
-  if len(value) != 2:
-    raise ValueError(f'expected an int or an (h, w) pair, got {value}')
-  return value[0], value[1]
 
 
 @dataclasses.dataclass
