@@ -1,7 +1,7 @@
 """The import direction between vit_jax's packages (DESIGN.md), read off the source with `ast`.
 
 Every `import` counts, including those inside functions (a lazy import is still a dependency):
-- `vit_jax/models/` imports nothing of vit_jax but models/ (parameter names there are a file format).
+- `vit_jax/models/` imports nothing of vit_jax but models/ (their parameter names are a format).
 - `vit_jax/shapes.py` imports nothing of vit_jax; `vit_jax/data/` imports only data/ and shapes.
 - `vit_jax/families/` imports only families/, models/ and shapes.
 - In families/, the descriptor side (a family's `<family>.py`, `base.py`, `resample.py`) imports no
