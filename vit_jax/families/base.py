@@ -12,6 +12,7 @@ what training, planning and inspection need, and it stays readable as architectu
 The descriptor owns what knows the family's parameter names inside this project, as declarations
 (class attributes: names and sizes, head and optional prefixes, tensor-parallel rules, the tiny test
 model, ...) and hooks grouped by concern:
+  capabilities    missing_capability (what training objectives may ask of the module)
   building        module_class, field_names, normalize_fields, create, validate
   counting        forward_macs, summary_rows
   reading trees   matches, infer, to_file_layout, to_module_layout
@@ -122,6 +123,8 @@ class Family:
       it).
     test_model, test_image_size: a registered tiny model and its input size: what the
       registry-parametrised tests (tests/test_families.py) build, train, save and export.
+    capabilities, lacks: what the module offers training objectives (`vit_jax.models.tokens`
+      names), and why it lacks the others (`missing_capability`).
   What the family reads and writes in other libraries' formats (timm architecture prefixes, Hugging
   Face model types, Google's npz) is declared by its interop (`interop.Interop`), not here.
   """
@@ -137,6 +140,20 @@ class Family:
   inspect_note: str = 'it defines no inspection hooks'
   test_model: Optional[str] = None
   test_image_size: int = 16
+  # What the module accepts from a training objective and gives back (`vit_jax.models.tokens`:
+  # TOKEN_MASK, KEEP, PROMPTS, TOKEN_MAP, TWO_HEADS); an objective that needs a capability the
+  # family lacks is refused before anything compiles, with the family's reason from `lacks`.
+  capabilities: tuple[str, ...] = ()
+  lacks: Mapping[str, str] = {}
+
+  # ---- capabilities ----
+  def missing_capability(self, needs: Sequence[str]) -> Optional[str]:
+    """Why this family cannot serve an objective that needs `needs` (None: it can)."""
+    for capability in needs:
+      if capability not in self.capabilities:
+        why = self.lacks.get(capability, f'its module does not provide {capability!r}')
+        return f'the {self.name} family cannot serve it: {why}'
+    return None
 
   # ---- building ----
   def module_class(self) -> type:

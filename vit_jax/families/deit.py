@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 from vit_jax.families.vit import BLOCK, POSEMB_KEY, SIZES, TENSOR_RULES, VitFamily
 from vit_jax.models import deit as deit_models
+from vit_jax.models import tokens as tokens_lib
 
 
 def deit_fields(size: str, patch: int) -> dict[str, Any]:
@@ -42,6 +43,7 @@ class DeitFamily(VitFamily):
   tensor_rules = TENSOR_RULES  # `head(_dist)?` is already in the ViT's rules
   num_tokens = 2
   test_model = 'DeiT-testing'
+  capabilities = VitFamily.capabilities + (tokens_lib.TWO_HEADS,)
   test_image_size = 16
 
   def module_class(self) -> type:

@@ -17,6 +17,7 @@ from vit_jax.families.vit import (BLOCK, TENSOR_RULES, VitFamily, head_macs, tra
                                   vit_fields)
 from vit_jax.models import hybrid as hybrid_models
 from vit_jax.models import resnet
+from vit_jax.models import tokens as tokens_lib
 from vit_jax.shapes import hw
 
 # Google's names. R+ViT-Ti_16 is root-only with 8x8 patches on the /4 map: an effective patch of 32
@@ -99,6 +100,10 @@ class HybridFamily(VitFamily):
   test_model = 'R+ViT-testing'
   test_image_size = 32
   extra_size_fields = ('resnet_layers', 'resnet_width')
+  capabilities = (tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
+  _LEAK = ("the ResNet stem's receptive field spans neighbouring patches, so a masked or dropped "
+           "patch's pixels still reach the encoder through the tokens next to it")
+  lacks = {tokens_lib.TOKEN_MASK: _LEAK, tokens_lib.KEEP: _LEAK}
 
   def module_class(self) -> type:
     return hybrid_models.HybridVisionTransformer

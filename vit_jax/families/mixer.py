@@ -118,6 +118,11 @@ class MixerFamily(Family):
   test_model = 'Mixer-testing'
   default_resize = 'none'  # another token count is an error unless a resampling is asked for
   inspect_note = 'a Mixer mixes tokens with MLPs: it has no attention maps and no position embedding'
+  _FIXED = ('its token-mixing MLPs hold a weight per token position, so the token count and order '
+            'are fixed: no patches can be dropped and no prompt tokens added')
+  lacks = {'keep': _FIXED, 'prompts': _FIXED,
+           'token_mask': 'its module takes no token inputs (a mask embedding is not implemented)',
+           'token_map': 'its module returns no token map (use features=True for the patch grid)'}
 
   def module_class(self) -> type:
     return mixer_models.MlpMixer

@@ -160,6 +160,10 @@ class PvtFamily(Family):
   inspect_note = ('PVT v2 attends from every token to a spatially reduced key map, per stage: it '
                   'has no global attention map over one token grid, no class token and no '
                   'position embedding')
+  _HIER = ('its overlapping patch embeddings and spatially reduced attention need the full grid and '
+           'return a coarser map per stage, so patches cannot be dropped or masked one by one, no '
+           'prompt tokens fit the grid, and no per-patch token map comes out')
+  lacks = dict.fromkeys(('keep', 'prompts', 'token_map', 'token_mask'), _HIER)
 
   def module_class(self) -> type:
     return pvt_models.PyramidVisionTransformerV2

@@ -138,6 +138,10 @@ class SwinFamily(Family):
   default_resize = 'bicubic'  # the Swin authors' and timm's choice for the bias tables
   inspect_note = ('Swin attends within shifted local windows with a relative position bias: it has '
                   'no global attention map, class token or absolute position embedding')
+  _HIER = ('its windows and patch merging need the full patch grid and return a coarser map per '
+           'stage, so patches cannot be dropped, no prompt tokens fit a window, and no per-patch '
+           'token map comes out')
+  lacks = dict.fromkeys(('keep', 'prompts', 'token_map', 'token_mask'), _HIER)
 
   def module_class(self) -> type:
     return swin_models.SwinTransformer

@@ -18,6 +18,7 @@ import numpy as np
 
 from vit_jax.families import resample
 from vit_jax.families.base import Architecture, Family, Flat, check_sizes
+from vit_jax.models import tokens as tokens_lib
 from vit_jax.models import vit as vit_models
 from vit_jax.shapes import hw
 
@@ -135,6 +136,7 @@ class VitFamily(Family):
   layout_fields = ('scan',)
   test_model = 'ViT-testing'
   num_tokens = 1  # prefix tokens a 'token' classifier adds (DeiT: 2)
+  capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
 
   def module_class(self) -> type:
     return vit_models.VisionTransformer
