@@ -1,8 +1,8 @@
 """`convert(...)`: read any supported checkpoint, settle its architecture, write it in another format.
 
 Targets are a registry (`WRITERS`): 'timm', 'hf', 'npz' (Google's layout, for the families that have
-one) and 'orbax' (this project's checkpoint). The family's descriptor maps the keys and says what a
-target cannot express; `python -m vit_jax.convert` is a thin face over this.
+one) and 'orbax' (this project's checkpoint). The family's interop (`registry.interop`) maps the
+keys and says what a target cannot express; `python -m vit_jax.convert` is a thin face over this.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ Writer = Callable[[str, Flat, Architecture, Optional[Sequence[str]]], str]
 
 def _write_npz(output: str, flat: Flat, arch: Architecture, class_names) -> str:
   del class_names  # Google's layout carries none.
-  family = arch.get_family()
-  if not family.writes_npz:
-    raise ValueError(f'Google released no .npz layout for the {family.name} family; export with '
+  interop = registry.interop(arch.family)
+  if not interop.writes_npz:
+    raise ValueError(f'Google released no .npz layout for the {interop.name} family; export with '
                      '`--to timm` or `--to orbax`')
-  bad = family.npz_keys_ok(flat)
+  bad = interop.npz_keys_ok(flat)
   if bad:
     raise ValueError(f'not in Google\'s layout (unscanned, Google names): {bad[:5]}')
   path = output if output.endswith('.npz') else os.path.join(output, 'model.npz')

@@ -36,9 +36,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax.families.base import hw
 from vit_jax.plan import hlo
 from vit_jax.plan import topologies as topo_lib
+from vit_jax.shapes import hw
 from vit_jax.train import build as build_lib
 
 # Class counts of datasets a plan may name without their files being here.
