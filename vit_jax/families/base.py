@@ -31,8 +31,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-# `hw` is re-exported: train/ imports it from here (new code: `vit_jax.shapes`).
-from vit_jax.shapes import hw  # pylint: disable=unused-import
+from vit_jax.shapes import hw
 
 Flat = dict[str, np.ndarray]
 Rule = tuple[str, tuple]

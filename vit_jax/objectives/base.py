@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vit_jax.families.base import Architecture, hw
+from vit_jax.families.base import Architecture
+from vit_jax.shapes import hw
 
 OBJECTIVE_KEY = 'objective'  # the params subtree an objective owns; no family uses this name
 Batch = dict[str, jax.Array]

@@ -145,7 +145,8 @@ class Distill(Classify):
   def _teacher(self, mesh, platform, abstract) -> Distillation:
     from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
     from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
-    from vit_jax.families.base import Architecture, hw  # pylint: disable=import-outside-toplevel
+    from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+    from vit_jax.shapes import hw  # pylint: disable=import-outside-toplevel
     from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
     config = self.config
     if self.teacher_model:

@@ -21,7 +21,8 @@ import ml_collections
 from vit_jax import runtime
 from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
-from vit_jax.families.base import Family, hw
+from vit_jax.families.base import Family
+from vit_jax.shapes import hw
 from vit_jax import objectives as objectives_lib
 from vit_jax.objectives.base import Objective
 from vit_jax.train import optim

@@ -34,7 +34,8 @@ from vit_jax import objectives
 from vit_jax import sharding as sharding_lib
 from vit_jax.checkpoints import manager as ckpt_lib
 from vit_jax.eval import fewshot as fewshot_lib
-from vit_jax.families.base import Architecture, Family, hw
+from vit_jax.families.base import Architecture, Family
+from vit_jax.shapes import hw
 from vit_jax.models import params as params_lib
 from vit_jax.objectives.base import Objective, frozen_digest, model_params
 from vit_jax.train import build as build_lib

@@ -12,7 +12,7 @@ import ml_collections
 
 from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
-from vit_jax.families.base import hw
+from vit_jax.shapes import hw
 from vit_jax import objectives
 from vit_jax.models import vit as vit_models
 from vit_jax.train import optim
