@@ -243,7 +243,9 @@ def test_fixed_position_embeddings_are_written_as_values(tmp_path):
   assert_close_to_scale(pe[0, 1:], sincos_reference(4, 4, D), rtol=1e-7, what='sincos2d')
 
 
-def test_timm_no_embed_class_gets_a_zero_class_row(tmp_path):
+def test_timm_no_embed_class_is_read_as_no_embed_class(tmp_path):
+  """timm's no_embed_class (no position row for the class token) is the ViT's field of that name:
+  the table is read as it is (DeiT III's parameter count), and written back the same."""
   flat = make_params('vit_jax')
   sd = vit_interop.to_timm(flat, VIT.infer(flat))[0]
   sd['pos_embed'] = sd['pos_embed'][:, 1:].copy()  # timm's no_embed_class: no class-token row.
@@ -252,6 +254,9 @@ def test_timm_no_embed_class_gets_a_zero_class_row(tmp_path):
       {'architecture': 'vit_base_patch16_224',
        'model_args': {'num_heads': HEADS, 'img_size': 16, 'no_embed_class': True}}))
   ckpt = read_checkpoint(tmp_path)
+  assert ckpt.architecture.model_config['no_embed_class'] is True
   pe = ckpt.params['Transformer/posembed_input/pos_embedding']
-  np.testing.assert_array_equal(pe[:, 0], 0)
-  np.testing.assert_array_equal(pe[:, 1:], flat['Transformer/posembed_input/pos_embedding'][:, 1:])
+  np.testing.assert_array_equal(pe, flat['Transformer/posembed_input/pos_embedding'][:, 1:])
+  back = vit_interop.to_timm(ckpt.params, ckpt.architecture)
+  np.testing.assert_array_equal(back[0]['pos_embed'], sd['pos_embed'])
+  assert back[1]['model_args']['no_embed_class'] is True

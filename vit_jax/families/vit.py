@@ -11,6 +11,7 @@ npz) is `vit_interop.py` (its timm maps shared with the hybrid and DeiT families
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Any, Mapping, Optional
 
@@ -30,6 +31,7 @@ SIZES = {
     'Ti': (192, 12, 3, 768), 'S': (384, 12, 6, 1536), 'B': (768, 12, 12, 3072),
     'L': (1024, 24, 16, 4096), 'H': (1280, 32, 16, 5120),
     'Mini': (128, 6, 4, 256), 'Micro': (96, 4, 3, 192),
+    'Little': (320, 14, 5, 1792),  # timm's vit_little (mlp_ratio 5.6)
 }
 
 
@@ -47,6 +49,28 @@ MODELS: dict[str, dict[str, Any]] = {
 # Google's `testing` config at patch 4: a 2-layer width-32 model for unit tests.
 MODELS['ViT-testing'] = dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
                              classifier='token', posemb='learned', representation_size=None)
+# The ViTs people load today, as fields of this family (models/vit.py), each under timm's name's
+# counterpart; parameters at 1000 classes and timm's input size (DINOv2 518, ViT-Little 256).
+DINO_LS = 1e-5  # timm's init_values of DINOv2 and its sbb ViTs; DeiT III's is 1e-6
+MODELS.update({
+    # deit3_{small,base}_patch16_224: LayerScale, no position embedding on the class token.
+    'DeiT3-S_16': vit_fields('S', 16, act='gelu', layer_scale=1e-6, no_embed_class=True),
+    'DeiT3-B_16': vit_fields('B', 16, act='gelu', layer_scale=1e-6, no_embed_class=True),
+    # vit_{small,base}_patch14[_reg4]_dinov2: LayerScale; with registers, no_embed_class.
+    'DINOv2-S_14': vit_fields('S', 14, act='gelu', layer_scale=DINO_LS),
+    'DINOv2-S_14-reg4': vit_fields('S', 14, act='gelu', layer_scale=DINO_LS, num_registers=4,
+                                   no_embed_class=True),
+    'DINOv2-B_14-reg4': vit_fields('B', 14, act='gelu', layer_scale=DINO_LS, num_registers=4,
+                                   no_embed_class=True),
+    # vit_base_patch16_siglip[_gap]_224: no class token; attention pooling or the mean. big_vision's
+    # GELU is the tanh form (timm's port uses the exact one; a checkpoint says which).
+    'SigLIP-B_16': {**vit_fields('B', 16), 'classifier': 'map'},
+    'SigLIP-B_16-gap': {**vit_fields('B', 16), 'classifier': 'gap'},
+    # vit_little_patch16_reg4_gap_256: registers, the mean of the patches, then fc_norm.
+    'ViT-Little_16-reg4-gap': {**vit_fields('Little', 16, act='gelu', layer_scale=DINO_LS,
+                                            num_registers=4, no_embed_class=True, fc_norm=True),
+                               'classifier': 'gap'},
+})
 
 SIZE_FIELDS = ('patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
 
@@ -63,6 +87,9 @@ TENSOR_RULES = (
     (r'MlpBlock_\d+/Dense_1/kernel$', ('tensor', None)),
     (r'(^|/)(embedding|pre_logits|head(_dist)?)/kernel$', ()),
     (r'(^|/)pos_embedding$', ()),
+    # Small by design: [1, R, D] registers and [D] LayerScale vectors, replicated deliberately.
+    (r'(^|/)registers$', ()),
+    (r'LayerScale_\d+/scale$', ()),
 )
 
 
@@ -129,7 +156,7 @@ class VitFamily(Family):
   name = 'vit'
   models = MODELS
   head_prefixes = ('head/',)
-  optional_prefixes = ('pre_logits/', 'MAPHead_0/', 'cls', POSEMB_KEY)
+  optional_prefixes = ('pre_logits/', 'MAPHead_0/', 'cls', 'registers', 'fc_norm/', POSEMB_KEY)
   stem_kernel = 'embedding/kernel'
   pre_logits_prefix = 'pre_logits/'
   tensor_rules = TENSOR_RULES
@@ -145,7 +172,16 @@ class VitFamily(Family):
     return hw(fields['patch_size'])
 
   def num_prefix(self, fields: Mapping[str, Any]) -> int:
-    return self.num_tokens if fields.get('classifier', 'token') == 'token' else 0
+    """Prefix tokens: the class token(s) of a 'token' classifier, then the registers."""
+    cls = self.num_tokens if fields.get('classifier', 'token') == 'token' else 0
+    return cls + int(fields.get('num_registers') or 0)
+
+  def table_prefix(self, fields: Mapping[str, Any]) -> int:
+    """Rows of the learned position table before its grid (0 with no_embed_class)."""
+    return 0 if fields.get('no_embed_class') else self.num_prefix(fields)
+
+  def _takes(self, field: str) -> bool:
+    return field in self.module_class().__dataclass_fields__
 
   def grid(self, fields: Mapping[str, Any], image_size: Any) -> tuple[int, int]:
     (h, w), (ph, pw) = hw(image_size), self.patch_hw(fields)
@@ -163,6 +199,14 @@ class VitFamily(Family):
     if fields['hidden_size'] % fields['num_heads']:
       raise ValueError(f'model.hidden_size {fields["hidden_size"]} is not divisible by '
                        f'model.num_heads {fields["num_heads"]}')
+    if fields.get('dynamic_resize', 'bilinear') not in vit_models.RESIZE_METHODS:
+      raise ValueError(f'model.dynamic_resize {fields["dynamic_resize"]!r} is not one of '
+                       f'{vit_models.RESIZE_METHODS}')
+    if int(fields.get('num_registers') or 0) < 0:
+      raise ValueError(f'model.num_registers {fields["num_registers"]} must be >= 0')
+    if fields.get('layer_scale') is not None and not float(fields['layer_scale']) > 0:
+      raise ValueError(f'model.layer_scale {fields["layer_scale"]!r}: LayerScale starts at a '
+                       'positive value (1e-5, 1e-6), or None for none')
 
   def forward_macs(self, fields, num_classes, image_size, channels=3) -> int:
     (ph, pw), (gh, gw) = self.patch_hw(fields), self.grid(fields, image_size)
@@ -178,8 +222,16 @@ class VitFamily(Family):
 
   def summary_rows(self, fields, image_size) -> list[str]:
     gh, gw = self.grid(fields, image_size)
-    return [f'tokens: {gh}x{gw} patches + {self.num_prefix(fields)} prefix, width '
+    rows = [f'tokens: {gh}x{gw} patches + {self.num_prefix(fields)} prefix, width '
             f'{fields["hidden_size"]}, {fields["num_layers"]} blocks of {fields["num_heads"]} heads']
+    extra = [what for what, on in (
+        (f'{fields.get("num_registers")} registers', fields.get('num_registers')),
+        (f'LayerScale (init {fields.get("layer_scale")})', fields.get('layer_scale') is not None),
+        ('position embedding on the patches only', fields.get('no_embed_class')),
+        ('final norm after pooling (fc_norm)', fields.get('fc_norm')),
+        (f'any image size at call time ({fields.get("dynamic_resize", "bilinear")})',
+         fields.get('dynamic_img_size'))) if on]
+    return rows + ([f'variant: {", ".join(extra)}'] if extra else [])
 
   # ---- reading parameter trees ----
   def matches(self, flat) -> bool:
@@ -206,17 +258,34 @@ class VitFamily(Family):
     classifier = ('map' if any(k.startswith('MAPHead_0/') for k in flat)
                   else 'token' if 'cls' in flat else 'gap')
     rep = int(flat['pre_logits/kernel'].shape[1]) if 'pre_logits/kernel' in flat else None
-    return dict(patch_size=int(ph) if ph == pw else (int(ph), int(pw)), hidden_size=int(hidden),
-                num_layers=depth, num_heads=int(heads), mlp_dim=int(mlp_dim),
-                classifier=classifier, representation_size=rep)
+    found = dict(patch_size=int(ph) if ph == pw else (int(ph), int(pw)), hidden_size=int(hidden),
+                 num_layers=depth, num_heads=int(heads), mlp_dim=int(mlp_dim),
+                 classifier=classifier, representation_size=rep)
+    # The later ViTs' options, read off their parameters (the LayerScale start is not in them).
+    variant = dict(num_registers=int(flat['registers'].shape[1]) if 'registers' in flat else 0,
+                   fc_norm='fc_norm/scale' in flat,
+                   layer_scale=DINO_LS if f'{block}/LayerScale_1/scale' in flat else None)
+    if not variant['fc_norm'] and 'Transformer/encoder_norm/scale' not in flat:
+      raise ValueError('the parameters have neither a final norm (Transformer/encoder_norm) nor '
+                       'one after pooling (fc_norm)')
+    for key, value in variant.items():
+      if self._takes(key):
+        found[key] = value
+      elif value:
+        raise ValueError(f'the {self.name} family has no {key}, but the parameters do')
+    return found
 
   def infer(self, flat, *, model_config=None, image_size=None) -> Architecture:
     """Reads the architecture off the shapes: everything but the image aspect ratio (a square grid
-    is assumed from the position table) and a fixed position embedding's kind (sincos2d assumed;
-    the file cannot tell it from 'none')."""
+    is assumed from the position table), a fixed position embedding's kind (sincos2d assumed; the
+    file cannot tell it from 'none') and LayerScale's starting value (the config's, else 1e-5).
+    Whether the table has rows for the prefix tokens (no_embed_class) is read off its row count
+    (given an image size, else from which count leaves a square grid)."""
     found = self.found_fields(flat)
     cfg = dict(model_config or {})
     check_sizes(found, cfg, SIZE_FIELDS + self.extra_size_fields, cfg.get('name', ''))
+    if found.get('layer_scale') is not None and cfg.get('layer_scale') is not None:
+      found['layer_scale'] = cfg['layer_scale']
     cfg.update(found)
     has_posemb = POSEMB_KEY in flat
     if has_posemb:
@@ -229,24 +298,43 @@ class VitFamily(Family):
         raise ValueError(f'the model config has posemb=learned but the checkpoint has no {POSEMB_KEY}')
       cfg['posemb'] = cfg.get('posemb') or 'sincos2d'
     ph, pw = self.patch_hw(cfg)
-    prefix = self.num_prefix(cfg)
-    if image_size is not None:
-      size = hw(image_size)
-      if size[0] % ph or size[1] % pw:
-        raise ValueError(f'image size {size} is not a multiple of the patch size {(ph, pw)}')
-      if has_posemb:
-        n = flat[POSEMB_KEY].shape[1] - prefix
-        if (size[0] // ph) * (size[1] // pw) != n:
-          raise ValueError(f'image size {size} gives a {size[0] // ph}x{size[1] // pw} grid, but '
-                           f'the position embeddings hold {n} patches')
-    elif has_posemb:
-      gh, gw = resample.square_grid(flat[POSEMB_KEY].shape[1] - prefix)
-      size = (gh * ph, gw * pw)
-    else:
+    size = hw(image_size) if image_size is not None else None
+    if size is not None and (size[0] % ph or size[1] % pw):
+      raise ValueError(f'image size {size} is not a multiple of the patch size {(ph, pw)}')
+    if has_posemb:
+      table_grid = self._read_table(flat[POSEMB_KEY].shape[1], cfg, size)
+      size = size or (table_grid[0] * ph, table_grid[1] * pw)
+    elif size is None:
       raise ValueError('the checkpoint has no learned position embeddings, so its image size is '
                        'unknown: give it (image_size)')
     return Architecture(cfg, self.num_classes_of(flat), size,
                         int(flat[self.stem_kernel].shape[2]), family=self.name)
+
+  def _read_table(self, rows: int, cfg: dict[str, Any], size: Optional[tuple[int, int]]
+                  ) -> tuple[int, int]:
+    """The learned table's grid; sets cfg['no_embed_class'] (when the family has it) from `rows`."""
+    prefix = self.num_prefix(cfg)
+    given = cfg.get('no_embed_class') if prefix else False
+    if cfg.get('posemb_grid') is not None:
+      grids = [hw(cfg['posemb_grid'])]
+    elif size is not None:
+      grids = [self.grid(cfg, size)]
+    else:
+      grids = []
+    options = [False, True] if given is None else [bool(given)]
+    if not self._takes('no_embed_class'):
+      options = [False]
+    for no_embed in options:
+      n = rows - (0 if no_embed else prefix)
+      candidates = grids or ([resample.square_grid(n)] if n > 0 and math.isqrt(n) ** 2 == n else [])
+      if candidates and candidates[0][0] * candidates[0][1] == n:
+        if self._takes('no_embed_class') and prefix:
+          cfg['no_embed_class'] = no_embed
+        return candidates[0]
+    what = f'the {grids[0][0]}x{grids[0][1]} grid of image size {size}' if grids else 'a square grid'
+    raise ValueError(f'the position embeddings hold {rows} rows: not {what} after '
+                     f'{"0 or " if len(options) > 1 else ""}'
+                     f'{0 if options == [True] else prefix} prefix rows')
 
   extra_size_fields: tuple[str, ...] = ()
 
@@ -278,8 +366,9 @@ class VitFamily(Family):
   def _adapt_posemb(self, src, target, src_arch, target_fields, image_size, method, report):
     pe = np.asarray(src[POSEMB_KEY])
     want = tuple(target[POSEMB_KEY].shape)
-    old_prefix = self.num_tokens if 'cls' in src else 0
-    new_prefix = self.num_tokens if 'cls' in target else 0
+    old_prefix = self._src_table_prefix(src, src_arch)
+    new_prefix = self.table_prefix({**target_fields, 'classifier': (
+        'token' if 'cls' in target else 'gap')})
     if pe.shape[-1] != want[-1]:
       raise ValueError(f'{POSEMB_KEY}: the checkpoint has shape {tuple(pe.shape)}, the model '
                        f'{want}; the widths differ, which cannot be adapted')
@@ -296,12 +385,14 @@ class VitFamily(Family):
     if new_grid[0] * new_grid[1] + new_prefix != want[1]:
       raise ValueError(f'image size {image_size} does not match the model\'s {want[1]} position '
                        'embeddings')
-    if old_prefix > new_prefix:
-      report.notes.append(f'{POSEMB_KEY}: dropped the prefix rows (the target has no class token)')
-      pe = pe[:, old_prefix:]
-    elif new_prefix > old_prefix:
-      report.notes.append(f'{POSEMB_KEY}: added prefix rows from the initialisation')
-      pe = np.concatenate([np.asarray(target[POSEMB_KEY])[:, :new_prefix].astype(pe.dtype), pe], 1)
+    if old_prefix != new_prefix:
+      # Rows of other prefix tokens (a class token, registers, or none: no_embed_class) do not
+      # carry over; the target's prefix rows, if any, start from its initialisation.
+      report.notes.append(f'{POSEMB_KEY}: {old_prefix} prefix rows in the checkpoint, '
+                          f'{new_prefix} in the model: ' + ('dropped' if not new_prefix else
+                                                            'the model\'s from its initialisation'))
+      pe = np.concatenate([np.asarray(target[POSEMB_KEY])[:, :new_prefix].astype(pe.dtype),
+                           pe[:, old_prefix:]], axis=1)
     out = resample.resample_posemb(pe, new_grid, num_prefix=new_prefix, old_grid=old_grid,
                                    method=method)
     if tuple(old_grid) != tuple(new_grid):
@@ -309,6 +400,14 @@ class VitFamily(Family):
       report.notes.append(f'{POSEMB_KEY}: grid {old_grid[0]}x{old_grid[1]} -> '
                           f'{new_grid[0]}x{new_grid[1]} ({method})')
     return out
+
+  def _src_table_prefix(self, src: Flat, src_arch: Optional[Architecture]) -> int:
+    """Prefix rows of a checkpoint's table: from its architecture, else class token and registers
+    (with rows, as Google's and the paper's tables)."""
+    if src_arch is not None and src_arch.family == self.name:
+      return self.table_prefix(src_arch.model_config)
+    registers = int(src['registers'].shape[1]) if 'registers' in src else 0
+    return (self.num_tokens if 'cls' in src else 0) + registers
 
   # ---- inspection (vit_jax.eval.attention) ----
   def token_layout(self, arch):
@@ -327,7 +426,8 @@ class VitFamily(Family):
     return fn
 
   def position_table(self, flat, arch):
-    prefix, (gh, gw), _ = self.token_layout(arch)
+    _, (gh, gw), _ = self.token_layout(arch)
+    prefix = self.table_prefix(arch.model_config)
     kind = arch.model_config.get('posemb', 'learned')
     if kind == 'learned':
       pe = np.asarray(flat[POSEMB_KEY], np.float32)[0, prefix:]

@@ -1,8 +1,11 @@
 """The ViT family's interop (`INTEROP`): timm `VisionTransformer` <-> Google's names, numpy only.
 
-timm (PyTorch: Linear weights [out, in], conv kernels OIHW): patch_embed.proj, cls_token, pos_embed,
-blocks.{i}.{norm1, attn.qkv (q, k, v fused, heads-major), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm,
-head, and for global_pool='map' attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}.
+timm (PyTorch: Linear weights [out, in], conv kernels OIHW): patch_embed.proj, cls_token, reg_token,
+pos_embed, blocks.{i}.{norm1, attn.qkv (q, k, v fused, heads-major), attn.proj, ls1.gamma, norm2,
+mlp.fc1, mlp.fc2, ls2.gamma}, norm (or fc_norm after pooling), head, and for global_pool='map'
+attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}. timm's own registered names (DeiT III,
+DINOv2, SigLIP, ...) save only the arguments given on top of their defaults, so the reader takes
+registers, LayerScale, fc_norm and the position table's prefix rows from the weights.
 Hugging Face's `ViTForImageClassification` names are mapped in `vit_hf_interop.py`; Google's `.npz`
 is the family's own file layout (`VitInterop.npz_keys_ok` checks a tree is in it).
 
@@ -11,7 +14,6 @@ them (`blocks_to_timm`, `blocks_from_timm`, `transformer_from_timm`, `timm_vit_a
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +35,14 @@ _TIMM_SIZES = {(192, 12, 3): 'tiny', (384, 12, 6): 'small', (768, 12, 12): 'base
 _TIMM_REGISTERED = ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_small_patch32_224',
                     'vit_base_patch8_224', 'vit_base_patch16_224', 'vit_base_patch32_224',
                     'vit_large_patch16_224', 'vit_large_patch32_224', 'vit_huge_patch14_224')
-HEADS_BY_NAME = {'tiny': 3, 'small': 6, 'base': 12, 'large': 16, 'huge': 16}
+HEADS_BY_NAME = {'tiny': 3, 'small': 6, 'base': 12, 'large': 16, 'huge': 16, 'little': 5}
+# Registered names here -> timm's architecture of the same network (what `--to timm` declares).
+TIMM_ARCHITECTURES = {
+    'DeiT3-S_16': 'deit3_small_patch16_224', 'DeiT3-B_16': 'deit3_base_patch16_224',
+    'DINOv2-S_14': 'vit_small_patch14_dinov2', 'DINOv2-S_14-reg4': 'vit_small_patch14_reg4_dinov2',
+    'DINOv2-B_14-reg4': 'vit_base_patch14_reg4_dinov2',
+    'SigLIP-B_16': 'vit_base_patch16_siglip_224', 'SigLIP-B_16-gap': 'vit_base_patch16_siglip_gap_224',
+    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256'}
 
 
 # ---------- timm ----------
@@ -51,7 +60,7 @@ def check_timm_expressible(fields: Mapping[str, Any]) -> None:
 
 
 def blocks_to_timm(flat: Mapping[str, np.ndarray], depth: int, out: Flat) -> None:
-  """Transformer blocks and the final norm, ours -> timm."""
+  """Transformer blocks (with LayerScale where present) and the final norm, ours -> timm."""
   for i in range(depth):
     b = f'Transformer/encoderblock_{i}'
     ln_to_torch(flat, f'{b}/LayerNorm_0', out, f'blocks.{i}.norm1')
@@ -61,7 +70,13 @@ def blocks_to_timm(flat: Mapping[str, np.ndarray], depth: int, out: Flat) -> Non
     ln_to_torch(flat, f'{b}/LayerNorm_2', out, f'blocks.{i}.norm2')
     dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_0', out, f'blocks.{i}.mlp.fc1')
     dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_1', out, f'blocks.{i}.mlp.fc2')
-  ln_to_torch(flat, 'Transformer/encoder_norm', out, 'norm')
+    for ours, theirs in (('LayerScale_1', 'ls1'), ('LayerScale_3', 'ls2')):
+      if f'{b}/{ours}/scale' in flat:
+        out[f'blocks.{i}.{theirs}.gamma'] = flat[f'{b}/{ours}/scale']
+  if 'Transformer/encoder_norm/scale' in flat:
+    ln_to_torch(flat, 'Transformer/encoder_norm', out, 'norm')
+  if 'fc_norm/scale' in flat:
+    ln_to_torch(flat, 'fc_norm', out, 'fc_norm')
 
 
 def blocks_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
@@ -77,11 +92,19 @@ def blocks_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
     ln_from_torch(sd, f'{t}.norm2', out, f'{b}/LayerNorm_2')
     dense_from_torch(sd, f'{t}.mlp.fc1', out, f'{b}/MlpBlock_3/Dense_0')
     dense_from_torch(sd, f'{t}.mlp.fc2', out, f'{b}/MlpBlock_3/Dense_1')
-  if 'norm.weight' not in sd:
-    raise ValueError('the timm model has no final `norm` before pooling (fc_norm or final_norm='
-                     'False): not expressible by this project\'s ViT, whose gap pools after '
-                     'encoder_norm')
-  ln_from_torch(sd, 'norm', out, 'Transformer/encoder_norm')
+    for ours, theirs in (('LayerScale_1', 'ls1'), ('LayerScale_3', 'ls2')):
+      if f'{t}.{theirs}.gamma' in sd:
+        out[f'{b}/{ours}/scale'] = sd.pop(f'{t}.{theirs}.gamma')
+  if 'norm.weight' in sd and 'fc_norm.weight' in sd:
+    raise ValueError('the timm model normalises both before and after pooling (norm and fc_norm): '
+                     'not expressible by this project\'s ViT, which has one or the other')
+  if 'norm.weight' in sd:
+    ln_from_torch(sd, 'norm', out, 'Transformer/encoder_norm')
+  elif 'fc_norm.weight' in sd:
+    ln_from_torch(sd, 'fc_norm', out, 'fc_norm')
+  else:
+    raise ValueError('the timm model has no final norm (final_norm=False): not expressible by this '
+                     'project\'s ViT')
 
 
 def map_head_to_timm(flat, out: Flat) -> None:
@@ -107,20 +130,30 @@ def map_head_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
 
 
 def timm_vit_args(arch: Architecture) -> dict[str, Any]:
-  """`timm.create_model` keyword arguments of the transformer part of this network."""
+  """`timm.create_model` keyword arguments of the transformer part of this network.
+
+  With dynamic_img_size, timm resamples the table bicubically (antialiased): equal to ours at
+  other sizes only for dynamic_resize='bicubic' (at the built size there is nothing to resample).
+  A `posemb_grid` other than the image's becomes timm's img_size (the table's size)."""
   cfg = arch.model_config
   check_timm_expressible(cfg)
   pool = {'token': 'token', 'gap': 'avg', 'map': 'map'}[cfg['classifier']]
+  img_size = list(arch.image_size)
+  if cfg.get('posemb_grid') is not None:
+    (gh, gw), (ph, pw) = hw(cfg['posemb_grid']), hw(cfg['patch_size'])
+    img_size = [gh * ph, gw * pw]
   return dict(
-      img_size=list(arch.image_size), in_chans=arch.channels, num_classes=arch.num_classes or 0,
+      img_size=img_size, in_chans=arch.channels, num_classes=arch.num_classes or 0,
       global_pool=pool, class_token=cfg['classifier'] == 'token',
-      # Our `gap` normalises every token with encoder_norm and then averages: timm's `norm` before
-      # the pool, not its default `fc_norm` after it.
-      fc_norm=False, embed_dim=cfg['hidden_size'], depth=cfg['num_layers'],
+      reg_tokens=int(cfg.get('num_registers') or 0), init_values=cfg.get('layer_scale'),
+      # Without fc_norm our `gap` normalises every token with encoder_norm and then averages:
+      # timm's `norm` before the pool, not its default `fc_norm` after it.
+      fc_norm=bool(cfg.get('fc_norm')), embed_dim=cfg['hidden_size'], depth=cfg['num_layers'],
       num_heads=cfg['num_heads'], mlp_ratio=cfg['mlp_dim'] / cfg['hidden_size'], qkv_bias=True,
       act_layer=TIMM_GELU[cfg.get('act', 'gelu_tanh')],
-      pos_embed='none' if cfg.get('posemb') == 'none' else 'learn', no_embed_class=False,
-      dynamic_img_size=False)  # timm's LayerNorm default eps is 1e-6, as ours.
+      pos_embed='none' if cfg.get('posemb') == 'none' else 'learn',
+      no_embed_class=bool(cfg.get('no_embed_class')),
+      dynamic_img_size=bool(cfg.get('dynamic_img_size')))  # timm's LayerNorm eps is 1e-6, as ours.
 
 
 def to_timm(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
@@ -134,8 +167,10 @@ def to_timm(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, d
                'patch_embed.proj.bias': flat['embedding/bias']}
   if 'cls' in flat:
     out['cls_token'] = flat['cls']
+  if 'registers' in flat:
+    out['reg_token'] = flat['registers']
   grid = vit_family.FAMILY.grid(cfg, arch.image_size)
-  pe = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, vit_family.FAMILY.num_prefix(cfg)))
+  pe = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, vit_family.FAMILY.table_prefix(cfg)))
   if pe is not None and cfg.get('posemb') != 'none':
     out['pos_embed'] = pe
   blocks_to_timm(flat, cfg['num_layers'], out)
@@ -144,23 +179,13 @@ def to_timm(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, d
   if 'head/kernel' in flat:
     dense_to_torch(flat, 'head', out, 'head')
   size = _TIMM_SIZES.get((cfg['hidden_size'], cfg['num_layers'], cfg['num_heads']))
-  name = f'vit_{size}_patch{ph}_224'
-  config = dict(architecture=name if name in _TIMM_REGISTERED else 'vit_base_patch16_224',
+  name = TIMM_ARCHITECTURES.get(cfg.get('name'), f'vit_{size}_patch{ph}_224')
+  known = name in _TIMM_REGISTERED or name in TIMM_ARCHITECTURES.values()
+  config = dict(architecture=name if known else 'vit_base_patch16_224',
                 num_classes=args['num_classes'], num_features=cfg['hidden_size'],
                 global_pool=args['global_pool'], model_args=args,
                 pretrained_cfg=timm_pretrained_cfg(arch, args['num_classes']))
   return {k: np.ascontiguousarray(v) for k, v in out.items()}, config
-
-
-def _lacks_class_row(rows: int, args: Mapping[str, Any], patch: Sequence[int]) -> bool:
-  """Whether a class-token model's pos_embed has only grid rows (timm's no_embed_class)."""
-  if 'no_embed_class' in args:
-    return bool(args['no_embed_class'])
-  if args.get('img_size') is not None:
-    h, w = hw(args['img_size'])
-    return rows == (h // patch[0]) * (w // patch[1])
-  # No config: only a square grid can be recognised (and a grid of s*s - 1 patches is ambiguous).
-  return math.isqrt(rows) ** 2 == rows and math.isqrt(rows - 1) ** 2 != rows - 1
 
 
 def timm_act(args: Mapping[str, Any]) -> str:
@@ -173,12 +198,12 @@ def timm_norm(config: Mapping[str, Any], architecture: str) -> tuple[tuple, tupl
   pcfg = config.get('pretrained_cfg') or {}
   if pcfg.get('mean') and pcfg.get('std'):
     return tuple(pcfg['mean']), tuple(pcfg['std'])
-  return IMAGENET if architecture.startswith('deit') else SIGNED_UNIT
+  return IMAGENET if architecture.startswith('deit') or 'dinov2' in architecture else SIGNED_UNIT
 
 
 def timm_num_heads(config: Mapping[str, Any]) -> int:
   args = config.get('model_args') or {}
-  m = re.match(r'(?:vit|deit)_([a-z]+)_', config.get('architecture', ''))
+  m = re.match(r'(?:vit|deit3?)_([a-z]+)_', config.get('architecture', ''))
   heads = args.get('num_heads') or (HEADS_BY_NAME.get(m.group(1)) if m else None)
   if heads is None:
     raise ValueError('timm fuses q/k/v, so the head count is not in the weights; give it '
@@ -187,7 +212,8 @@ def timm_num_heads(config: Mapping[str, Any]) -> int:
 
 
 def refuse_fc_norm(keys: Any) -> None:
-  """A ValueError when a timm state dict normalises after pooling (`fc_norm`), which ours cannot."""
+  """A ValueError when a timm state dict normalises after pooling (`fc_norm`): the hybrid's reader
+  (the ViT's expresses it with its fc_norm field)."""
   if any(k.startswith('fc_norm.') for k in keys):
     raise ValueError('the timm model normalises after pooling (`fc_norm`); this project\'s gap '
                      'normalises every token before averaging (timm fc_norm=False): not expressible')
@@ -201,6 +227,8 @@ def transformer_from_timm(sd: Flat, num_heads: int, what: str = "this project's 
                'embedding/bias': sd.pop('patch_embed.proj.bias')}
   if 'cls_token' in sd:
     out['cls'] = sd.pop('cls_token')
+  if 'reg_token' in sd:
+    out['registers'] = sd.pop('reg_token')
   if 'pos_embed' in sd:
     out[POSEMB_KEY] = sd.pop('pos_embed')
   d = out['embedding/kernel'].shape[-1]
@@ -220,25 +248,30 @@ def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family
   descriptor or a subclass's, e.g. DeiT's) infers the architecture."""
   args = dict(config.get('model_args') or {})
   sd = {k: np.asarray(v) for k, v in state.items()}
-  refuse_fc_norm(sd)
   num_heads = timm_num_heads(config)
   notes: list[str] = []
   out = transformer_from_timm(sd, num_heads)
-  patch = out['embedding/kernel'].shape[:2]
-  if 'cls' in out and POSEMB_KEY in out and _lacks_class_row(out[POSEMB_KEY].shape[1], args, patch):
-    pe = out[POSEMB_KEY]  # timm's no_embed_class: the class token gets no position embedding.
-    out[POSEMB_KEY] = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
-    notes.append('added a zero class-token row to pos_embed (timm no_embed_class)')
+  architecture = config.get('architecture', '')
   fields: dict[str, Any] = {'act': timm_act(args)}
   if args.get('pos_embed') == 'none':
     fields['posemb'] = 'none'
+  if 'no_embed_class' in args:  # else read off the table's rows (`infer`)
+    fields['no_embed_class'] = bool(args['no_embed_class'])
+  if 'Transformer/encoderblock_0/LayerScale_1/scale' in out:  # its start is not in the weights
+    fields['layer_scale'] = args.get('init_values') or (
+        1e-6 if architecture.startswith('deit3') else vit_family.DINO_LS)
+  if args.get('dynamic_img_size'):  # resample the table as timm does, to give its logits
+    fields.update(dynamic_img_size=True, dynamic_resize='bicubic')
   if 'vit_jax' in config:  # Written here: keep the registry name and options.
     fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': None}
     fields = {k: v for k, v in fields.items() if v is not None}
     if POSEMB_KEY in out:
       fields['posemb'] = 'learned'  # Fixed kinds were written as values of pos_embed.
-  arch = family.infer(out, model_config=fields, image_size=args.get('img_size'))
-  arch.mean, arch.std = timm_norm(config, config.get('architecture', ''))
+  size = args.get('img_size')
+  if fields.get('posemb_grid') is not None and size is not None:
+    size = (config.get('vit_jax') or {}).get('image_size')  # img_size was the table's
+  arch = family.infer(out, model_config=fields, image_size=size)
+  arch.mean, arch.std = timm_norm(config, architecture)
   return out, arch, notes
 
 
@@ -249,10 +282,10 @@ _NPZ_BLOCK_MODULES = ('LayerNorm_0', 'MultiHeadDotProductAttention_1', 'LayerNor
 
 def npz_keys_ok(flat: Mapping[str, Any]) -> list[str]:
   """Keys of a ViT flat dict outside Google's npz layout: scanned blocks, modules Google's
-  encoder blocks do not have."""
+  encoder blocks do not have (LayerScale), registers and fc_norm."""
   bad = []
   for key in flat:
-    if key.startswith('Transformer/encoderblock/'):
+    if key.startswith(('Transformer/encoderblock/', 'registers', 'fc_norm/')):
       bad.append(key)
     elif (m := re.match(r'^Transformer/encoderblock_\d+/([^/]+)/', key)) and (
         m.group(1) not in _NPZ_BLOCK_MODULES):
@@ -264,7 +297,7 @@ def npz_keys_ok(flat: Mapping[str, Any]) -> list[str]:
 
 class VitInterop(Interop):
   """The ViT's timm `VisionTransformer`, Hugging Face `ViTForImageClassification` and Google npz."""
-  timm_prefixes = ('vit_', 'deit_')  # timm's non-distilled DeiTs are plain ViTs
+  timm_prefixes = ('vit_', 'deit_', 'deit3_')  # timm's non-distilled DeiTs are plain ViTs
   hf_model_types = ('vit',)
   writes_npz = True
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.tokens import TokenInputs
-from vit_jax.models.vit import POSEMBS, embed_patches, make_encoder, pair
+from vit_jax.models.vit import POSEMBS, embed_patches, intermediate_outputs, make_encoder, pair
 
 Dtype = Any
 NUM_PREFIX = 2  # the class token and the distillation token
@@ -47,6 +47,7 @@ class DistilledVisionTransformer(nn.Module):
     dropout_rate, attention_dropout_rate, stochastic_depth, dtype, param_dtype, remat, scan,
       attention_impl: as the ViT's.
     act: 'gelu' (exact erf; timm's DeiT, the default) or 'gelu_tanh'.
+    posemb_grid, dynamic_img_size, dynamic_resize: the ViT's (any image size at call time).
   """
   num_classes: Optional[int]
   patch_size: Union[int, Sequence[int]]
@@ -67,6 +68,9 @@ class DistilledVisionTransformer(nn.Module):
   scan: bool = False
   attention_impl: Optional[str] = 'auto'
   act: str = 'gelu'
+  posemb_grid: Optional[Sequence[int]] = None
+  dynamic_img_size: bool = False
+  dynamic_resize: str = 'bilinear'
 
   @property
   def patch_hw(self) -> tuple[int, int]:
@@ -81,7 +85,9 @@ class DistilledVisionTransformer(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, return_both: bool = False,
-               tokens: Optional[TokenInputs] = None, return_weights: Optional[bool] = None):
+               tokens: Optional[TokenInputs] = None, return_weights: Optional[bool] = None,
+               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               drop_prefix: bool = False):
     """Classifies images.
 
     Args:
@@ -95,6 +101,8 @@ class DistilledVisionTransformer(nn.Module):
         (without heads: the two tokens' features [B, D]) instead of their mean.
       tokens: token-level inputs of a training objective (mask, kept patches, prompts).
       return_weights: compute the attention weights for aux; default: return_aux.
+      intermediates, norm, drop_prefix: the ViT's backbone API ('prefix' holds the class and
+        distillation tokens).
 
     Returns:
       logits [B, num_classes] = (head(class token) + head_dist(distillation token)) / 2, in `dtype`;
@@ -115,8 +123,11 @@ class DistilledVisionTransformer(nn.Module):
                       self.param_dtype)
     prefix = jnp.concatenate([cls, dist], axis=1).astype(x.dtype)
     x = jnp.concatenate([jnp.tile(prefix, (b, 1, 1)), x], axis=1)
-    x, weights = make_encoder(self, (gh, gw), NUM_PREFIX)(
-        x, train=train, return_weights=return_weights, tokens=tokens)
+    encoder = make_encoder(self, (gh, gw), NUM_PREFIX)
+    if intermediates is not None:
+      return intermediate_outputs(encoder, x, (gh, gw), NUM_PREFIX, intermediates, norm=norm,
+                                  drop_prefix=drop_prefix, train=train, tokens=tokens)
+    x, weights = encoder(x, train=train, return_weights=return_weights, tokens=tokens)
     if features:
       if tokens is not None and tokens.keep is not None:
         raise ValueError('features=True returns the full patch grid; it cannot be used with '

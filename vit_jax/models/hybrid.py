@@ -49,14 +49,17 @@ class HybridVisionTransformer(VisionTransformer):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, tokens: Optional[TokenInputs] = None,
-               return_weights: Optional[bool] = None):
+               return_weights: Optional[bool] = None,
+               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               drop_prefix: bool = False):
     """Classifies images [B, H, W, C] (any C; pixels roughly in [-1, 1]).
 
     The ResNet's feature map (H and W divided by `feature_stride`, rounded up: 'SAME' padding) must
     be a multiple of `patch_size`; H and W multiples of `effective_patch_hw` always are.
     Arguments and results are VisionTransformer's: logits [B, num_classes]; with return_aux, also
     pre-logits, the token map and attention weights; with features=True, [token map
-    [B, H/P, W/P, D]] for the effective patch P. `tokens` edits the tokens the ResNet's features
+    [B, H/P, W/P, D]] for the effective patch P; intermediates: the ViT's backbone API, maps on
+    the same grid. `tokens` edits the tokens the ResNet's features
     make (prompts; masks are refused by the family: see `families/hybrid.py`).
     """
     outputs = resnet.resnet_features(images.astype(self.dtype), width=self.resnet_width,
@@ -70,4 +73,5 @@ class HybridVisionTransformer(VisionTransformer):
                        f'{self.feature_stride}), not divisible by the patch size {ph}x{pw}: use '
                        f'an image size that is a multiple of {eh}x{ew}')
     return super().__call__(x, train=train, return_aux=return_aux, features=features,
-                            tokens=tokens, return_weights=return_weights)
+                            tokens=tokens, return_weights=return_weights,
+                            intermediates=intermediates, norm=norm, drop_prefix=drop_prefix)

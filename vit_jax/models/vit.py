@@ -11,6 +11,19 @@ Parameter paths are a file format: without `scan` the tree matches Google's rele
 `Transformer/encoder_norm`, `pre_logits`, `head`. With `scan=True` the blocks are one module
 `Transformer/encoderblock` whose parameters have a leading [num_layers] axis (big_vision's layout);
 `vit_jax.models.params` converts between the two.
+
+Later ViTs are fields of the same model, each off by default (Google's checkpoints load unchanged):
+  layer_scale     LayerScale after attention and MLP (CaiT, DeiT III, DINOv2): per block
+                  `LayerScale_1/scale` and `LayerScale_3/scale` [D], starting at this value;
+  num_registers   register tokens (Darcet et al., 2024) `registers` [1, R, D] after the class token:
+                  prefix tokens that no pooling reads;
+  no_embed_class  the position table has rows for the patches only (timm's name; DeiT III, DINOv2
+                  with registers): prefix tokens get no position embedding;
+  fc_norm         the final LayerNorm after pooling (`fc_norm`) instead of on every token
+                  (`Transformer/encoder_norm`), as timm's default for average pooling;
+  classifier      'token', 'gap' (mean of the patch tokens) or 'map' (attention pooling, SigLIP).
+And a backbone API: `dynamic_img_size` (any grid at call time, the learned table resampled inside
+the call), `intermediates=(i, ...)` (the chosen blocks' token maps, prefix tokens apart).
 """
 from __future__ import annotations
 
@@ -23,13 +36,13 @@ import numpy as np
 
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.attention import MultiHeadDotProductAttention, rows
+from vit_jax.models.layers import (ACTIVATIONS, LN_EPS, POSEMBS, RESIZE_METHODS,  # noqa: F401
+                                   AddPositionEmbs, LayerScale, MAPHead, MlpBlock, gelu, sincos_2d)
 from vit_jax.models.tokens import TokenInputs
 
 Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'map')
-POSEMBS = ('learned', 'sincos2d', 'none')
-ACTIVATIONS = ('gelu', 'gelu_tanh')
 # What a block keeps for the backward pass when `remat` is on. 'full' (or True) and
 # 'nothing_saveable' recompute everything from the block's input (least memory); 'dots_saveable'
 # keeps every matmul output and recomputes only the cheap elementwise work (LayerNorm, GELU,
@@ -52,7 +65,6 @@ def remat_block(block: type, remat: Union[bool, str, None], **kwargs: Any) -> ty
   if name not in REMAT_POLICIES:
     raise ValueError(f'remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}')
   return nn.remat(block, policy=REMAT_POLICIES[name], **kwargs)
-LN_EPS = 1e-6
 
 
 def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -60,82 +72,10 @@ def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
   return (int(value), int(value)) if np.ndim(value) == 0 else (int(value[0]), int(value[1]))
 
 
-def num_prefix_tokens(classifier: str) -> int:
-  """Tokens before the patch tokens in the sequence (1 for the class token, else 0)."""
-  return 1 if classifier == 'token' else 0
-
-
-def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-  """Fixed 2-D sine-cosine position embedding (MoCo v3 / big_vision), [1, h*w, width] float32.
-
-  A quarter of the channels each hold sin(y), cos(y), sin(x), cos(x) at geometric frequencies.
-  """
-  if width % 4:
-    raise ValueError(f'sincos2d position embeddings need a width divisible by 4, got {width}')
-  y, x = np.mgrid[:h, :w]
-  omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
-  omega = 1.0 / (temperature ** omega)
-  y = np.einsum('m,d->md', y.flatten(), omega)
-  x = np.einsum('m,d->md', x.flatten(), omega)
-  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
-  return pe[None].astype(np.float32)
-
-
-class AddPositionEmbs(nn.Module):
-  """Adds position embeddings to [B, prefix + h*w, D] tokens.
-
-  `learned`: a parameter `pos_embedding` [1, prefix + h*w, D] (the paper's 1-D embedding, class-token
-  row included, N(0, 0.02) init). `sincos2d`: fixed, zero on prefix tokens. `none`: identity.
-  """
-  kind: str
-  grid: tuple[int, int]
-  num_prefix: int
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    _, n, d = x.shape
-    if self.kind == 'learned':
-      pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), (1, n, d),
-                      self.param_dtype)
-    elif self.kind == 'sincos2d':
-      pe = sincos_2d(*self.grid, d)
-      pe = np.concatenate([np.zeros((1, self.num_prefix, d), np.float32), pe], axis=1)
-    elif self.kind == 'none':
-      return x
-    else:
-      raise ValueError(f'posemb {self.kind!r} is not one of {POSEMBS}')
-    return x + jnp.asarray(pe, x.dtype)
-
-
-def gelu(x: jax.Array, act: str) -> jax.Array:
-  """'gelu_tanh': the tanh approximation (Google's checkpoints, Flax's default); 'gelu': exact erf
-  (timm, Hugging Face, PyTorch's nn.GELU)."""
-  if act not in ACTIVATIONS:
-    raise ValueError(f'act {act!r} is not one of {ACTIVATIONS}')
-  return nn.gelu(x, approximate=act == 'gelu_tanh')
-
-
-class MlpBlock(nn.Module):
-  """Dense_0 -> GELU (`act`) -> dropout -> Dense_1."""
-  mlp_dim: int
-  dropout_rate: float = 0.0
-  act: str = 'gelu_tanh'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
-    dense = lambda features, name: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.initializers.xavier_uniform(),
-        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
-    shape = x.shape
-    x = rows(x, self.dtype)
-    x = gelu(dense(self.mlp_dim, 'Dense_0')(x), self.act)
-    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
-    x = dense(shape[-1], 'Dense_1')(x)
-    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).reshape(shape)
+def num_prefix_tokens(classifier: str, num_registers: int = 0) -> int:
+  """Tokens before the patch tokens in the sequence: the class token ('token' classifier), then the
+  registers."""
+  return (1 if classifier == 'token' else 0) + int(num_registers)
 
 
 def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
@@ -146,11 +86,15 @@ def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Arra
 
 
 class Encoder1DBlock(nn.Module):
-  """One pre-LN transformer block; call(x, drop_rate, prompt) -> (x, attention weights or None).
+  """One pre-LN transformer block; call(x, drop_rate, prompt) -> (x, out): out is the attention
+  weights (or None), or with `emit_hidden` the pair (weights, x), so that a scanned stack also
+  returns every block's output (intermediate layers).
 
   The (carry, per-layer inputs) -> (carry, per-layer output) signature lets `nn.scan` stack the
   blocks. `prompt` [P, D] (deep visual prompt tuning, `vit_jax.models.tokens`) replaces the P tokens
   after the first `prompt_offset` before the block runs; None leaves the sequence as it is.
+  `layer_scale`: each residual branch is multiplied by a learned per-channel scale
+  (`LayerScale_1` after attention, `LayerScale_3` after the MLP) that starts at this value.
   """
   mlp_dim: int
   num_heads: int
@@ -162,6 +106,8 @@ class Encoder1DBlock(nn.Module):
   attention_impl: Optional[str] = 'auto'
   act: str = 'gelu_tanh'
   prompt_offset: int = 0
+  layer_scale: Optional[float] = None
+  emit_hidden: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -169,6 +115,8 @@ class Encoder1DBlock(nn.Module):
   def __call__(self, x: jax.Array, drop_rate: jax.Array, prompt: Optional[jax.Array] = None):
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                                      name=name)
+    scale = lambda y, name: (y if self.layer_scale is None
+                             else LayerScale(self.layer_scale, self.param_dtype, name=name)(y))
     use_drop_path = self.stochastic_depth and not self.deterministic
     x = tokens_lib.set_prompts(x, prompt, self.prompt_offset, inserted=True)
 
@@ -178,7 +126,7 @@ class Encoder1DBlock(nn.Module):
         dropout_rate=self.attention_dropout_rate, implementation=self.attention_impl,
         name='MultiHeadDotProductAttention_1')(
             y, deterministic=self.deterministic, return_weights=self.return_weights)
-    y = nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic)
+    y = scale(nn.Dropout(self.dropout_rate)(y, deterministic=self.deterministic), 'LayerScale_1')
     if use_drop_path:
       y = drop_path(y, drop_rate, self.make_rng('dropout'))
     x = x + y
@@ -187,13 +135,21 @@ class Encoder1DBlock(nn.Module):
     y = MlpBlock(self.mlp_dim, self.dropout_rate, self.act, self.dtype, self.param_dtype,
                  name='MlpBlock_3')(
         y, deterministic=self.deterministic)
+    y = scale(y, 'LayerScale_3')
     if use_drop_path:
       y = drop_path(y, drop_rate, self.make_rng('dropout'))
-    return x + y, weights
+    x = x + y
+    return x, ((weights, x) if self.emit_hidden else weights)
 
 
 class Encoder(nn.Module):
-  """Position embeddings, dropout, `num_layers` blocks and the final LayerNorm (`encoder_norm`)."""
+  """Position embeddings, dropout, `num_layers` blocks and the final LayerNorm (`encoder_norm`,
+  absent when `final_norm` is False: the model normalises after pooling instead).
+
+  The position table (`AddPositionEmbs`): `table_prefix` rows for the prefix tokens (None: all),
+  `posemb_grid` its grid when it is not the input's, `dynamic_img_size` resamples it to the input's
+  grid inside the call (`dynamic_resize`: 'bilinear' or 'bicubic', the checkpoint transfer's
+  methods)."""
   num_layers: int
   mlp_dim: int
   num_heads: int
@@ -207,16 +163,30 @@ class Encoder(nn.Module):
   remat: Union[bool, str] = False
   scan: bool = False
   act: str = 'gelu_tanh'
+  table_prefix: Optional[int] = None
+  posemb_grid: Optional[tuple[int, int]] = None
+  dynamic_img_size: bool = False
+  dynamic_resize: str = 'bilinear'
+  layer_scale: Optional[float] = None
+  final_norm: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False,
-               tokens: Optional[TokenInputs] = None):
+               tokens: Optional[TokenInputs] = None, take: Optional[Sequence[int]] = None,
+               take_norm: bool = False):
     """x: [B, N, D] tokens (prefix first). Returns ([B, N', D], weights [L, B, H, T, T] float32 or
     None): with `tokens.keep` N' = prefix + K, else N; prompts are dropped from the output (T counts
-    them)."""
+    them).
+
+    With `take` (block indices in [0, L)): returns instead the list of those blocks' outputs
+    [B, N', D], in the order given, each through `encoder_norm` when `take_norm` (and the encoder
+    has one). Without a scan, the blocks after the last one taken are not run."""
+    grid = None if self.posemb_grid is None else tuple(self.posemb_grid)
     x = AddPositionEmbs(self.posemb, self.grid, self.num_prefix, self.param_dtype,
+                        table_prefix=self.table_prefix, table_grid=grid,
+                        dynamic=self.dynamic_img_size, resize=self.dynamic_resize,
                         name='posembed_input')(x)
     x = tokens_lib.keep_patches(x, self.num_prefix, tokens)
     x = tokens_lib.set_prompts(x, tokens_lib.prompt_at(tokens, 0), self.num_prefix, inserted=False)
@@ -227,49 +197,32 @@ class Encoder(nn.Module):
                   attention_dropout_rate=self.attention_dropout_rate,
                   stochastic_depth=self.stochastic_depth > 0, deterministic=not train,
                   return_weights=return_weights, attention_impl=self.attention_impl,
-                  act=self.act, prompt_offset=self.num_prefix, dtype=self.dtype,
-                  param_dtype=self.param_dtype)
+                  act=self.act, prompt_offset=self.num_prefix, layer_scale=self.layer_scale,
+                  emit_hidden=take is not None, dtype=self.dtype, param_dtype=self.param_dtype)
     block = remat_block(Encoder1DBlock, self.remat, prevent_cse=not self.scan)
     # Deep prompts: block i's prompt slots are overwritten by prompts[i] (i = 0 is the insertion).
     deep = tokens is not None and tokens.deep()
     if self.scan:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=0, length=self.num_layers)
-      x, weights = stack(name='encoderblock', **kwargs)(x, rates, tokens.prompts if deep else None)
+      x, out = stack(name='encoderblock', **kwargs)(x, rates, tokens.prompts if deep else None)
+      weights, hidden = out if take is not None else (out, None)
     else:
-      all_weights = []
-      for i in range(self.num_layers):
+      all_weights, hidden = [], []
+      for i in range(self.num_layers if take is None else max(take, default=-1) + 1):
         prompt = tokens.prompts[i] if deep and i else None
-        x, w = block(name=f'encoderblock_{i}', **kwargs)(x, rates[i], prompt)
+        x, out = block(name=f'encoderblock_{i}', **kwargs)(x, rates[i], prompt)
+        w, h = out if take is not None else (out, None)
         all_weights.append(w)
+        hidden.append(h)
       weights = jnp.stack(all_weights) if return_weights else None
+    norm = (nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name='encoder_norm') if self.final_norm else None)
+    if take is not None:
+      taken = [tokens_lib.drop_prompts(hidden[i], self.num_prefix, tokens) for i in take]
+      return [norm(h) if take_norm and norm is not None else h for h in taken]
     x = tokens_lib.drop_prompts(x, self.num_prefix, tokens)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='encoder_norm')(x)
-    return x, weights
-
-
-class MAPHead(nn.Module):
-  """Multi-head attention pooling (big_vision `MAPHead`): a learned probe attends over the tokens."""
-  num_heads: int
-  mlp_dim: int
-  act: str = 'gelu_tanh'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, N, D] -> [B, D]."""
-    b, _, d = x.shape
-    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
-    probe = jnp.tile(probe, [b, 1, 1]).astype(x.dtype)
-    x, _ = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.param_dtype,
-                                        name='MultiHeadDotProductAttention_0')(probe, x)
-    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='LayerNorm_0')(x)
-    x = x + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='MlpBlock_0')(y)
-    return x[:, 0]
+    return (x if norm is None else norm(x)), weights
 
 
 def embed_patches(module: nn.Module, images: jax.Array, patch_hw: tuple[int, int]
@@ -289,15 +242,51 @@ def embed_patches(module: nn.Module, images: jax.Array, patch_hw: tuple[int, int
   return jnp.reshape(x, (b, gh * gw, d)), (gh, gw)
 
 
-def make_encoder(module: nn.Module, grid: tuple[int, int], num_prefix: int) -> 'Encoder':
-  """The `Transformer` encoder configured from a module with the ViT's fields."""
+def make_encoder(module: nn.Module, grid: tuple[int, int], num_prefix: int,
+                 table_prefix: Optional[int] = None) -> 'Encoder':
+  """The `Transformer` encoder configured from a module with the ViT's fields (a DeiT lacks the
+  variant fields layer_scale and fc_norm: their defaults apply)."""
+  if module.dynamic_resize not in RESIZE_METHODS:
+    raise ValueError(f'dynamic_resize {module.dynamic_resize!r} is not one of {RESIZE_METHODS}')
   return Encoder(
       num_layers=module.num_layers, mlp_dim=module.mlp_dim, num_heads=module.num_heads,
       posemb=module.posemb, grid=grid, num_prefix=num_prefix, dropout_rate=module.dropout_rate,
       attention_dropout_rate=module.attention_dropout_rate,
       stochastic_depth=module.stochastic_depth, attention_impl=module.attention_impl,
-      remat=module.remat, scan=module.scan, act=module.act, dtype=module.dtype,
+      remat=module.remat, scan=module.scan, act=module.act, table_prefix=table_prefix,
+      posemb_grid=module.posemb_grid, dynamic_img_size=module.dynamic_img_size,
+      dynamic_resize=module.dynamic_resize, layer_scale=getattr(module, 'layer_scale', None),
+      final_norm=not getattr(module, 'fc_norm', False), dtype=module.dtype,
       param_dtype=module.param_dtype, name='Transformer')
+
+
+def take_indices(num_layers: int, indices: Sequence[int]) -> list[int]:
+  """Block indices, negative ones counted from the end (timm's `forward_intermediates`), as
+  non-negative ints; a ValueError for one out of range."""
+  out = []
+  for i in (indices if isinstance(indices, (list, tuple)) else [indices]):
+    if not -num_layers <= int(i) < num_layers:
+      raise ValueError(f'intermediates: block {i} does not exist in a {num_layers}-block model '
+                       f'(valid: {-num_layers} .. {num_layers - 1})')
+    out.append(int(i) % num_layers)
+  return out
+
+
+def intermediate_outputs(encoder: 'Encoder', x: jax.Array, grid: tuple[int, int], num_prefix: int,
+                         indices: Sequence[int], *, norm: bool, drop_prefix: bool, train: bool,
+                         tokens: Optional[TokenInputs]) -> dict[str, list[jax.Array]]:
+  """The backbone API's result: {'maps': [B, gh, gw, D] per index, 'prefix': [B, P, D] per index
+  (absent with drop_prefix)}; see `VisionTransformer.__call__`."""
+  if tokens is not None and tokens.keep is not None:
+    raise ValueError('intermediates return the full patch grid; they cannot be used with '
+                     'tokens.keep')
+  hidden = encoder(x, train=train, tokens=tokens, take=take_indices(encoder.num_layers, indices),
+                   take_norm=norm)
+  b = x.shape[0]
+  out = {'maps': [h[:, num_prefix:].reshape(b, *grid, h.shape[-1]) for h in hidden]}
+  if not drop_prefix:
+    out['prefix'] = [h[:, :num_prefix] for h in hidden]
+  return out
 
 
 class VisionTransformer(nn.Module):
@@ -307,8 +296,8 @@ class VisionTransformer(nn.Module):
     num_classes: logits per image; 0 or None builds no head (the model returns pre-logits features).
     patch_size: int or (ph, pw) pixels; the image height and width must be multiples of it.
     hidden_size, num_layers, num_heads, mlp_dim: D, L, heads, MLP hidden units.
-    classifier: 'token' (class token), 'gap' (mean of the tokens after the final LayerNorm) or 'map'
-      (attention pooling head).
+    classifier: 'token' (class token), 'gap' (mean of the patch tokens after the final LayerNorm) or
+      'map' (attention pooling head over the patch tokens).
     posemb: 'learned', 'sincos2d' or 'none'.
     representation_size: if set, a `pre_logits` Dense + tanh layer of this width before the head.
     head_zeroinit: zero the head kernel (the paper's fine-tuning recipe); head_bias_init: its bias.
@@ -320,6 +309,16 @@ class VisionTransformer(nn.Module):
       fused attention elsewhere), 'xla', 'cudnn', or None/'explicit' (plain softmax); see
       `attention.dot_product_attention`.
     act: 'gelu_tanh' (Google's checkpoints) or 'gelu' (exact; timm and Hugging Face).
+    layer_scale, num_registers, no_embed_class, fc_norm: the later ViTs' options (module docstring);
+      None / 0 / False is the paper's ViT.
+    posemb_grid: the learned table's (gh, gw) when it is not the image's (a 37x37 DINOv2 table used
+      at 224 px with dynamic_img_size); None: the image's at initialisation, read back off the
+      table's shape (the image's grid, else a square) afterwards.
+    dynamic_img_size: accept any image size (multiple of the patch) at call time: the learned table
+      is resampled to the input's grid inside the call with `dynamic_resize` ('bilinear', scipy's
+      corner-aligned zoom, or 'bicubic', antialiased: the checkpoint transfer's methods), so the
+      result equals building the model at that size from the resampled checkpoint. False: another
+      grid than the table's is an error.
   """
   num_classes: Optional[int]
   patch_size: Union[int, Sequence[int]]
@@ -341,33 +340,68 @@ class VisionTransformer(nn.Module):
   scan: bool = False
   attention_impl: Optional[str] = 'auto'
   act: str = 'gelu_tanh'
+  layer_scale: Optional[float] = None
+  num_registers: int = 0
+  no_embed_class: bool = False
+  fc_norm: bool = False
+  posemb_grid: Optional[Sequence[int]] = None
+  dynamic_img_size: bool = False
+  dynamic_resize: str = 'bilinear'
 
   @property
   def patch_hw(self) -> tuple[int, int]:
     return pair(self.patch_size)
 
+  @property
+  def num_prefix(self) -> int:
+    return num_prefix_tokens(self.classifier, self.num_registers)
+
+  def _add_prefix(self, x: jax.Array) -> jax.Array:
+    """[B, N, D] patches -> [B, prefix + N, D]: the class token, then the registers."""
+    b, _, d = x.shape
+    parts = []
+    if self.classifier == 'token':
+      parts.append(self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype))
+    if self.num_registers:
+      # A random start: registers get no position embedding, so equal ones would stay equal.
+      parts.append(self.param('registers', nn.initializers.normal(stddev=0.02),
+                              (1, self.num_registers, d), self.param_dtype))
+    if not parts:
+      return x
+    prefix = jnp.concatenate(parts, axis=1).astype(x.dtype)
+    return jnp.concatenate([jnp.broadcast_to(prefix, (b, *prefix.shape[1:])), x], axis=1)
+
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, tokens: Optional[TokenInputs] = None,
-               return_weights: Optional[bool] = None):
+               return_weights: Optional[bool] = None,
+               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               drop_prefix: bool = False):
     """Classifies images.
 
     Args:
       images: [B, H, W, C], any C, H and W multiples of the patch size; pixels roughly in [-1, 1].
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
       return_aux: also return a dict with 'pre_logits' [B, D or representation_size], the token map
-        'prefix_tokens' [B, P, D] and 'patch_tokens' [B, N, D] (after the final LayerNorm; see
-        `vit_jax.models.tokens`) and 'attention_weights' [L, B, heads, T, T] float32 (T = prefix +
-        prompts + patches) or None.
+        'prefix_tokens' [B, P, D] (class token, then registers) and 'patch_tokens' [B, N, D] (after
+        the final LayerNorm, or the last block with fc_norm; see `vit_jax.models.tokens`) and
+        'attention_weights' [L, B, heads, T, T] float32 (T = prefix + prompts + patches) or None.
       features: return [feature map [B, H/ph, W/pw, D]] (the patch tokens after the final
         LayerNorm, one scale) instead of logits: the multi-scale interface every family shares.
       tokens: token-level inputs of a training objective (mask, kept patches, prompts).
       return_weights: compute the attention weights for aux (the explicit softmax, never a fused
         kernel); default: return_aux.
+      intermediates: block indices (negative: from the end): return instead {'maps': [the patch
+        tokens after each of these blocks as [B, H/ph, W/pw, D]], 'prefix': [the prefix tokens
+        [B, P, D] after each]}, in the order given (timm's `forward_intermediates` returns them in
+        block order); later blocks are not run (without scan).
+      norm: with intermediates, pass each through the final norm (timm's norm=True; none with
+        fc_norm, whose norm follows the pooling).
+      drop_prefix: with intermediates, leave 'prefix' out.
 
     Returns:
       logits [B, num_classes] in `dtype` (or pre-logits when there is no head); with return_aux,
-      (logits, aux).
+      (logits, aux); with intermediates, the dict above.
     """
     if self.classifier not in CLASSIFIERS:
       raise ValueError(f'classifier {self.classifier!r} is not one of {CLASSIFIERS}')
@@ -375,15 +409,14 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
     return_weights = return_aux if return_weights is None else return_weights
     x, (gh, gw) = embed_patches(self, images, self.patch_hw)
-    x = tokens_lib.edit_patches(x, tokens)
+    x = self._add_prefix(tokens_lib.edit_patches(x, tokens))
     b, _, d = x.shape
-    prefix = num_prefix_tokens(self.classifier)
-    if self.classifier == 'token':
-      cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
-
-    x, weights = make_encoder(self, (gh, gw), prefix)(
-        x, train=train, return_weights=return_weights, tokens=tokens)
+    prefix = self.num_prefix
+    encoder = make_encoder(self, (gh, gw), prefix, 0 if self.no_embed_class else None)
+    if intermediates is not None:
+      return intermediate_outputs(encoder, x, (gh, gw), prefix, intermediates, norm=norm,
+                                  drop_prefix=drop_prefix, train=train, tokens=tokens)
+    x, weights = encoder(x, train=train, return_weights=return_weights, tokens=tokens)
     if features:
       if tokens is not None and tokens.keep is not None:
         raise ValueError('features=True returns the full patch grid; it cannot be used with '
@@ -394,10 +427,13 @@ class VisionTransformer(nn.Module):
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
-      x = jnp.mean(x, axis=1)
+      x = jnp.mean(x[:, prefix:], axis=1)
     else:
       x = MAPHead(self.num_heads, self.mlp_dim, self.act, self.dtype, self.param_dtype,
-                  name='MAPHead_0')(x)
+                  name='MAPHead_0')(x[:, prefix:])
+    if self.fc_norm:
+      x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name='fc_norm')(x)
 
     if self.representation_size is not None:
       x = nn.tanh(nn.Dense(self.representation_size, dtype=self.dtype,

@@ -1,0 +1,216 @@
+"""Layers the ViT-like models share: GELU, the MLP block, the MAP head, LayerScale and the position
+embedding (learned, 2-D sine-cosine or none), whose learned table can be resampled to another patch
+grid inside a jitted function (`resize_grid`).
+
+Parameter names are a file format (Google's released ViT checkpoints and big_vision):
+`MlpBlock_*/{Dense_0, Dense_1}`, `MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0,
+MlpBlock_0}`, `posembed_input/pos_embedding`; LayerScale (not in Google's layout) holds `scale` [D].
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vit_jax.models.attention import MultiHeadDotProductAttention, rows
+
+Dtype = Any
+
+ACTIVATIONS = ('gelu', 'gelu_tanh')
+POSEMBS = ('learned', 'sincos2d', 'none')
+# How a learned position table is resampled to another grid: the checkpoint transfer's methods
+# (`vit_jax.families.resample`), here in jnp so that they run inside a jitted model.
+RESIZE_METHODS = ('bilinear', 'bicubic')
+LN_EPS = 1e-6
+
+
+def gelu(x: jax.Array, act: str) -> jax.Array:
+  """'gelu_tanh': the tanh approximation (Google's checkpoints, Flax's default); 'gelu': exact erf
+  (timm, Hugging Face, PyTorch's nn.GELU)."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f'act {act!r} is not one of {ACTIVATIONS}')
+  return nn.gelu(x, approximate=act == 'gelu_tanh')
+
+
+class MlpBlock(nn.Module):
+  """Dense_0 -> GELU (`act`) -> dropout -> Dense_1."""
+  mlp_dim: int
+  dropout_rate: float = 0.0
+  act: str = 'gelu_tanh'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    dense = lambda features, name: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=nn.initializers.xavier_uniform(),
+        bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+    shape = x.shape
+    x = rows(x, self.dtype)
+    x = gelu(dense(self.mlp_dim, 'Dense_0')(x), self.act)
+    x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+    x = dense(shape[-1], 'Dense_1')(x)
+    return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic).reshape(shape)
+
+
+class MAPHead(nn.Module):
+  """Multi-head attention pooling (big_vision `MAPHead`): a learned probe attends over the tokens."""
+  num_heads: int
+  mlp_dim: int
+  act: str = 'gelu_tanh'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, N, D] -> [B, D]."""
+    b, _, d = x.shape
+    probe = self.param('probe', nn.initializers.xavier_uniform(), (1, 1, d), self.param_dtype)
+    probe = jnp.tile(probe, [b, 1, 1]).astype(x.dtype)
+    x, _ = MultiHeadDotProductAttention(self.num_heads, self.dtype, self.param_dtype,
+                                        name='MultiHeadDotProductAttention_0')(probe, x)
+    y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='LayerNorm_0')(x)
+    x = x + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype, param_dtype=self.param_dtype,
+                     name='MlpBlock_0')(y)
+    return x[:, 0]
+
+
+class LayerScale(nn.Module):
+  """x * scale, a learned per-channel `scale` [D] starting at `init` (CaiT, DeiT III, DINOv2)."""
+  init: float
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param('scale', nn.initializers.constant(self.init), (x.shape[-1],),
+                       self.param_dtype)
+    return x * scale.astype(x.dtype)
+
+
+def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embedding (MoCo v3 / big_vision), [1, h*w, width] float32.
+
+  A quarter of the channels each hold sin(y), cos(y), sin(x), cos(x) at geometric frequencies.
+  """
+  if width % 4:
+    raise ValueError(f'sincos2d position embeddings need a width divisible by 4, got {width}')
+  y, x = np.mgrid[:h, :w]
+  omega = np.arange(width // 4) / (width // 4 - 1 if width > 4 else 1)
+  omega = 1.0 / (temperature ** omega)
+  y = np.einsum('m,d->md', y.flatten(), omega)
+  x = np.einsum('m,d->md', x.flatten(), omega)
+  pe = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return pe[None].astype(np.float32)
+
+
+def linear_weights(n_in: int, n_out: int) -> np.ndarray:
+  """[n_out, n_in] float64 weights of corner-aligned linear interpolation along one axis: exactly
+  the sample positions of `scipy.ndimage.zoom(order=1)` (output i reads input i (n_in-1)/(n_out-1);
+  a single output reads input 0)."""
+  step = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
+  pos = np.arange(n_out, dtype=np.float64) * step
+  lo = np.clip(np.floor(pos).astype(np.int64), 0, max(n_in - 2, 0))
+  frac = pos - lo
+  w = np.zeros((n_out, n_in), np.float64)
+  w[np.arange(n_out), lo] += 1.0 - frac
+  if n_in > 1:
+    w[np.arange(n_out), lo + 1] += frac
+  return w
+
+
+def resize_grid(grid: jax.Array, new_hw: Sequence[int], method: str = 'bilinear') -> jax.Array:
+  """[gh, gw, D] -> [new_h, new_w, D] in jnp (traceable), the same methods as the checkpoint
+  transfer (`vit_jax.families.resample.resample_grid`): 'bilinear' is scipy's corner-aligned zoom
+  (two small interpolation matrices, built from the static shapes), 'bicubic' antialiased bicubic
+  with half-pixel centres (`jax.image.resize`, as there). Computed in float32, returned in the
+  grid's dtype."""
+  if method not in RESIZE_METHODS:
+    raise ValueError(f'position-table resize method {method!r} is not one of {RESIZE_METHODS}')
+  gh, gw, d = grid.shape
+  new_h, new_w = (int(v) for v in new_hw)
+  if (gh, gw) == (new_h, new_w):
+    return grid
+  work = grid.astype(jnp.float32)
+  if method == 'bilinear':
+    wy = jnp.asarray(linear_weights(gh, new_h), jnp.float32)
+    wx = jnp.asarray(linear_weights(gw, new_w), jnp.float32)
+    out = jnp.einsum('yh,hwd->ywd', wy, work, precision=jax.lax.Precision.HIGHEST)
+    out = jnp.einsum('xw,ywd->yxd', wx, out, precision=jax.lax.Precision.HIGHEST)
+  else:
+    out = jax.image.resize(work, (new_h, new_w, d), method='bicubic', antialias=True)
+  return out.astype(grid.dtype)
+
+
+class AddPositionEmbs(nn.Module):
+  """Adds position embeddings to [B, prefix + h*w, D] tokens.
+
+  `learned`: a parameter `pos_embedding` [1, table_prefix + th*tw, D] (N(0, 0.02) init): the paper's
+  1-D table with rows for the first `table_prefix` prefix tokens (default: all of them; 0 is timm's
+  `no_embed_class`, DeiT III's and DINOv2-with-registers': the prefix tokens get none), then the
+  table's grid th x tw. That grid is `table_grid` when given, else the input's at initialisation;
+  on a later call it is read back off the table (`table_grid`, or the input's grid when the row
+  count fits it, else a square). An input grid other than the table's is refused unless `dynamic`,
+  which resamples the grid rows to the input's inside the call (`resize_grid` with `resize`).
+  `sincos2d`: fixed, computed at the input's grid, zero on prefix tokens. `none`: identity.
+  """
+  kind: str
+  grid: tuple[int, int]
+  num_prefix: int
+  param_dtype: Dtype = jnp.float32
+  table_prefix: Optional[int] = None
+  table_grid: Optional[tuple[int, int]] = None
+  dynamic: bool = False
+  resize: str = 'bilinear'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    _, n, d = x.shape
+    gh, gw = self.grid
+    if n != self.num_prefix + gh * gw:
+      raise ValueError(f'{n} tokens are not {self.num_prefix} prefix tokens and a {gh}x{gw} grid')
+    if self.kind == 'none':
+      return x
+    if self.kind == 'sincos2d':
+      pe = sincos_2d(gh, gw, d)
+      pe = np.concatenate([np.zeros((1, self.num_prefix, d), np.float32), pe], axis=1)
+      return x + jnp.asarray(pe, x.dtype)
+    if self.kind != 'learned':
+      raise ValueError(f'posemb {self.kind!r} is not one of {POSEMBS}')
+    rows_prefix = self.num_prefix if self.table_prefix is None else self.table_prefix
+    table_grid = self._table_grid(rows_prefix)
+    shape = (1, rows_prefix + table_grid[0] * table_grid[1], d)
+    pe = self.param('pos_embedding', nn.initializers.normal(stddev=0.02), shape, self.param_dtype)
+    pe = pe.astype(x.dtype)
+    if table_grid != (gh, gw):
+      if not self.dynamic:
+        raise ValueError(
+            f'the input\'s {gh}x{gw} patch grid differs from the position table\'s '
+            f'{table_grid[0]}x{table_grid[1]}: build the model for this image size (and resample '
+            'the checkpoint), or set dynamic_img_size=True to resample the table at call time')
+      grid = resize_grid(pe[0, rows_prefix:].reshape(*table_grid, d), (gh, gw), self.resize)
+      pe = jnp.concatenate([pe[:, :rows_prefix], grid.reshape(1, gh * gw, d)], axis=1)
+    skip = self.num_prefix - rows_prefix  # prefix tokens without a row of the table
+    return jnp.concatenate([x[:, :skip], x[:, skip:] + pe], axis=1) if skip else x + pe
+
+  def _table_grid(self, rows_prefix: int) -> tuple[int, int]:
+    if rows_prefix > self.num_prefix:
+      raise ValueError(f'table_prefix {rows_prefix} > the {self.num_prefix} prefix tokens')
+    if self.table_grid is not None:
+      return (int(self.table_grid[0]), int(self.table_grid[1]))
+    if not self.has_variable('params', 'pos_embedding'):
+      return tuple(self.grid)
+    rows = self.get_variable('params', 'pos_embedding').shape[1] - rows_prefix
+    if rows == self.grid[0] * self.grid[1]:
+      return tuple(self.grid)
+    side = math.isqrt(rows)
+    if side * side != rows:
+      raise ValueError(f'the position table holds {rows} grid rows, not the input\'s '
+                       f'{self.grid[0]}x{self.grid[1]} grid nor a square one: give its grid '
+                       '(posemb_grid)')
+    return side, side
