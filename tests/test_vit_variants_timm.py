@@ -159,3 +159,87 @@ def intermediates_of(ckpt, images, indices, norm, drop_prefix=False):
     out = model.apply({'params': params}, images, intermediates=tuple(indices), norm=norm,
                       drop_prefix=drop_prefix)
   return jax.tree.map(np.asarray, out)
+
+
+@pytest.mark.parametrize('family_name', ['deit', 'hybrid'])
+def test_deit_and_hybrid_intermediates_equal_timms(family_name, tmp_path):
+  """The families that reuse the ViT's encoder: a DeiT's prefix holds the class and distillation
+  tokens; the hybrid's maps lie on the ResNet's grid. Our perturbed tiny model exported with
+  `--to timm`, loaded by timm, against its `forward_intermediates`."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  name, size, extra = {'deit': ('DeiT-testing', 16, {}),
+                       'hybrid': ('R+ViT-Ti_16', 64, {'num_layers': 2})}[family_name]
+  family = registry.get_family(family_name)
+  fields = {**registry.get_model_config(name), 'head_zeroinit': False, **extra}
+  params = family.create(fields, 3).init(jax.random.PRNGKey(0), np.zeros((1, size, size, 3)))
+  leaves, tree = jax.tree.flatten(params['params'])
+  rng = np.random.default_rng(4)
+  params = jax.tree.unflatten(tree, [np.asarray(l) + rng.normal(0, 0.05, l.shape).astype(np.float32)
+                                     for l in leaves])
+  flat = params_lib.flatten_numpy(family.to_file_layout(params))
+  arch = Architecture(dict(fields), 3, (size, size), 3, family_name)
+  timm_format.write_timm(tmp_path, flat, arch)
+  model = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+  ckpt = read_checkpoint(tmp_path)
+  images = verify.sample_images(ckpt.architecture)
+  for norm in (False, True):
+    with torch.no_grad():
+      theirs = model.forward_intermediates(
+          torch.from_numpy(images.transpose(0, 3, 1, 2).copy()), indices=[0, 1], norm=norm,
+          return_prefix_tokens=True, intermediates_only=True)
+    got = intermediates_of(ckpt, images, (0, -1), norm)
+    for i, (spatial, tokens) in enumerate(theirs):
+      assert_close_to_scale(got['maps'][i], spatial.numpy().transpose(0, 2, 3, 1), rtol=1e-5,
+                            what=f'{family_name} map {i} norm={norm}')
+      assert_close_to_scale(got['prefix'][i], tokens.numpy(), rtol=1e-5, what='prefix')
+    assert got['prefix'][0].shape[1] == (2 if family_name == 'deit' else 1)
+
+
+@pytest.mark.slow
+def test_finetune_from_a_timm_dinov2_directory_at_another_resolution(tmp_path):
+  """`configs/finetune.py:model=DINOv2-S_14-reg4,pretrained=DIR` with a timm directory of a tiny
+  DINOv2 with registers at 42 px (a 3x3 table, DINOv2's 37x37 at 518 in small), fine-tuned at 28 px
+  (2x2) on grey digits: the log names the table's resampling, and at lr 1e-9 the saved parameters
+  are the file's: registers and LayerScale as written, the table resampled (bilinear, no prefix
+  rows: no_embed_class), the patch kernel summed over colour, a new head."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.sharding_worker import worker_env  # pylint: disable=import-outside-toplevel
+  from vit_jax.checkpoints.manager import load_params  # pylint: disable=import-outside-toplevel
+  from vit_jax.families import resample  # pylint: disable=import-outside-toplevel
+  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  model = perturbed_timm('vit_small_patch14_reg4_dinov2', 42, seed=5)
+  save_as_timm(model, tmp_path / 'dinov2')
+  state = {k: v.numpy() for k, v in model.state_dict().items()}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = ['--config=configs/finetune.py:model=DINOv2-S_14-reg4,dataset=digits,'
+          f'pretrained={tmp_path / "dinov2"}', '--config.model.hidden_size=32',
+          '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.mlp_dim=128',
+          '--config.image_size=28', '--config.channels=1', '--config.batch_size=8',
+          '--config.total_steps=1', '--config.warmup_steps=0', '--config.base_lr=1e-9',
+          '--config.eval_every=0', '--config.checkpoint_every=1', '--config.augment=resize',
+          '--config.progress=False']
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}', *args],
+                       cwd=root, capture_output=True, text=True, timeout=900, env=worker_env())
+  assert out.returncode == 0, out.stderr[-4000:]
+  assert '(timm)' in out.stderr and 'grid 3x3 -> 2x2 (bilinear)' in out.stderr, out.stderr[-3000:]
+  assert 'added    head/kernel' in out.stderr and 'added    registers' not in out.stderr
+  got = params_lib.flatten_numpy(load_params(str(tmp_path / 'w'))[0])
+  want = {'registers': state['reg_token'],
+          'Transformer/encoderblock_1/LayerScale_3/scale': state['blocks.1.ls2.gamma'],
+          POSEMB: resample.resample_posemb(state['pos_embed'], (2, 2), num_prefix=0,
+                                           old_grid=(3, 3), method='bilinear'),
+          'embedding/kernel': state['patch_embed.proj.weight'].transpose(2, 3, 1, 0).sum(
+              axis=2, keepdims=True)}
+  for key, value in want.items():
+    assert got[key].shape == value.shape, key
+    assert_close_to_scale(got[key], value, rtol=1e-6, what=key)
+  assert got['head/kernel'].shape == (32, 10)
+  print('\n'.join(l for l in out.stderr.splitlines() if 'pos_embedding' in l or 'loaded' in l))
+
+
+POSEMB = 'Transformer/posembed_input/pos_embedding'

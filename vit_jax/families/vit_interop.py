@@ -267,6 +267,8 @@ def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family
     fields = {k: v for k, v in fields.items() if v is not None}
     if POSEMB_KEY in out:
       fields['posemb'] = 'learned'  # Fixed kinds were written as values of pos_embed.
+  valid = set(family.field_names()) | {'name'}  # a DeiT has none of the later ViTs' options
+  fields = {k: v for k, v in fields.items() if k in valid}
   size = args.get('img_size')
   if fields.get('posemb_grid') is not None and size is not None:
     size = (config.get('vit_jax') or {}).get('image_size')  # img_size was the table's
