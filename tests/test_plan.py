@@ -331,3 +331,26 @@ def test_a_plan_the_compiler_refused_has_no_rate_instead_of_dividing_by_zero():
   refused.times['step'] = 2.0
   assert core.Plan.images_per_second.fget(refused) == 2048.0
   assert core.Plan.mfu.fget(refused) == pytest.approx(1e15 / (2.0 * 16 * 197e12))
+
+
+# The ViT's later variants (LayerScale, registers without position rows, fc_norm after the mean):
+# their step plans like the plain ViT's, and the compiled matmuls are the family's analytic count.
+VARIANT = ['--config.model.layer_scale=0.1', '--config.model.num_registers=2',
+           '--config.model.no_embed_class=True', '--config.model.fc_norm=True',
+           '--config.model.classifier=gap', '--config.model.posemb=learned']
+
+
+@pytest.mark.parametrize('topology', ['cpu:8', 'v5e-16'])
+def test_vit_variant_plans(topology):
+  if topology != 'cpu:8' and not HAS_LIBTPU:
+    pytest.skip('libtpu is not importable (pip install -r requirements-tpu.txt, or '
+                'PYTHONPATH=/work/tpu_site)')
+  tiny = TINY if topology == 'cpu:8' else [a for a in TINY if not a.startswith('--config.mesh')] + [
+      "--config.mesh=(('data',4),('fsdp',4))"]
+  env = worker_env(JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(
+      [ROOT, *os.environ.get('PYTHONPATH', '').split(os.pathsep)]))
+  out = run_plan(f'--topology={topology}', *tiny, *VARIANT, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.rstrip().endswith('fits: yes')
+  if topology == 'cpu:8':
+    assert abs(float(_field(out.stdout, r'ratio ([\d.]+)\)')) - 1) < 0.02

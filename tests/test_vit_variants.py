@@ -223,3 +223,16 @@ def test_summary_prints_timms_count_for_dinov2_at_518(capsys):
   out = capsys.readouterr().out
   assert out.rstrip().endswith('params: 22442344')
   assert '4 registers' in out and 'position embedding on the patches only' in out
+
+
+def test_exports_that_cannot_express_a_variant_refuse_it():
+  """Hugging Face's ViTForImageClassification and Google's npz layout have no LayerScale or
+  registers: refused, naming the way that works (`--to timm`), never written without them."""
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  _, _, params = build(**VARIANTS['dinov2-reg'])
+  flat = params_lib.flatten_numpy(params)
+  arch = Architecture({**BASE, **VARIANTS['dinov2-reg']}, 5, (16, 16), 3, 'vit')
+  with pytest.raises(ValueError, match='--to timm'):
+    registry.interop('vit').to_hf(flat, arch)
+  bad = registry.interop('vit').npz_keys_ok(flat)
+  assert 'registers' in bad and any('/LayerScale_1/' in k for k in bad)

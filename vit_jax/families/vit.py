@@ -214,7 +214,8 @@ class VitFamily(Family):
     n = gh * gw + self.num_prefix(fields)
     macs = gh * gw * ph * pw * channels * d
     macs += transformer_macs(n, d, fields['mlp_dim'], fields['num_layers'])
-    return int(macs + head_macs(fields, n, num_classes, self.num_heads_out(fields)))
+    # A MAP head attends over the patch tokens only (registers and class token left out).
+    return int(macs + head_macs(fields, gh * gw, num_classes, self.num_heads_out(fields)))
 
   def num_heads_out(self, fields: Mapping[str, Any]) -> int:
     del fields

@@ -35,6 +35,12 @@ def check_hf_expressible(fields: Mapping[str, Any]) -> None:
     raise ValueError(f'Hugging Face\'s ViTForImageClassification classifies the class token; it has '
                      f'no {what} (classifier={fields["classifier"]!r}). Export with `--to timm`, '
                      'which can express it.')
+  variant = [f'{k}={fields[k]!r}' for k in ('layer_scale', 'num_registers', 'no_embed_class',
+                                              'fc_norm') if fields.get(k)]
+  if variant:
+    raise ValueError(f'Hugging Face\'s ViTForImageClassification has no LayerScale, registers, '
+                     f'patch-only position table or norm after pooling, and this model has '
+                     f'{", ".join(variant)}: export with `--to timm`, which expresses them')
   if fields.get('representation_size'):
     raise ValueError(
         'Hugging Face\'s ViTForImageClassification has no pre-logits layer, but this model has one '
