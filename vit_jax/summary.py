@@ -29,8 +29,9 @@ def param_shapes(model, image_size: Sequence[int], channels: int = 3) -> dict[st
 
 # Rank of each path component in forward order; unknown names sort after, by their numeric suffix.
 _RANK = {n: i for i, n in enumerate((
-    'embedding', 'cls', 'Transformer', 'posembed_input', 'encoderblock', 'encoder_norm', 'MAPHead_0',
-    'probe', 'pre_logits', 'head', 'query', 'key', 'value', 'out', 'Dense_0', 'Dense_1'))}
+    'embedding', 'cls', 'registers', 'Transformer', 'posembed_input', 'encoderblock',
+    'encoder_norm', 'MAPHead_0', 'probe', 'fc_norm', 'pre_logits', 'head', 'query', 'key', 'value',
+    'out', 'Dense_0', 'Dense_1'))}
 
 
 def _forward_order(path: str) -> list:

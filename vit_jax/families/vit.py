@@ -73,6 +73,8 @@ MODELS.update({
 })
 
 SIZE_FIELDS = ('patch_size', 'hidden_size', 'num_layers', 'num_heads', 'mlp_dim')
+# Fields of the later ViTs that a parameter set shows (present or absent).
+VARIANT_FIELDS = ('num_registers', 'fc_norm', 'layer_scale')
 
 # Megatron tensor parallelism (specs of the unscanned parameter; a scanned [L] axis is skipped):
 # q/k/v kernels [D, heads, K] and biases [heads, K] split heads; out [heads, K, D] splits heads;
@@ -269,11 +271,11 @@ class VitFamily(Family):
     if not variant['fc_norm'] and 'Transformer/encoder_norm/scale' not in flat:
       raise ValueError('the parameters have neither a final norm (Transformer/encoder_norm) nor '
                        'one after pooling (fc_norm)')
-    for key, value in variant.items():
-      if self._takes(key):
-        found[key] = value
-      elif value:
+    for key, value in variant.items():  # only where present: a Google ViT's fields stay as they were
+      if value and not self._takes(key):
         raise ValueError(f'the {self.name} family has no {key}, but the parameters do')
+      if value:
+        found[key] = value
     return found
 
   def infer(self, flat, *, model_config=None, image_size=None) -> Architecture:
@@ -287,6 +289,9 @@ class VitFamily(Family):
     check_sizes(found, cfg, SIZE_FIELDS + self.extra_size_fields, cfg.get('name', ''))
     if found.get('layer_scale') is not None and cfg.get('layer_scale') is not None:
       found['layer_scale'] = cfg['layer_scale']
+    for key in VARIANT_FIELDS:  # the parameters decide: what they lack, the config cannot add
+      if key not in found and cfg.get(key):
+        cfg.pop(key)
     cfg.update(found)
     has_posemb = POSEMB_KEY in flat
     if has_posemb:
@@ -329,8 +334,10 @@ class VitFamily(Family):
       n = rows - (0 if no_embed else prefix)
       candidates = grids or ([resample.square_grid(n)] if n > 0 and math.isqrt(n) ** 2 == n else [])
       if candidates and candidates[0][0] * candidates[0][1] == n:
-        if self._takes('no_embed_class') and prefix:
-          cfg['no_embed_class'] = no_embed
+        if no_embed:
+          cfg['no_embed_class'] = True
+        else:
+          cfg.pop('no_embed_class', None)
         return candidates[0]
     what = f'the {grids[0][0]}x{grids[0][1]} grid of image size {size}' if grids else 'a square grid'
     raise ValueError(f'the position embeddings hold {rows} rows: not {what} after '
