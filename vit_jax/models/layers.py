@@ -1,5 +1,5 @@
-"""Layers the ViT-like models share: GELU, the MLP block, the MAP head, LayerScale and the position
-embedding (learned, 2-D sine-cosine or none), whose learned table can be resampled to another patch
+"""Layers the models share: GELU, stochastic depth, remat policies, the MLP block, the MAP head,
+LayerScale and the position embedding (learned, 2-D sine-cosine or none), whose learned table can be resampled to another patch
 grid inside a jitted function (`resize_grid`).
 
 Parameter names are a file format (Google's released ViT checkpoints and big_vision):
@@ -9,7 +9,7 @@ MlpBlock_0}`, `posembed_input/pos_embedding`; LayerScale (not in Google's layout
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -26,6 +26,42 @@ POSEMBS = ('learned', 'sincos2d', 'none')
 # (`vit_jax.families.resample`), here in jnp so that they run inside a jitted model.
 RESIZE_METHODS = ('bilinear', 'bicubic')
 LN_EPS = 1e-6
+
+
+# What a block keeps for the backward pass when `remat` is on. 'full' (or True) and
+# 'nothing_saveable' recompute everything from the block's input (least memory); 'dots_saveable'
+# keeps every matmul output and recomputes only the cheap elementwise work (LayerNorm, GELU,
+# softmax); 'dots_with_no_batch_dims_saveable' keeps only the weight matmuls' outputs, so the
+# [T, T] attention logits are recomputed (memory linear in tokens, attention done twice).
+REMAT_POLICIES = {
+    'full': None,
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_block(block: type, remat: Union[bool, str, None], **kwargs: Any) -> type:
+  """`block` as it runs under `remat`: False/None/'' unchanged (every activation stored), True or a
+  `REMAT_POLICIES` name wrapped in `nn.remat` with that policy. kwargs go to `nn.remat`."""
+  if not remat:
+    return block
+  name = 'full' if remat is True else remat
+  if name not in REMAT_POLICIES:
+    raise ValueError(f'remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}')
+  return nn.remat(block, policy=REMAT_POLICIES[name], **kwargs)
+
+
+def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
+  """An int or an (h, w) pair -> (h, w) ints (patch and window sizes of every model family)."""
+  return (int(value), int(value)) if np.ndim(value) == 0 else (int(value[0]), int(value[1]))
+
+
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
+  """Stochastic depth: zero a residual branch per example with probability `rate` (a float or a
+  traced scalar), rescale the rest. Every family's blocks use this one."""
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 def gelu(x: jax.Array, act: str) -> jax.Array:

@@ -32,57 +32,23 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.attention import MultiHeadDotProductAttention, rows
-from vit_jax.models.layers import (ACTIVATIONS, LN_EPS, POSEMBS, RESIZE_METHODS,  # noqa: F401
-                                   AddPositionEmbs, LayerScale, MAPHead, MlpBlock, gelu, sincos_2d)
+from vit_jax.models.layers import (ACTIVATIONS, LN_EPS, POSEMBS, REMAT_POLICIES,  # noqa: F401
+                                   RESIZE_METHODS, AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
+                                   drop_path, gelu, pair, remat_block, sincos_2d)
 from vit_jax.models.tokens import TokenInputs
 
 Dtype = Any
 
 CLASSIFIERS = ('token', 'gap', 'map')
-# What a block keeps for the backward pass when `remat` is on. 'full' (or True) and
-# 'nothing_saveable' recompute everything from the block's input (least memory); 'dots_saveable'
-# keeps every matmul output and recomputes only the cheap elementwise work (LayerNorm, GELU,
-# softmax); 'dots_with_no_batch_dims_saveable' keeps only the weight matmuls' outputs, so the
-# [T, T] attention logits are recomputed (memory linear in tokens, attention done twice).
-REMAT_POLICIES = {
-    'full': None,
-    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
-    'dots_saveable': jax.checkpoint_policies.dots_saveable,
-    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-def remat_block(block: type, remat: Union[bool, str, None], **kwargs: Any) -> type:
-  """`block` as it runs under `remat`: False/None/'' unchanged (every activation stored), True or a
-  `REMAT_POLICIES` name wrapped in `nn.remat` with that policy. kwargs go to `nn.remat`."""
-  if not remat:
-    return block
-  name = 'full' if remat is True else remat
-  if name not in REMAT_POLICIES:
-    raise ValueError(f'remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}')
-  return nn.remat(block, policy=REMAT_POLICIES[name], **kwargs)
-
-
-def pair(value: Union[int, Sequence[int]]) -> tuple[int, int]:
-  """An int or an (h, w) pair -> (h, w) ints (patch and window sizes of every model family)."""
-  return (int(value), int(value)) if np.ndim(value) == 0 else (int(value[0]), int(value[1]))
 
 
 def num_prefix_tokens(classifier: str, num_registers: int = 0) -> int:
   """Tokens before the patch tokens in the sequence: the class token ('token' classifier), then the
   registers."""
   return (1 if classifier == 'token' else 0) + int(num_registers)
-
-
-def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Array:
-  """Stochastic depth: zero a residual branch per example with probability `rate` (a float or a
-  traced scalar), rescale the rest. Every family's blocks use this one."""
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
 class Encoder1DBlock(nn.Module):
