@@ -37,7 +37,7 @@ from vit_jax.eval import fewshot as fewshot_lib
 from vit_jax.families.base import Architecture, Family
 from vit_jax.shapes import hw
 from vit_jax.models import params as params_lib
-from vit_jax.objectives.base import Objective, frozen_digest, model_params
+from vit_jax.objectives.base import OBJECTIVE_KEY, Objective, frozen_digest, model_params
 from vit_jax.train import build as build_lib
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import state as state_lib
@@ -218,6 +218,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         fsdp_min_size=config.fsdp_min_size, init_params=model_tree,
         tensor_rules=tuple(family.tensor_rules) + tuple(objective.tensor_rules),
         objective=objective)
+  if model_tree is not None and OBJECTIVE_KEY in state.params:  # what the objective adds
+    added = sorted(f'{OBJECTIVE_KEY}/{k}' for k in params_lib.flatten(state.params[OBJECTIVE_KEY]))
+    logging.info('objective %s adds its own parameters, from their initialisation: %s',
+                 objective.name, ', '.join(added))
   frozen_from = None
   if objective.freezes():  # the frozen parameters: never in a checkpoint, loaded again here
     frozen, frozen_from = _frozen_params(config, built, restored_meta)
