@@ -115,12 +115,12 @@ def evaluate(eval_step, params, eval_it, objective: Optional[Objective] = None) 
           'eval_top5': float(totals['top5']) / n, 'eval_count': int(n)}
 
 
-def _frozen_params(config, built: build_lib.Training, restored_meta: Optional[dict]
-                   ) -> tuple[Any, Optional[dict]]:
+def _frozen_params(config, built: build_lib.Training, restored_meta: Optional[dict],
+                   tree: Any = None) -> tuple[Any, Optional[dict]]:
   """(frozen model parameters on the host, their source {'path', 'sha256'}) for an objective that
-  freezes part of the model: the pretrained checkpoint adapted exactly as for fine-tuning. A
-  resumed run checks that the file still holds what the run started from."""
-  tree = _pretrained_tree(config, built)
+  freezes part of the model: the pretrained checkpoint adapted exactly as for fine-tuning (`tree`,
+  when already read). A resumed run checks that the file still holds what the run started from."""
+  tree = _pretrained_tree(config, built) if tree is None else tree
   frozen = built.objective.frozen_params(tree)
   flat = params_lib.flatten_numpy(built.family.to_file_layout(frozen))
   source = {'path': os.path.abspath(config.pretrained), 'sha256': frozen_digest(flat)}
@@ -224,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
                  objective.name, ', '.join(added))
   frozen_from = None
   if objective.freezes():  # the frozen parameters: never in a checkpoint, loaded again here
-    frozen, frozen_from = _frozen_params(config, built, restored_meta)
+    frozen, frozen_from = _frozen_params(config, built, restored_meta, model_tree)
     built = built.with_frozen(frozen)
     del frozen, model_tree
   start_step = int(jax.device_get(state.step))
