@@ -10,9 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-
-import bench_loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax.benchmark import loop as bench_loop  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _benchmark(*args: str) -> str:

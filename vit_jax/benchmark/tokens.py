@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = {
     'plain': {'attention_impl': 'explicit', 'remat': False},
     'remat': {'attention_impl': 'explicit', 'remat': True},
@@ -57,7 +57,7 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  import bench_model  # pylint: disable=import-outside-toplevel  (this folder: sys.path[0])
+  from vit_jax.benchmark import model as bench_model  # pylint: disable=import-outside-toplevel
   from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   dtype = spec['dtype'] or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
   overrides = dict(VARIANTS[spec['variant']], dtype=jnp.dtype(dtype))
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _run_point(spec: dict[str, Any], env: dict[str, str]
                ) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-  res = subprocess.run([sys.executable, os.path.abspath(__file__), '--point', json.dumps(spec)],
+  res = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark.tokens', '--point', json.dumps(spec)],
                        capture_output=True, text=True, env=env, cwd=ROOT, check=False)
   if res.returncode:
     return None, ' '.join(res.stderr.strip().splitlines()[-1:])
@@ -215,7 +215,6 @@ def _run_point(spec: dict[str, Any], env: dict[str, str]
 
 if __name__ == '__main__':
   if len(sys.argv) == 3 and sys.argv[1] == '--point':
-    sys.path.insert(0, ROOT)
     print(json.dumps(measure_point(json.loads(sys.argv[2]))))
   else:
     raise SystemExit('run it as: python scripts/benchmark.py tokens ...')

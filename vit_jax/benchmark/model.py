@@ -31,7 +31,8 @@ import tempfile
 import time
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder that holds the vit_jax package (a checkout, or site-packages): the workers' PYTHONPATH.
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Dense bfloat16 datasheet peaks, FLOP/s (no sparsity). H100/H200 SXM: NVIDIA H100 and H200
 # datasheets (989.4 TFLOPS bf16 dense; the "1,979" figure is with sparsity). A100: A100 datasheet.
@@ -194,8 +195,7 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   torch.set_num_threads(os.cpu_count() or 1)
   with tempfile.TemporaryDirectory() as tmp:
     if spec['impl'] == 'timm':
-      sys.path.insert(0, ROOT)
-      from tests.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
+      from vit_jax.convert.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
       import_timm()
       timm_format.write_timm(tmp, flat, arch)
       net = verify.load_timm_model(tmp)
@@ -289,7 +289,7 @@ class _Worker:
       # The workers are alive together: JAX's default (75% of the GPU taken at start) would leave
       # PyTorch too little. Half is several times what a benchmarked step needs.
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker',
+    self.proc = subprocess.Popen([sys.executable, '-m', 'vit_jax.benchmark.model', '--worker',
                                   json.dumps(spec)], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     self.info: Optional[dict[str, Any]] = None
@@ -403,7 +403,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == '__main__':
   if len(sys.argv) == 3 and sys.argv[1] == '--worker':
-    sys.path.insert(0, ROOT)
     worker_main(json.loads(sys.argv[2]))
   else:
     raise SystemExit('run it as: python scripts/benchmark.py model --model NAME ...')

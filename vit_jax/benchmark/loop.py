@@ -21,7 +21,7 @@ import sys
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +67,7 @@ def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import bench_model  # pylint: disable=import-outside-toplevel
+  from vit_jax.benchmark import model as bench_model  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
              TF_CPP_MIN_LOG_LEVEL='3')
   with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as workdir:
