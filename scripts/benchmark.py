@@ -7,11 +7,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Python < 3.13's resource tracker reports the shared-memory batches grain workers had prefetched
-# when the run stops as "leaked" (it then frees them); the tracker inherits these warning options.
-sys.warnoptions.append('ignore::UserWarning:multiprocessing.resource_tracker')
-
 from vit_jax.benchmark.__main__ import main  # noqa: E402  pylint: disable=wrong-import-position
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

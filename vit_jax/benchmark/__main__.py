@@ -166,32 +166,21 @@ STEP_VARIANTS = {
 
 
 def _time_jax_step(model_name, overrides, size, channels, batch, steps, num_classes):
-  """img/s of the real jitted train step (Adam recipe, donated state) on random data."""
+  """img/s of the real jitted train step (Adam recipe, donated state) on random data, as
+  `build_training` builds it for training (vit_jax.benchmark.steps)."""
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from vit_jax.families import registry
-  from vit_jax import sharding as sharding_lib
-  from vit_jax.families.registry import create_model
-  from vit_jax.train import optim, state as state_lib, step as step_lib
-  kw = dict(overrides)
-  devices = jax.devices()[:kw.pop('cpu_devices', 1)]
-  if len(devices) > 1 and jax.default_backend() != 'cpu':
+  from vit_jax.benchmark import steps as steps_lib
+  fields = dict(overrides)
+  devices = fields.pop('cpu_devices', 1)
+  if devices > 1 and jax.default_backend() != 'cpu':
     raise SystemExit('the cpu_devices variants split a CPU host; this backend is '
                      f'{jax.default_backend()}')
-  if 'dtype' in kw:
-    kw['dtype'] = jnp.dtype(kw['dtype'])
-  model = create_model(registry.get_model_config(model_name), num_classes, **kw)
-  sched = optim.make_schedule(1e-3, 10_000, 100)
-  tx = optim.make_optimizer(dict(optimizer='adam', weight_decay=0.1, grad_clip_norm=1.0), sched)
-  mesh = sharding_lib.make_mesh((('data', -1),), devices)
-  state, shardings = state_lib.create_train_state(model, tx, (1, size, size, channels), 0, mesh)
-  train_step = step_lib.make_train_step(model, tx, sched, mesh, shardings)
-  rng = np.random.default_rng(0)
-  batch_ = jax.device_put(
-      {'image': rng.uniform(-1, 1, (batch, size, size, channels)).astype(np.float32),
-       'labels': np.eye(num_classes, dtype=np.float32)[rng.integers(0, num_classes, batch)]},
-      sharding_lib.batch_sharding(mesh))
+  dtype = fields.pop('dtype', 'float32')
+  config = steps_lib.bench_config(model_name, image_size=size, channels=channels, batch=batch,
+                                  optimizer='adam', dtype=dtype, fields=fields, warmup_steps=100)
+  built = steps_lib.build(config, num_classes, devices)
+  state, batch_ = steps_lib.live_state(built), steps_lib.random_batch(built)
+  train_step = built.train_step
   for _ in range(3):  # compile and warm up
     state, metrics = train_step(state, batch_)
   jax.block_until_ready(metrics)
@@ -302,16 +291,19 @@ def tokens_mode(parser: argparse.ArgumentParser):
   return bench_sweep.run
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+  from vit_jax import cli  # pylint: disable=import-outside-toplevel
+  # The examples above name the checkout's entry; the parser shows the module (or `vit-jax`) form.
+  parser = cli.parser('vit_jax.benchmark',
+                      __doc__.replace('python scripts/benchmark.py', 'python -m vit_jax.benchmark'))
   sub = parser.add_subparsers(dest='command', required=True, metavar='MODE')
   runners = {}
   for name, add in MODES.items():
     runners[name] = add(sub.add_parser(name, help=(add.__doc__ or '').strip() or None))
   args = parser.parse_args(argv)
   runners[args.command](args)
+  return 0
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())
