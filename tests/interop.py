@@ -43,7 +43,7 @@ def require_timm():
   or a skip / failure as above."""
   torch = require('torch')
   try:
-    from vit_jax.convert.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
+    from vit_jax.convert.torchvision_stub import import_timm  # pylint: disable=g-import-not-at-top
     return torch, import_timm()
   except Exception as e:  # pylint: disable=broad-except
     error = e

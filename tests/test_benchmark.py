@@ -10,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from vit_jax.benchmark import loop as bench_loop  # noqa: E402  pylint: disable=wrong-import-position
+from vit_jax.benchmark import loop as bench_loop  # noqa: E402
 
 
 def _benchmark(*args: str) -> str:

@@ -135,7 +135,8 @@ def test_timm_imports_through_the_stand_in_where_an_installed_torchvision_does_n
           'from vit_jax.convert.torchvision_stub import import_timm, torchvision_loads\n'
           'assert not torchvision_loads()\n'
           'timm = import_timm()\n'
-          "m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32, num_classes=3)\n"
+          "m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32,\n"
+          '                      num_classes=3)\n'
           'print(tuple(m(torch.zeros(2, 3, 32, 32)).shape))\n'
           "print(sorted(n for n in sys.modules if n.split('.')[0] == 'torchvision'))\n")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,

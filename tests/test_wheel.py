@@ -37,7 +37,7 @@ ROOT = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 IGNORE = shutil.ignore_patterns('.git', '.venv', 'runs', '__pycache__', '*.pyc', 'build', 'dist',
                                 '*.egg-info', '.pytest_cache', '.hypothesis', '.whl', '.gl')
 
-AUDIT = '''"""Test-only (tests/test_wheel.py): at exit, sys.path and the file of every imported module."""
+AUDIT = '''"""tests/test_wheel.py: at exit, sys.path and the file of every imported module."""
 import atexit, json, os, sys
 
 
@@ -106,7 +106,8 @@ def _check_wheel_contents(wheel: str) -> None:
   assert 'vit_jax/convert/torchvision_stub/torchvision/__init__.py' in names
   assert re.search(r'^vit-jax = vit_jax\.commands:entry$', entry_points, re.M)
   requires = re.findall(r'^Requires-Dist: (.*)$', metadata, re.M)
-  assert any(r.startswith('jax') for r in requires) and any('extra == "torch"' in r for r in requires)
+  assert any(r.startswith('jax') for r in requires)
+  assert any('extra == "torch"' in r for r in requires)
 
 
 def _new_venv(tmp) -> tuple[str, str]:

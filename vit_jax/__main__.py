@@ -1,4 +1,4 @@
-"""`python -m vit_jax COMMAND ...`: the same as the `vit-jax` console command (vit_jax/commands.py)."""
+"""`python -m vit_jax COMMAND ...`: the `vit-jax` console command (vit_jax/commands.py)."""
 from vit_jax import commands
 
 if __name__ == '__main__':

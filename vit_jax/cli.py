@@ -1,5 +1,5 @@
-"""The one convention of every `python -m vit_jax.*` command but `main` (whose flags are the config's),
-also run as `vit-jax NAME` (vit_jax/commands.py).
+"""The one convention of every `python -m vit_jax.*` command (also run as `vit-jax NAME`,
+vit_jax/commands.py) but `main` (whose flags are the config's).
 
   --key value or --key=value flags (argparse); sizes as `--image_size H` or `--image_size H,W`;
   `--model NAME` always a registered model name; a bad input prints `error: ...` on stderr and exits
@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 USAGE_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, ImportError)
 
 
-# `vit-jax NAME` (vit_jax.commands) runs the module `prog` under another name: {prog: 'vit-jax NAME'}.
+# `vit-jax NAME` (vit_jax.commands) runs module `prog` under that name: {prog: 'vit-jax NAME'}.
 COMMAND_NAMES: dict[str, str] = {}
 
 

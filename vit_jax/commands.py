@@ -23,9 +23,9 @@ COMMANDS: dict[str, Command] = {
     'predict': Command('vit_jax.predict', 'vit_jax.predict',
                        'classify images with a run, or a Google .npz / timm / Hugging Face model'),
     'convert': Command('vit_jax.convert.__main__', 'vit_jax.convert',
-                       'export a checkpoint to timm, Hugging Face, .npz or orbax (--verify: logits)'),
+                       'export a checkpoint to timm, Hugging Face, .npz or orbax; --verify'),
     'summary': Command('vit_jax.summary', 'vit_jax.summary',
-                       "a registered model's layers, parameters and FLOPs (--model list: all models)"),
+                       "a registered model's layers, parameters and FLOPs (--model list)"),
     'checkpoints': Command('vit_jax.checkpoints.__main__', 'vit_jax.checkpoints',
                            "a run's checkpoint: config, step, parameter count and digest"),
     'inspect': Command('vit_jax.inspect', 'vit_jax.inspect',
@@ -35,7 +35,7 @@ COMMANDS: dict[str, Command] = {
     'plan': Command('vit_jax.plan.__main__', 'vit_jax.plan',
                     "compile a recipe's train step for a topology: memory, FLOPs, does it fit"),
     'benchmark': Command('vit_jax.benchmark.__main__', 'vit_jax.benchmark',
-                         'throughput: input pipeline, train step, model vs timm / HF, loop, tokens'),
+                         'throughput: data, train step, model vs timm / HF, loop, tokens'),
 }
 
 
@@ -45,7 +45,8 @@ def usage() -> str:
            'Train, fine-tune, convert and inspect Vision Transformers with JAX.', '', 'commands:']
   lines += [f'  {name:{width}s}  {c.summary}' for name, c in COMMANDS.items()]
   from vit_jax import configs  # pylint: disable=import-outside-toplevel  (lists files only)
-  lines += ['', f'recipes (train --config=NAME[:ARGS], or a config file): {", ".join(configs.names())}',
+  lines += ['', 'recipes (train --config=NAME[:ARGS], or a config file): '
+            + ', '.join(configs.names()),
             '', f'e.g.  {PROG} train --config=quickstart --workdir=runs/quickstart',
             f'      {PROG} predict --checkpoint runs/quickstart IMAGE.png']
   return '\n'.join(lines)

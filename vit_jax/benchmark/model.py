@@ -185,8 +185,8 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   torch.set_num_threads(os.cpu_count() or 1)
   with tempfile.TemporaryDirectory() as tmp:
     if spec['impl'] == 'timm':
-      from vit_jax.convert.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
-      import_timm()
+      from vit_jax.convert import torchvision_stub  # pylint: disable=import-outside-toplevel
+      torchvision_stub.import_timm()
       timm_format.write_timm(tmp, flat, arch)
       net = verify.load_timm_model(tmp)
       forward = lambda x: net(x)

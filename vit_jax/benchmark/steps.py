@@ -52,7 +52,8 @@ def bench_config(model: str, *, image_size: int, channels: int, batch: int,
   c.momentum = 0.9
   c.weight_decay = 0.1 if optimizer == 'adam' else 0.0
   c.grad_clip_norm = 1.0
-  c.base_lr, c.total_steps, c.warmup_steps, c.lr_decay = base_lr, total_steps, warmup_steps, 'cosine'
+  c.base_lr, c.total_steps, c.warmup_steps = base_lr, total_steps, warmup_steps
+  c.lr_decay = 'cosine'
   c.dtype = dtype
   c.mesh = (('data', -1), ('fsdp', 1), ('tensor', 1))
   return c

@@ -188,7 +188,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _run_point(spec: dict[str, Any], env: dict[str, str]
                ) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-  res = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark.tokens', '--point', json.dumps(spec)],
+  res = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark.tokens', '--point',
+                        json.dumps(spec)],
                        capture_output=True, text=True, env=env, check=False)
   if res.returncode:
     return None, ' '.join(res.stderr.strip().splitlines()[-1:])

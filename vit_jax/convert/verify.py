@@ -49,8 +49,8 @@ def _torch_images(images: np.ndarray):
 def load_timm_model(out_dir: str):
   """The timm model `write_timm` describes, built from its config.json and loaded with its weights
   through timm's own pretrained path (`pretrained_cfg_overlay=dict(file=...)`)."""
-  from vit_jax.convert.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
-  timm = import_timm()  # through a torchvision stand-in where no torchvision build loads
+  from vit_jax.convert import torchvision_stub  # pylint: disable=import-outside-toplevel
+  timm = torchvision_stub.import_timm()  # through a stand-in where no torchvision build loads
   with open(os.path.join(out_dir, 'config.json')) as f:
     config = json.load(f)
   args = dict(config['model_args'])
