@@ -1,7 +1,8 @@
 """The wheel, tested from outside the checkout: built from a copy of the repository, installed with
 its console script into a new virtual environment whose sys.path has no checkout, and run from
-another directory: `vit-jax summary`, a 20-step training on digits, `vit-jax predict` on its workdir
-and `vit-jax convert --to timm --verify` (with the `torch` extra).
+another directory: `vit-jax summary`, a 20-step training on digits, `vit-jax predict` on its
+workdir, `vit-jax benchmark model` (a worker process) and `vit-jax convert --to timm --verify`
+(with the `torch` extra).
 
 Nothing is downloaded. The new environment sees this test environment's packages through a .pth
 file (a path line, so their own .pth hooks do not run), and pip installs `vit_jax` and
@@ -135,11 +136,13 @@ def _pip_install(python: str, wheel: str, requirement: str, tmp) -> float:
   return time.perf_counter() - t0
 
 
-def _audit(path: str, purelib: str, seen: int) -> int:
-  """Checks the records the new environment's processes appended since `seen`; returns the count."""
+def _audit(path: str, purelib: str, seen: int, processes: int = 1) -> int:
+  """Checks the records the new environment's processes appended since `seen` (at least
+  `processes` of them); returns the count so far."""
   with open(path) as f:
     records = [json.loads(line) for line in f][seen:]
-  assert records, 'no process of the new environment recorded its imports'
+  assert len(records) >= processes, (
+      f'{len(records)} processes recorded their imports, expected {processes}')
   mine = os.path.realpath(sys.prefix)  # this test environment (CI: .venv in the checkout)
   for r in records:
     what = ' '.join(r['argv'])
@@ -213,6 +216,13 @@ def test_the_wheel_installs_and_runs_from_outside_the_checkout(tmp_path):
   rows = re.findall(r'^\s+([\d.]+)%\s+\S+', out.stdout, re.M)
   assert len(rows) == 5 and 0 < sum(map(float, rows)) <= 100.01, out.stdout
   seen = _audit(audit, purelib, seen)
+
+  # The benchmark's worker processes start as `python -m vit_jax.benchmark.model` from here too.
+  out = _run([vit_jax, 'benchmark', 'model', '--model', 'ViT-testing', '--image_size', '16',
+              '--num_classes', '5', '--batch', '2', '--mode', 'train', '--repeats', '1',
+              '--seconds', '0.05'], work, env)
+  assert re.search(r'^train: [\d.]+ img/s$', out.stdout.strip().splitlines()[-1]), out.stdout
+  seen = _audit(audit, purelib, seen, processes=2)  # the command and its worker
 
   interop.require('torch')
   interop.require('transformers')
