@@ -45,7 +45,10 @@ class Predictor:
 
   def __post_init__(self):
     self.model = self.arch.create_model()
-    self._apply = jax.jit(lambda p, t, x: self.model.apply({'params': p}, x, tokens=t))
+    # Token inputs (prompts) go in only when the training objective left some: families without
+    # token inputs (Mixer, Swin, PVT) take no `tokens` argument.
+    extra = (lambda t: {'tokens': t}) if self.tokens is not None else (lambda t: {})
+    self._apply = jax.jit(lambda p, t, x: self.model.apply({'params': p}, x, **extra(t)))
 
   def preprocess(self, path: str) -> np.ndarray:
     """float32 [H, W, C] at the model's size, normalised with the checkpoint's mean/std; raises
