@@ -1,0 +1,131 @@
+"""BEiT's relative position bias: one learned table per block, indexed by the offset of two patches.
+
+A table for a gh x gw patch grid holds (2*gh-1)*(2*gw-1) rows of patch-to-patch offsets (dy, dx) in
+row-major order, then three rows for the class token: class->patch, patch->class, class->class
+(timm's `gen_relative_position_index`, Hugging Face's `BeitRelativePositionBias`). Each row holds
+one logit bias per head. The index that turns a table into a [H, 1+N, 1+N] bias is a numpy
+constant of the grid; nothing here is a parameter.
+
+Resizing a table to another grid (a checkpoint moved to another resolution, or `dynamic_img_size`)
+uses timm's `resize_rel_pos_bias_table`: the old offsets are spread over the new range with steps
+that grow geometrically (the BEiT authors' scheme), then each axis is interpolated linearly, edge
+values held beyond the outermost offsets. It is linear and separable, so it is two [dst, src]
+matrices built in numpy from the static sizes, applied inside a jitted function as one einsum; the
+checkpoint transfer (`vit_jax.families.resample`, method 'timm') applies the same matrices.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+EXTRA_ROWS = 3  # class->patch, patch->class, class->class
+
+
+def table_rows(grid: Sequence[int]) -> int:
+  """Rows of the table of a (gh, gw) grid."""
+  return (2 * int(grid[0]) - 1) * (2 * int(grid[1]) - 1) + EXTRA_ROWS
+
+
+def grid_of_table(rows: int, table_grid: Optional[Sequence[int]] = None) -> tuple[int, int]:
+  """The (gh, gw) grid a table of `rows` rows was made for: `table_grid` when given (checked), else
+  square; a ValueError when neither fits."""
+  if table_grid is not None:
+    grid = (int(table_grid[0]), int(table_grid[1]))
+    if table_rows(grid) != rows:
+      raise ValueError(f'a relative position table of {rows} rows is not one of a {grid[0]}x'
+                       f'{grid[1]} grid ({table_rows(grid)} rows)')
+    return grid
+  side = math.isqrt(rows - EXTRA_ROWS)
+  if side * side != rows - EXTRA_ROWS or side % 2 == 0:
+    raise ValueError(f'a relative position table of {rows} rows is not one of a square grid; set '
+                     'the table_grid field to the grid it was made for')
+  return (side + 1) // 2, (side + 1) // 2
+
+
+@functools.lru_cache(maxsize=64)
+def relative_index(grid: tuple[int, int]) -> np.ndarray:
+  """[1+N, 1+N] int32 row of the table for each (query, key) pair; token 0 is the class token."""
+  gh, gw = grid
+  coords = np.stack(np.meshgrid(np.arange(gh), np.arange(gw), indexing='ij')).reshape(2, -1)
+  rel = coords[:, :, None] - coords[:, None, :]  # [2, N, N]
+  patch = (rel[0] + gh - 1) * (2 * gw - 1) + (rel[1] + gw - 1)
+  n = gh * gw
+  top = (2 * gh - 1) * (2 * gw - 1)
+  index = np.empty((n + 1, n + 1), np.int32)
+  index[1:, 1:] = patch
+  index[0, :] = top          # class -> patch
+  index[:, 0] = top + 1      # patch -> class
+  index[0, 0] = top + 2      # class -> class
+  return index
+
+
+def _geometric_offsets(src: int, dst: int) -> np.ndarray:
+  """Where timm places `src` source offsets among `dst` target offsets (both odd side lengths):
+  steps growing geometrically so that the outermost source offset lands at the target's edge."""
+  half = src // 2
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:
+    q = (left + right) / 2.0
+    if (1.0 - q ** half) / (1.0 - q) > dst // 2:
+      right = q
+    else:
+      left = q
+  steps = np.cumsum([1.0] + [q ** (i + 1) for i in range(half - 1)]) if half else np.zeros(0)
+  return np.concatenate([-steps[::-1], [0.0], steps])
+
+
+@functools.lru_cache(maxsize=64)
+def interp_matrix(src: int, dst: int) -> np.ndarray:
+  """[dst, src] float64: timm's resampling of one axis of `src` offsets to `dst` offsets."""
+  if src == dst:
+    return np.eye(src)
+  xp, x = _geometric_offsets(src, dst), np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
+  return np.stack([np.interp(x, xp, col) for col in np.eye(src)], axis=1)
+
+
+def resize_offsets(grid: np.ndarray | jax.Array, new_sides: Sequence[int]):
+  """[sh, sw, H] offset grid -> [dh, dw, H] by `interp_matrix` per axis (numpy in, numpy out in
+  float64; a jax array in, a jax array out in its dtype, e.g. inside jit)."""
+  my = interp_matrix(int(grid.shape[0]), int(new_sides[0]))
+  mx = interp_matrix(int(grid.shape[1]), int(new_sides[1]))
+  if isinstance(grid, np.ndarray):
+    return np.einsum('ys,xt,sth->yxh', my, mx, grid.astype(np.float64))
+  return jnp.einsum('ys,xt,sth->yxh', my.astype(np.float32), mx.astype(np.float32),
+                    grid.astype(jnp.float32)).astype(grid.dtype)
+
+
+def resize_table(table: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int]) -> jax.Array:
+  """A [rows, H] table of `old_grid` -> the table of `new_grid` (the class-token rows unchanged)."""
+  old, new = tuple(int(v) for v in old_grid), tuple(int(v) for v in new_grid)
+  if old == new:
+    return table
+  heads = table.shape[-1]
+  offsets = table[:-EXTRA_ROWS].reshape(2 * old[0] - 1, 2 * old[1] - 1, heads)
+  offsets = resize_offsets(offsets, (2 * new[0] - 1, 2 * new[1] - 1))
+  return jnp.concatenate([offsets.reshape(-1, heads), table[-EXTRA_ROWS:]], axis=0)
+
+
+def relative_bias(table: jax.Array, grid: tuple[int, int], *, keep: Optional[jax.Array] = None,
+                  num_prompts: int = 0) -> jax.Array:
+  """The additive attention bias of a table made for `grid`: [1, H, T, T] (or [B, H, T, T] with
+  `keep` [B, K], the kept patches' rows and columns), T = 1 + prompts + patches. Prompt tokens
+  (after the class token) have no position: their rows and columns are zero."""
+  index = relative_index(grid)
+  bias = jnp.transpose(table[index], (2, 0, 1))[None]  # [1, H, 1+N, 1+N]
+  if keep is not None:
+    rows = jnp.concatenate([jnp.zeros((keep.shape[0], 1), jnp.int32), keep.astype(jnp.int32) + 1],
+                           axis=1)  # [B, 1+K]
+    bias = jnp.take_along_axis(bias, rows[:, None, :, None], axis=2)
+    bias = jnp.take_along_axis(bias, rows[:, None, None, :], axis=3)
+  if num_prompts:
+    body = jnp.pad(bias[:, :, 1:, 1:], ((0, 0), (0, 0), (num_prompts, 0), (num_prompts, 0)))
+    top = jnp.pad(bias[:, :, :1, 1:], ((0, 0), (0, 0), (0, 0), (num_prompts, 0)))
+    left = jnp.pad(bias[:, :, 1:, :1], ((0, 0), (0, 0), (num_prompts, 0), (0, 0)))
+    bias = jnp.concatenate([jnp.concatenate([bias[:, :, :1, :1], top], axis=3),
+                            jnp.concatenate([left, body], axis=3)], axis=2)
+  return bias
