@@ -17,7 +17,7 @@ import ml_collections
 
 from vit_jax.families.base import Architecture, Family
 
-_FAMILY_MODULES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt')
+_FAMILY_MODULES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt', 'eva', 'beit')
 _FAMILIES: dict[str, Family] = {}
 _MODELS: dict[str, str] = {}  # model name -> family name
 
