@@ -15,8 +15,8 @@ fc_norm (pooled models), head.
 Any image size at call time (`dynamic_img_size=True`): the learned table is resampled inside the
 jitted function to the input's grid by antialiased bicubic interpolation (as timm, and as
 `vit_jax.families.resample` moves a checkpoint), the RoPE angles are computed for that grid, and
-BEiT's relative tables are resized (`vit_jax.models.relpos`). A table's own grid is read off its
-shape (square) unless `table_grid` names it.
+BEiT's relative tables are resized (`vit_jax.models.relpos`). A table's own grid: `table_grid` if
+set, else the call's grid if the row count fits it, else the square its rows make.
 """
 from __future__ import annotations
 
@@ -241,9 +241,9 @@ class Backbone(nn.Module):
     patch_rows = table.shape[1] - rows_prefix
     if created or self.table_grid is not None:
       own = made
-    elif self.dynamic_img_size:
+    elif self.dynamic_img_size and patch_rows != grid[0] * grid[1]:
       own = _square(patch_rows, 'the position table')
-    else:
+    else:  # a table with the call grid's row count is taken as that grid's
       own = grid
     if own[0] * own[1] != patch_rows:
       raise ValueError(

@@ -144,7 +144,8 @@ class Attention(nn.Module):
     made = self.table_grid or self.grid
     table, created = get_or_create(self, 'relative_position_bias_table', nn.initializers.zeros,
                                    (relpos.table_rows(made), self.num_heads), self.param_dtype)
-    if created or not self.dynamic_img_size:
+    if created or not self.dynamic_img_size or (
+        self.table_grid is None and table.shape[0] == relpos.table_rows(self.grid)):
       own = made
       if table.shape[0] != relpos.table_rows(own):
         raise ValueError(
