@@ -213,6 +213,9 @@ class BackboneFamily(Family):
     return (self.num_prefix(fields), self.grid(fields, arch.image_size),
             hw(fields['patch_size']))
 
+  def reads_class_token(self, arch) -> bool:
+    return arch.model_config.get('classifier', 'gap') == 'token'
+
   def attention_fn(self, arch):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     model = arch.create_model(attention_impl='explicit', dtype=jnp.float32)
