@@ -39,9 +39,9 @@ CASES = {
                                                   scale_attn_inner=True), (28, 28)),
     'rope_reg1_gap': ('vit_base_patch16_rope_reg1_gap_256', dict(img_size=32, patch_size=8,
                                                                   ref_feat_shape=(4, 4)), (32, 32)),
-    'token_reg2': ('eva02_tiny_patch14_224', dict(img_size=(21, 35), patch_size=7, global_pool='token',
-                                                  num_reg_tokens=2, no_embed_class=True,
-                                                  ref_feat_shape=(3, 5)), (21, 35)),
+    'token_reg2': ('eva02_tiny_patch14_224', dict(
+        img_size=(21, 35), patch_size=7, global_pool='token', num_reg_tokens=2, no_embed_class=True,
+        ref_feat_shape=(3, 5)), (21, 35)),
 }
 
 
@@ -238,7 +238,7 @@ TEST_MODELS = {
 def test_finetune_recipe_from_a_timm_directory_at_another_resolution(family, tmp_path):
   """`configs/finetune.py:pretrained=<timm directory>` at 24 px from a 16 px checkpoint, through
   `python -m vit_jax.main`: the resolution-dependent tables resized and named in the log (EVA: the
-  learned table and the RoPE grid; BEiT: every block's relative table), a new head, and it trains."""
+  learned table and the RoPE grid; BEiT: every block's relative table), a new head; it trains."""
   import subprocess
   import sys
   from tests.sharding_worker import worker_env
@@ -259,7 +259,8 @@ def test_finetune_recipe_from_a_timm_directory_at_another_resolution(family, tmp
     assert 'reshaped pos_embed: (1, 18, 32) -> (1, 38, 32)' in log, log[-3000:]
     assert "rotary embedding: the 6x6 grid's coordinates scaled to the reference grid 4x4" in log
   else:  # (2*4-1)^2 + 3 -> (2*6-1)^2 + 3 offsets, every block
-    tables = [l for l in log.splitlines() if 'reshaped' in l and 'relative_position_bias_table' in l]
+    tables = [line for line in log.splitlines()
+              if 'reshaped' in line and 'relative_position_bias_table' in line]
     assert len(tables) == 2 and all('(52, 2) -> (124, 2)' in l for l in tables), log[-3000:]
     assert 'relative position tables (2) resized to the new patch grid (timm)' in log
   assert 'added    head/kernel' in log

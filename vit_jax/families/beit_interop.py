@@ -242,7 +242,8 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
   depth = 1 + max((int(m.group(1)) for k in sd
                    if (m := re.match(r'beit\.encoder\.layer\.(\d+)\.', k))), default=-1)
   for i in range(depth):
-    t, a, tk = f'beit.encoder.layer.{i}', f'beit.encoder.layer.{i}.attention.attention', f'blocks.{i}'
+    t, tk = f'beit.encoder.layer.{i}', f'blocks.{i}'
+    a = f'{t}.attention.attention'
     for ours, theirs in _HF_BLOCK:
       for leaf in ('weight', 'bias'):
         timm_sd[f'{tk}.{ours.replace("/", ".")}.{leaf}'] = sd.pop(f'{t}.{theirs}.{leaf}')

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -124,8 +124,8 @@ class BackboneFamily(Family):
   def summary_rows(self, fields, image_size) -> list[str]:
     gh, gw = self.grid(fields, image_size)
     return [f'tokens: {gh}x{gw} patches + {self.num_prefix(fields)} prefix, width '
-            f'{fields["hidden_size"]}, {fields["num_layers"]} blocks of {fields["num_heads"]} heads; '
-            + self.position_summary(fields, (gh, gw))]
+            f'{fields["hidden_size"]}, {fields["num_layers"]} blocks of {fields["num_heads"]} '
+            f'heads; {self.position_summary(fields, (gh, gw))}']
 
   def position_summary(self, fields: Mapping[str, Any], grid: tuple[int, int]) -> str:
     raise NotImplementedError
@@ -304,7 +304,7 @@ class EvaFamily(BackboneFamily):
                 f'{ref[0]}x{ref[1]} (rope_ref_grid)')
       else:
         note = f'rotary embedding: {gh}x{gw} integer coordinates (no rope_ref_grid)'
-      if old_ref and tuple(hw(old_ref)) != tuple(hw(ref or old_ref)) or (old_ref and not ref):
+      if old_ref and (not ref or hw(old_ref) != hw(ref)):
         note += f'; the checkpoint was made with rope_ref_grid={tuple(hw(old_ref))}'
         logging.warning(note)
       report.notes.append(note)

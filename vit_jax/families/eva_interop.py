@@ -1,12 +1,12 @@
 """EVA key maps (the `eva` family's timm interop), numpy only.
 
-Ours (`vit_jax.families.eva`) and timm 1.0's `Eva` state dict (PyTorch: Linear [out, in], conv OIHW):
+Ours (`vit_jax.families.eva`) and timm 1.0's `Eva` state dict (Linear [out, in], conv OIHW):
   patch_embed/{kernel, bias}          <-> patch_embed.proj.{weight, bias}
   cls, reg, pos_embed                 <-> cls_token, reg_token, pos_embed
   block_{i}/norm1, norm2, gamma_{1,2} <-> blocks.{i}.norm1, norm2, gamma_{1,2}
-  block_{i}/attn/qkv [D, 3, H, K]     <-> blocks.{i}.attn.qkv.weight [3D, D] (or q_proj/k_proj/v_proj,
-  block_{i}/attn/{q,v}_bias [H, K]        read only: EVA-02 B/L); attn.{q,v}_bias (k_bias is a zero
-                                          buffer, not in the state dict)
+  block_{i}/attn/qkv [D, 3, H, K]     <-> blocks.{i}.attn.qkv.weight [3D, D] (or q_proj, k_proj,
+  block_{i}/attn/{q,v}_bias [H, K]        v_proj, read only: EVA-02 B/L); attn.{q,v}_bias (k_bias is
+                                          a zero buffer, not in the state dict)
   block_{i}/attn/norm, proj           <-> blocks.{i}.attn.norm, proj
   block_{i}/mlp/fc1_g, fc1_x          <-> blocks.{i}.mlp.fc1 [2M, D], gate rows first (timm's
                                           `GluMlp(gate_last=False)`); with mlp/norm: mlp.fc1_g,
@@ -56,8 +56,8 @@ TIMM_ARCHS: dict[str, tuple[dict[str, Any], tuple]] = {
 }
 TIMM_NAMES = {'EVA02-Ti_14': 'eva02_tiny_patch14_224', 'EVA02-S_14': 'eva02_small_patch14_224',
               'ViT-B_16-rope-reg1-gap': 'vit_base_patch16_rope_reg1_gap_256'}
-# Every timm `Eva` model (EVA, EVA-02, timm's and Naver's RoPE ViTs, Perception Encoder): claimed here
-# so that an option this project lacks is refused with its name instead of misread as a plain ViT.
+# Every timm `Eva` model (EVA, EVA-02, timm's and Naver's RoPE ViTs, Perception Encoder) is claimed
+# here, so that an option this project lacks is refused by name instead of misread as a plain ViT.
 TIMM_NAME = re.compile(r'^(eva02?_|vit_[a-z0-9]+_patch\d+_rope|vit_pe_)')
 # timm `Eva` arguments that change nothing here at inference, and those whose other values this
 # project does not implement (argument: the value it implements).
@@ -224,9 +224,9 @@ def reads_timm(architecture: str, keys) -> bool:
     return False  # BEiT
   if architecture:
     return bool(TIMM_NAME.match(architecture))
+  marks = ('attn.q_bias', 'attn.q_proj.weight', 'mlp.fc1_g.weight')  # no timm ViT has these
   return 'patch_embed.proj.weight' in keys and any(
-      k.startswith('blocks.') and k.endswith(('attn.q_bias', 'attn.q_proj.weight', 'mlp.fc1_g.weight'))
-      for k in keys)
+      k.startswith('blocks.') and k.endswith(marks) for k in keys)
 
 
 def timm_args(fields: Mapping[str, Any], num_classes: Optional[int], image_size: Any,
