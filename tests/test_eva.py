@@ -176,10 +176,10 @@ def test_intermediate_layers_equal_timms(case, norm, tmp_path):
 
 def test_token_inputs_contract():
   """KEEP: all patches in a shuffled order give the full run's patch tokens in that order (RoPE and
-  the table follow each kept patch) and the same pooled logits; PROMPTS: shallow and deep prompts
-  leave the outputs' shapes and are counted in the attention maps; TOKEN_MASK: no masked patch
-  changes nothing; TOKEN_MAP: registers come back as prefix tokens. (The masking arithmetic itself
-  is `vit_jax.models.tokens`', shared by every family.)"""
+  the table follow each kept patch) and the same pooled logits; PROMPTS: deep prompts leave the
+  outputs' shapes and are counted in the attention maps; TOKEN_MASK: no masked patch changes
+  nothing; TOKEN_MAP: registers come back as prefix tokens. (The edits themselves are
+  `vit_jax.models.tokens`', shared by every family.)"""
   family = registry.get_family('eva')
   fields = dict(registry.get_model_config(family.test_model), head_zeroinit=False)
   model = family.create(fields, 5)
@@ -189,21 +189,19 @@ def test_token_inputs_contract():
   n, d = 16, fields['hidden_size']
   assert aux['prefix_tokens'].shape == (2, 2, d) and aux['patch_tokens'].shape == (2, n, d)
   perm = jnp.stack([jax.random.permutation(jax.random.PRNGKey(i), n) for i in (5, 6)])
+  no_mask = jnp.zeros((2, n), bool)  # TOKEN_MASK with nothing masked: no change
   kept_logits, kept = model.apply(params, x, return_aux=True, tokens=tokens_lib.TokenInputs(
-      keep=perm))
+      keep=perm, mask=no_mask, mask_embedding=jnp.ones((d,))))
   want = jnp.take_along_axis(aux['patch_tokens'], perm[..., None], axis=1)
   np.testing.assert_allclose(kept['patch_tokens'], want, atol=2e-5)
   np.testing.assert_allclose(kept_logits, logits, atol=2e-5)
-  masked = model.apply(params, x, tokens=tokens_lib.TokenInputs(
-      keep=perm, mask=jnp.zeros((2, n), bool), mask_embedding=jnp.ones((d,))))
-  np.testing.assert_allclose(masked, kept_logits, atol=1e-6)
-  shallow = 3 * jax.random.normal(jax.random.PRNGKey(7), (3, d))
-  for prompts in (shallow, jnp.stack([shallow] * fields['num_layers'])):
-    out, paux = model.apply(params, x, return_aux=True,
-                            tokens=tokens_lib.TokenInputs(prompts=prompts))
-    assert paux['patch_tokens'].shape == (2, n, d) and out.shape == (2, 5)
-    assert paux['attention_weights'].shape[-1] == 2 + 3 + n
-    assert float(jnp.max(jnp.abs(out - logits))) > 1e-5  # float32 noise here: ~1e-7
+  # Deep prompts (block 0's are the shallow insertion; the others replace the prompt outputs).
+  prompts = 3 * jax.random.normal(jax.random.PRNGKey(7), (fields['num_layers'], 3, d))
+  out, paux = model.apply(params, x, return_aux=True,
+                          tokens=tokens_lib.TokenInputs(prompts=prompts))
+  assert paux['patch_tokens'].shape == (2, n, d) and out.shape == (2, 5)
+  assert paux['attention_weights'].shape[-1] == 2 + 3 + n
+  assert float(jnp.max(jnp.abs(out - logits))) > 1e-5  # float32 noise here: ~1e-7
   assert family.missing_capability([tokens_lib.TWO_HEADS])
   assert family.missing_capability([tokens_lib.KEEP, tokens_lib.PROMPTS]) is None
 
@@ -234,11 +232,12 @@ TEST_MODELS = {
 }
 
 
-@pytest.mark.parametrize('family', sorted(TEST_MODELS))
+@pytest.mark.parametrize('family', ['eva', pytest.param('beit', marks=pytest.mark.slow)])
 def test_finetune_recipe_from_a_timm_directory_at_another_resolution(family, tmp_path):
   """`configs/finetune.py:pretrained=<timm directory>` at 24 px from a 16 px checkpoint, through
   `python -m vit_jax.main`: the resolution-dependent tables resized and named in the log (EVA: the
-  learned table and the RoPE grid; BEiT: every block's relative table), a new head; it trains."""
+  learned table and the RoPE grid; BEiT: every block's relative table), a new head; it trains.
+  (BEiT's is slow-marked: tests/test_beit.py checks its table transfer and report without main.)"""
   import subprocess
   import sys
   from tests.sharding_worker import worker_env
