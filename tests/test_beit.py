@@ -170,4 +170,4 @@ def test_hugging_face_export_and_import_match_transformers(tmp_path):
   assert_logits_match(np.asarray(again), got, what='HF import')
   print(f'BEiT: max |logit diff| against transformers {diff:.3g}')
   with pytest.raises(ValueError, match='height != width.*--to timm'):
-    family.to_hf(flat, Architecture(fields, 3, (16, 24), 3, 'beit'))
+    registry.interop('beit').to_hf(flat, Architecture(fields, 3, (16, 24), 3, 'beit'))

@@ -208,10 +208,9 @@ def test_token_inputs_contract():
 
 def test_hugging_face_export_is_refused_with_the_reason():
   from vit_jax.families.base import Architecture
-  family = registry.get_family('eva')
   arch = Architecture(dict(registry.get_model_config('EVA-testing')), 5, (16, 16), 3, 'eva')
   with pytest.raises(ValueError, match='no EVA-02 or RoPE ViT architecture.*--to timm'):
-    family.to_hf({}, arch)
+    registry.interop('eva').to_hf({}, arch)
 
 
 def test_unsupported_timm_options_are_refused_by_name(tmp_path):

@@ -32,8 +32,6 @@ class BeitFamily(BackboneFamily):
   """BEiT / BEiT v2 (`vit_jax.models.beit.Beit`)."""
   name = 'beit'
   models = MODELS
-  timm_prefixes = ('beit_', 'beitv2_')
-  hf_model_types = ('beit',)
   test_model = 'BEiT-testing'
   default_resize = 'timm'  # the relative tables' (timm's `resize_rel_pos_bias_table`)
   inspect_note = 'its positions are relative (a bias table per block), not an absolute table'
@@ -87,28 +85,6 @@ class BeitFamily(BackboneFamily):
       report.notes.append(f'relative position tables ({resized}) resized to the new patch grid '
                           f'({method})')
     return src
-
-  # ---- interop (beit_interop.py) ----
-  def reads_timm(self, architecture, keys) -> bool:
-    if architecture:
-      return architecture.startswith(self.timm_prefixes)
-    return 'patch_embed.proj.weight' in keys and f'blocks.0.attn.{TABLE}' in keys
-
-  def to_timm(self, flat, arch):
-    from vit_jax.families import beit_interop  # pylint: disable=import-outside-toplevel
-    return beit_interop.to_timm(flat, arch)
-
-  def from_timm(self, state, config):
-    from vit_jax.families import beit_interop  # pylint: disable=import-outside-toplevel
-    return beit_interop.from_timm(state, config)
-
-  def to_hf(self, flat, arch):
-    from vit_jax.families import beit_interop  # pylint: disable=import-outside-toplevel
-    return beit_interop.to_hf(flat, arch)
-
-  def from_hf(self, state, config):
-    from vit_jax.families import beit_interop  # pylint: disable=import-outside-toplevel
-    return beit_interop.from_hf(state, config)
 
 
 def resize_table(table: np.ndarray, old: Any, new: Any, method: str = 'timm') -> np.ndarray:

@@ -22,10 +22,12 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from vit_jax.families import beit as beit_family
-from vit_jax.families.base import IMAGENET, Architecture, Flat, hw
+from vit_jax.families.base import IMAGENET, Architecture, Flat
 from vit_jax.families.eva import TABLE
 from vit_jax.families.eva_interop import (SIGNED, mlp_ratio, pretrained_cfg, state_from_timm,
                                           state_to_timm, uses_fc_norm)
+from vit_jax.families.interop import Interop
+from vit_jax.shapes import hw
 
 _V1 = dict(patch_size=16, use_abs_pos_emb=False, use_rel_pos_bias=True)
 # timm 1.0.31's registered arguments of its Beit architectures, and their normalisation.
@@ -283,3 +285,29 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
                                   image_size=hw(config.get('image_size', 224)))
   arch.channels = int(config.get('num_channels', 3))
   return flat, arch, notes
+
+
+class BeitInterop(Interop):
+  """BEiT <-> timm 1.0's `Beit` and transformers' `BeitForImageClassification`."""
+  timm_prefixes = ('beit_', 'beitv2_')
+  hf_model_types = ('beit',)
+
+  def reads_timm(self, architecture, keys) -> bool:
+    if architecture:
+      return architecture.startswith(self.timm_prefixes)
+    return 'patch_embed.proj.weight' in keys and f'blocks.0.attn.{TABLE}' in keys
+
+  def to_timm(self, flat, arch):
+    return to_timm(flat, arch)
+
+  def from_timm(self, state, config):
+    return from_timm(state, config)
+
+  def to_hf(self, flat, arch):
+    return to_hf(flat, arch)
+
+  def from_hf(self, state, config):
+    return from_hf(state, config)
+
+
+INTEROP = BeitInterop(beit_family.FAMILY)

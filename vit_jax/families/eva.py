@@ -6,7 +6,8 @@ attn/{qkv/kernel, q_bias, v_bias, norm, relative_position_bias_table, proj}, gam
 mlp/{fc1_g, fc1_x | fc1, norm, fc2}, gamma_2}, norm, fc_norm, head. The timm key maps are in
 `eva_interop.py`. Rotary embeddings are no parameters: they follow from the fields (`rope`,
 `rope_ref_grid`) and the image size, so moving a checkpoint to another resolution moves them by
-itself; the learned table, where there is one, is resampled (bicubic, as timm).
+itself; the learned table, where there is one, is resampled (bicubic, as timm). Hugging Face
+transformers has no EVA-02 (`eva_interop.py` refuses the export with that reason).
 """
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from vit_jax.families import resample
-from vit_jax.families.base import Architecture, Family, Flat, check_sizes, hw
+from vit_jax.families.base import Architecture, Family, Flat, check_sizes
 from vit_jax.models import eva as eva_models
 from vit_jax.models import tokens as tokens_lib
+from vit_jax.shapes import hw
 
 BLOCK = re.compile(r'^block_(\d+)/')
 QKV = 'block_0/attn/qkv/kernel'
@@ -241,8 +243,6 @@ class EvaFamily(BackboneFamily):
   """EVA-02 and RoPE ViTs (`vit_jax.models.eva.Eva`)."""
   name = 'eva'
   models = MODELS
-  timm_prefixes = ('eva02_', 'eva_', 'vit_base_patch16_rope', 'vit_small_patch16_rope',
-                   'vit_medium_patch16_rope', 'vit_large_patch16_rope')
   test_model = 'EVA-testing'
 
   def module_class(self) -> type:
@@ -309,23 +309,6 @@ class EvaFamily(BackboneFamily):
         logging.warning(note)
       report.notes.append(note)
     return src
-
-  # ---- interop (eva_interop.py) ----
-  def reads_timm(self, architecture, keys) -> bool:
-    from vit_jax.families import eva_interop  # pylint: disable=import-outside-toplevel
-    return eva_interop.reads_timm(architecture, keys)
-
-  def to_timm(self, flat, arch):
-    from vit_jax.families import eva_interop  # pylint: disable=import-outside-toplevel
-    return eva_interop.to_timm(flat, arch)
-
-  def from_timm(self, state, config):
-    from vit_jax.families import eva_interop  # pylint: disable=import-outside-toplevel
-    return eva_interop.from_timm(state, config)
-
-  def to_hf(self, flat, arch):
-    raise ValueError('Hugging Face transformers (5.23) has no EVA-02 or RoPE ViT architecture, so '
-                     'there is nothing to write it as; export with `--to timm` (timm\'s `Eva`)')
 
 
 FAMILY = EvaFamily()

@@ -24,7 +24,9 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from vit_jax.families import eva as eva_family
-from vit_jax.families.base import Architecture, Flat, hw
+from vit_jax.families.base import Architecture, Flat
+from vit_jax.families.interop import Interop, to_numpy
+from vit_jax.shapes import hw
 
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 SIGNED = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -74,10 +76,6 @@ _FIXED = dict(num_kv_heads=None, qk_norm=False, swiglu_align_to=0, attn_type='ev
 
 
 # ---------- PyTorch layouts ----------
-
-def _numpy(v: Any) -> np.ndarray:
-  return np.asarray(v.detach().cpu().numpy() if hasattr(v, 'detach') else v)
-
 
 def _linear_to(flat: Mapping[str, np.ndarray], ours: str, out: Flat, theirs: str) -> None:
   k = np.asarray(flat[f'{ours}/kernel'])
@@ -149,7 +147,7 @@ def state_to_timm(flat: Mapping[str, np.ndarray], pack_swiglu: bool = True) -> F
 
 def state_from_timm(state: Mapping[str, Any], num_heads: int, what: str = 'Eva') -> Flat:
   """timm's `Eva` / `Beit` state dict -> our flat parameters; keys left over are a ValueError."""
-  sd = {k: _numpy(v) for k, v in state.items()
+  sd = {k: to_numpy(v) for k, v in state.items()
         if not k.endswith(('relative_position_index', 'attn.k_bias'))}
   out: Flat = {'patch_embed/kernel': np.ascontiguousarray(
       sd.pop('patch_embed.proj.weight').transpose(2, 3, 1, 0)),
@@ -350,3 +348,27 @@ def from_timm(state: Mapping[str, Any], config: Mapping[str, Any]
     notes.append('timm trained it with RoPE coordinate augmentation; fine-tuning here does not '
                  'augment the coordinates')
   return flat, arch, notes
+
+
+class EvaInterop(Interop):
+  """EVA <-> timm 1.0's `Eva`; Hugging Face has no counterpart (refused with the reason)."""
+  # For messages; what is claimed is every name TIMM_NAME matches.
+  timm_prefixes = ('eva02_', 'eva_', 'vit_pe_', 'vit_small_patch16_rope', 'vit_medium_patch16_rope',
+                   'vit_mediumd_patch16_rope', 'vit_betwixt_patch16_rope', 'vit_base_patch16_rope',
+                   'vit_large_patch16_rope')
+
+  def reads_timm(self, architecture, keys) -> bool:
+    return reads_timm(architecture, keys)
+
+  def to_timm(self, flat, arch):
+    return to_timm(flat, arch)
+
+  def from_timm(self, state, config):
+    return from_timm(state, config)
+
+  def to_hf(self, flat, arch):
+    raise ValueError('Hugging Face transformers (5.23) has no EVA-02 or RoPE ViT architecture, so '
+                     'there is nothing to write it as; export with `--to timm` (timm\'s `Eva`)')
+
+
+INTEROP = EvaInterop(eva_family.FAMILY)
