@@ -95,7 +95,13 @@ def resize_table(table: np.ndarray, old: Any, new: Any, method: str = 'timm') ->
   if old == new:
     return table
   extra = relpos.EXTRA_ROWS
-  offsets = resample.resize_relative_position_bias(table[:-extra], old, new, method)
+  if method == 'timm':  # the matrices a `dynamic_img_size` call applies, here in numpy
+    heads = table.shape[1]
+    offsets = relpos.resize_offsets(
+        table[:-extra].reshape(2 * old[0] - 1, 2 * old[1] - 1, heads),
+        (2 * new[0] - 1, 2 * new[1] - 1)).reshape(-1, heads)
+  else:
+    offsets = resample.resize_relative_position_bias(table[:-extra], old, new, method)
   return np.concatenate([offsets.astype(table.dtype), table[-extra:]], axis=0)
 
 

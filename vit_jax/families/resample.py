@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import scipy.ndimage
 
-from vit_jax.models import relpos
 from vit_jax.shapes import hw
 
 METHODS = ('bilinear', 'bicubic')
@@ -99,6 +98,21 @@ def resample_posemb(posemb: np.ndarray, new_grid: Sequence[int], *, num_prefix: 
 RELATIVE_RESIZE_METHODS = ('bicubic', 'bilinear', 'timm')
 
 
+def _geometric_offsets(src: int, dst: int) -> np.ndarray:
+  """Where timm places the `src` source offsets among the `dst` target offsets: outward steps
+  growing geometrically so that the outermost source offset lands at the target's edge (BEiT)."""
+  half = src // 2
+  left, right = 1.01, 1.5
+  while right - left > 1e-6:
+    q = (left + right) / 2.0
+    if (1.0 - q ** half) / (1.0 - q) > dst // 2:
+      right = q
+    else:
+      left = q
+  steps = np.cumsum([1.0] + [q ** (i + 1) for i in range(half - 1)]) if half else np.zeros(0)
+  return np.concatenate([-steps[::-1], [0.0], steps])
+
+
 def resize_relative_position_bias(table: np.ndarray, old_window: Any, new_window: Any,
                                   method: str = 'bicubic') -> np.ndarray:
   """Resamples a [(2*wh-1)*(2*ww-1), heads] relative position bias table to a new window.
@@ -132,9 +146,11 @@ def resize_relative_position_bias(table: np.ndarray, old_window: Any, new_window
   grid = table.reshape(2 * oh - 1, 2 * ow - 1, heads)
   if method != 'timm':
     return resample_grid(grid, (2 * nh - 1, 2 * nw - 1), method).reshape(-1, heads)
-  # Linear interpolation is separable: one [dst, src] matrix per axis, the same that
-  # `dynamic_img_size` models apply inside their jitted functions (`vit_jax.models.relpos`).
-  work = relpos.resize_offsets(grid, (2 * nh - 1, 2 * nw - 1))
+  work = grid.astype(np.float64)
+  for axis, (src, dst) in enumerate(((2 * oh - 1, 2 * nh - 1), (2 * ow - 1, 2 * nw - 1))):
+    xp, x = _geometric_offsets(src, dst), np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
+    # Bilinear is separable; np.interp holds the edge values outside [xp[0], xp[-1]] as timm does.
+    work = np.apply_along_axis(lambda v, x=x, xp=xp: np.interp(x, xp, v), axis, work)
   return work.reshape(-1, heads).astype(table.dtype)
 
 

@@ -10,8 +10,9 @@ Resizing a table to another grid (a checkpoint moved to another resolution, or `
 uses timm's `resize_rel_pos_bias_table`: the old offsets are spread over the new range with steps
 that grow geometrically (the BEiT authors' scheme), then each axis is interpolated linearly, edge
 values held beyond the outermost offsets. It is linear and separable, so it is two [dst, src]
-matrices built in numpy from the static sizes, applied inside a jitted function as one einsum; the
-checkpoint transfer (`vit_jax.families.resample`, method 'timm') applies the same matrices.
+matrices built in numpy from the static sizes, applied inside a jitted function as one einsum, and
+in numpy when a checkpoint moves (`vit_jax.families.beit.resize_table`). tests/test_beit.py checks
+both against timm and against `vit_jax.families.resample`'s method 'timm' (Swin's).
 """
 from __future__ import annotations
 
