@@ -21,10 +21,10 @@ from vit_jax.models import relpos
 MODELS: dict[str, dict[str, Any]] = {
     # timm `beitv2_base_patch16_224` (86,530,984 parameters at 224 with 1000 classes).
     'BEiTv2-B_16': dict(patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
-                        classifier='gap', posemb='none', layerscale=1e-5),
+                        classifier='gap', posemb='none', layer_scale=1e-5),
     # Unit tests at 16 px (a 4x4 grid: tables of 7x7 offsets).
     'BEiT-testing': dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
-                         classifier='gap', posemb='none', layerscale=0.1),
+                         classifier='gap', posemb='none', layer_scale=0.1),
 }
 
 
@@ -58,8 +58,8 @@ class BeitFamily(BackboneFamily):
     return out
 
   def table_grid_of(self, fields, image_size, rows: int) -> tuple[int, int]:
-    if fields.get('table_grid'):
-      return tuple(fields['table_grid'])
+    if fields.get('posemb_grid'):
+      return tuple(fields['posemb_grid'])
     if image_size is not None and fields.get('patch_size'):
       return self.grid(fields, image_size)
     return relpos.grid_of_table(rows)

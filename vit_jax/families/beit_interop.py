@@ -65,7 +65,7 @@ def timm_args(fields: Mapping[str, Any], num_classes: Optional[int], image_size:
       embed_dim=d, depth=int(fields['num_layers']), num_heads=int(fields['num_heads']),
       qkv_bias=bool(fields.get('qkv_bias', True)), mlp_ratio=mlp_ratio(d, m),
       use_abs_pos_emb=fields.get('posemb', 'none') == 'learned', use_rel_pos_bias=True,
-      use_shared_rel_pos_bias=False, init_values=fields.get('layerscale'),
+      use_shared_rel_pos_bias=False, init_values=fields.get('layer_scale'),
       use_fc_norm=uses_fc_norm(fields))
 
 
@@ -90,7 +90,7 @@ def fields_from_args(args: Mapping[str, Any]) -> dict[str, Any]:
       classifier='gap' if pool == 'avg' else 'token',
       fc_norm=None if fc is None or bool(fc) == (pool == 'avg') else bool(fc),
       posemb='learned' if args.get('use_abs_pos_emb', True) else 'none',
-      qkv_bias=bool(args.get('qkv_bias', True)), layerscale=init if init else None)
+      qkv_bias=bool(args.get('qkv_bias', True)), layer_scale=init if init else None)
 
 
 def to_timm(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
@@ -197,7 +197,7 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
     out['classifier.weight'] = np.ascontiguousarray(flat['head/kernel'].T)
     out['classifier.bias'] = flat['head/bias']
   ph, pw = hw(cfg['patch_size'])
-  layerscale = cfg.get('layerscale')
+  layer_scale = cfg.get('layer_scale')
   config = {
       'architectures': ['BeitForImageClassification'], 'model_type': 'beit',
       'hidden_size': d, 'num_hidden_layers': int(cfg['num_layers']), 'num_attention_heads': heads,
@@ -207,7 +207,7 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
       'patch_size': ph if ph == pw else [ph, pw], 'num_channels': arch.channels,
       'use_mask_token': False, 'use_absolute_position_embeddings': 'pos_embed' in flat,
       'use_relative_position_bias': True, 'use_shared_relative_position_bias': False,
-      'layer_scale_init_value': float(layerscale or 1e-5) if 'block_0/gamma_1' in flat else 0.0,
+      'layer_scale_init_value': float(layer_scale or 1e-5) if 'block_0/gamma_1' in flat else 0.0,
       'use_mean_pooling': gap, 'dtype': 'float32'}
   return {k: np.ascontiguousarray(v) for k, v in out.items()}, config
 
@@ -280,7 +280,7 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
   init = config.get('layer_scale_init_value', 0.1)
   fields.update(classifier='gap' if mean_pooling else 'token', fc_norm=None,
                 posemb='learned' if 'pos_embed' in flat else 'none',
-                layerscale=float(init) if init and 'block_0/gamma_1' in flat else None)
+                layer_scale=float(init) if init and 'block_0/gamma_1' in flat else None)
   arch = beit_family.FAMILY.infer(flat, model_config=fields,
                                   image_size=hw(config.get('image_size', 224)))
   arch.channels = int(config.get('num_channels', 3))

@@ -40,12 +40,12 @@ MODELS: dict[str, dict[str, Any]] = {
     'ViT-B_16-rope-reg1-gap': dict(
         patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072, classifier='gap',
         class_token=False, num_registers=1, posemb='none', rope=True, rope_ref_grid=(16, 16),
-        mlp='gelu', layerscale=1e-5),
+        mlp='gelu', layer_scale=1e-5),
     # Unit tests at 16 px: every option at once (class token, a register, table, RoPE, SwiGLU,
     # LayerScale).
     'EVA-testing': dict(patch_size=4, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
                         classifier='gap', class_token=True, num_registers=1, posemb='learned',
-                        rope=True, rope_ref_grid=(4, 4), mlp='swiglu', layerscale=0.1),
+                        rope=True, rope_ref_grid=(4, 4), mlp='swiglu', layer_scale=0.1),
 }
 
 # Megatron tensor parallelism: the fused q/k/v kernel [D, 3, H, K], the q/v biases [H, K], BEiT's
@@ -85,7 +85,7 @@ class BackboneFamily(Family):
   # ---- fields ----
   def normalize_fields(self, fields):
     out = super().normalize_fields(fields)
-    for key in ('rope_ref_grid', 'table_grid'):
+    for key in ('rope_ref_grid', 'posemb_grid'):
       if out.get(key) is not None:
         out[key] = hw(out[key])
     return out
@@ -146,7 +146,7 @@ class BackboneFamily(Family):
                posemb='learned' if 'pos_embed' in flat else 'none',
                qkv_bias='block_0/attn/q_bias' in flat)
     if 'block_0/gamma_1' not in flat:
-      out['layerscale'] = None
+      out['layer_scale'] = None
     return out
 
   def infer(self, flat, *, model_config=None, image_size=None) -> Architecture:
@@ -156,8 +156,8 @@ class BackboneFamily(Family):
     found = self.found_fields(flat)
     cfg = dict(model_config or {})
     check_sizes(found, cfg, SIZE_FIELDS, cfg.get('name', ''))
-    if 'layerscale' not in found and not cfg.get('layerscale'):
-      found['layerscale'] = 1e-5  # only the initialisation depends on it
+    if 'layer_scale' not in found and not cfg.get('layer_scale'):
+      found['layer_scale'] = 1e-5  # only the initialisation depends on it
     # The classifier: the config's, else the one the norms imply (fc_norm: the mean of the patches).
     has_fc = 'fc_norm/scale' in flat
     found['classifier'] = cfg.get('classifier') or ('gap' if has_fc else 'token')
@@ -168,7 +168,7 @@ class BackboneFamily(Family):
     if image_size is None:
       if 'pos_embed' in flat:
         rows = np.shape(flat['pos_embed'])[1] - self.table_prefix(cfg)
-        grid = cfg.get('table_grid') or resample.square_grid(rows)
+        grid = cfg.get('posemb_grid') or resample.square_grid(rows)
       elif cfg.get('rope_ref_grid'):
         grid = cfg['rope_ref_grid']
       else:
@@ -195,7 +195,7 @@ class BackboneFamily(Family):
       prefix = self.table_prefix(target_fields)
       old = None
       if src_arch is not None and src_arch.family == self.name:
-        old = src_arch.model_config.get('table_grid') or self.grid(src_arch.model_config,
+        old = src_arch.model_config.get('posemb_grid') or self.grid(src_arch.model_config,
                                                                    src_arch.image_size)
       old = old or resample.square_grid(pe.shape[1] - prefix)
       new = (self.grid(target_fields, image_size) if image_size is not None
@@ -252,7 +252,7 @@ class EvaFamily(BackboneFamily):
     return int(fields.get('class_token', True)) + int(fields.get('num_registers', 0))
 
   def table_prefix(self, fields) -> int:
-    return self.num_prefix(fields) if fields.get('posemb_prefix', True) else 0
+    return 0 if fields.get('no_embed_class', False) else self.num_prefix(fields)
 
   def mlp_matrices(self, fields) -> int:
     return 3 if fields.get('mlp', 'swiglu') == 'swiglu' else 2

@@ -15,7 +15,7 @@ fc_norm (pooled models), head.
 Any image size at call time (`dynamic_img_size=True`): the learned table is resampled inside the
 jitted function to the input's grid by antialiased bicubic interpolation (as timm, and as
 `vit_jax.families.resample` moves a checkpoint), the RoPE angles are computed for that grid, and
-BEiT's relative tables are resized (`vit_jax.models.relpos`). A table's own grid: `table_grid` if
+BEiT's relative tables are resized (`vit_jax.models.relpos`). A table's own grid: `posemb_grid` if
 set, else the call's grid if the row count fits it, else the square its rows make.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.eva_layers import MLPS, Block, get_or_create, rope_tables
@@ -51,19 +52,26 @@ def resample_table(grid_rows: jax.Array, old: Sequence[int], new: Sequence[int])
 def _square(rows: int, what: str) -> tuple[int, int]:
   side = math.isqrt(rows)
   if side * side != rows:
-    raise ValueError(f'{what} holds {rows} patch rows, not a square grid; set the table_grid '
+    raise ValueError(f'{what} holds {rows} patch rows, not a square grid; set the posemb_grid '
                      'field to the grid it was made for')
   return side, side
 
 
-def take_indices(indices: Sequence[int], depth: int) -> list[int]:
-  """Block indices (negative: from the end) -> 0..depth-1, in the order given."""
+def take_indices(indices: Union[int, Sequence[int]], depth: int) -> list[int]:
+  """Block indices (negative: from the end) -> 0..depth-1, in the order given; an int n alone:
+  the last n blocks (timm's `forward_intermediates(indices=n)`)."""
+  if isinstance(indices, int) and not isinstance(indices, bool):
+    if not 0 < indices <= depth:
+      raise ValueError(f'intermediates={indices} asks for the last {indices} blocks of {depth}')
+    return list(range(depth - indices, depth))
   out = []
   for i in indices:
-    j = int(i) + depth if int(i) < 0 else int(i)
-    if not 0 <= j < depth:
-      raise ValueError(f'intermediate index {i} is outside the {depth} blocks')
-    out.append(j)
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -depth <= i < depth:
+      raise ValueError(f'intermediate index {i!r} is out of range: the model has {depth} blocks '
+                       f'(indices {-depth}..{depth - 1}, negatives count from the end)')
+    out.append(int(i) % depth)
+  if not out:
+    raise ValueError(f'intermediates is empty: give at least one of the {depth} blocks')
   return out
 
 
@@ -77,8 +85,8 @@ class Backbone(nn.Module):
       the final `norm`). fc_norm: None follows the classifier (timm's `use_fc_norm`); a model with
       fc_norm has no final norm.
     posemb: 'learned' (`pos_embed`) or 'none'.
-    qkv_bias: learned q and v biases. layerscale: LayerScale's initial value (None: none).
-    table_grid: the grid the position / relative tables were made for, when not square.
+    qkv_bias: learned q and v biases. layer_scale: LayerScale's initial value (None: none).
+    posemb_grid: the grid the position / relative tables were made for, when not square.
     dynamic_img_size: inputs of any grid run with their tables resampled inside the jitted function.
     head_zeroinit, dropout_rate, attention_dropout_rate, stochastic_depth, dtype, param_dtype,
       remat, attention_impl: as `vit_jax.models.vit.VisionTransformer`.
@@ -93,8 +101,8 @@ class Backbone(nn.Module):
   fc_norm: Optional[bool] = None
   posemb: str = 'learned'
   qkv_bias: bool = True
-  layerscale: Optional[float] = None
-  table_grid: Optional[tuple[int, int]] = None
+  layer_scale: Optional[float] = None
+  posemb_grid: Optional[tuple[int, int]] = None
   dynamic_img_size: bool = False
   head_zeroinit: bool = True
   dropout_rate: float = 0.0
@@ -138,7 +146,7 @@ class Backbone(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, tokens: Optional[TokenInputs] = None,
                return_weights: Optional[bool] = None,
-               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               intermediates: Optional[Union[int, Sequence[int]]] = None, norm: bool = False,
                drop_prefix: bool = False):
     """Classifies images [B, H, W, C] (H, W multiples of the patch size).
 
@@ -147,7 +155,8 @@ class Backbone(nn.Module):
     norm, if the model has one) and 'attention_weights' [L, B, H, T, T] or None. features=True:
     [the patch tokens as a [B, gh, gw, D] map]. intermediates=(i, ...): {'maps': [B, gh, gw, D]
     after block i, 'prefix': [B, P, D]} (no 'prefix' with drop_prefix; norm=True applies the final
-    norm, which gap models do not have, as timm's `forward_intermediates`), in the order given.
+    norm, which gap models do not have, as timm's `forward_intermediates`), in the order given; an
+    int n: the last n blocks.
     """
     self.check()
     return_weights = return_aux if return_weights is None else return_weights
@@ -178,7 +187,7 @@ class Backbone(nn.Module):
     rope = self.rope_embedding(grid, keep)
 
     wanted = None if intermediates is None else take_indices(intermediates, self.num_layers)
-    last = self.num_layers - 1 if wanted is None else max(wanted, default=-1)
+    last = self.num_layers - 1 if wanted is None else max(wanted)
     rates = jnp.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=jnp.float32)
     block = remat_block(Block, self.remat, prevent_cse=True)
     deep = tokens is not None and tokens.deep()
@@ -188,8 +197,8 @@ class Backbone(nn.Module):
     for i in range(last + 1):
       x, wi = block(
           num_heads=self.num_heads, mlp_dim=self.mlp_dim, grid=grid, num_prefix=prefix,
-          num_prompts=num_prompts, qkv_bias=self.qkv_bias, layerscale=self.layerscale,
-          table_grid=self.table_grid, dynamic_img_size=self.dynamic_img_size,
+          num_prompts=num_prompts, qkv_bias=self.qkv_bias, layer_scale=self.layer_scale,
+          posemb_grid=self.posemb_grid, dynamic_img_size=self.dynamic_img_size,
           dropout_rate=self.dropout_rate, attention_dropout_rate=self.attention_dropout_rate,
           stochastic_depth=self.stochastic_depth > 0, deterministic=not train,
           return_weights=return_weights, attention_impl=self.attention_impl, dtype=self.dtype,
@@ -235,11 +244,11 @@ class Backbone(nn.Module):
 
   def _position_table(self, grid: tuple[int, int], rows_prefix: int, d: int) -> jax.Array:
     """The learned table [1, rows_prefix + gh*gw, D] at the call's grid (resampled if dynamic)."""
-    made = self.table_grid or grid
+    made = self.posemb_grid or grid
     table, created = get_or_create(self, 'pos_embed', nn.initializers.normal(0.02),
                                    (1, rows_prefix + made[0] * made[1], d), self.param_dtype)
     patch_rows = table.shape[1] - rows_prefix
-    if created or self.table_grid is not None:
+    if created or self.posemb_grid is not None:
       own = made
     elif self.dynamic_img_size and patch_rows != grid[0] * grid[1]:
       own = _square(patch_rows, 'the position table')
@@ -258,7 +267,8 @@ class Eva(Backbone):
   """EVA-02 / RoPE ViT (timm's `Eva`). Fields beyond `Backbone`'s:
 
     class_token: a class token `cls`; num_registers: register tokens `reg` after it (prefix tokens,
-      returned apart, excluded from the mean); posemb_prefix: the learned table has rows for them.
+      returned apart, excluded from the mean); no_embed_class: the learned table has no rows for them
+      (timm's name).
     rope: 2-D rotary position embedding of the patches (`eva_layers.rope_tables`); rope_ref_grid:
       the pre-training grid its coordinates are scaled to (EVA-02: 16x16); rope_temperature.
     mlp: 'swiglu' or 'gelu'; mlp_norm: a LayerNorm inside the MLP (EVA-02's `scale_mlp`);
@@ -266,7 +276,7 @@ class Eva(Backbone):
   """
   class_token: bool = True
   num_registers: int = 0
-  posemb_prefix: bool = True
+  no_embed_class: bool = False
   rope: bool = True
   rope_ref_grid: Optional[tuple[int, int]] = None
   rope_temperature: float = 10_000.0
@@ -291,7 +301,7 @@ class Eva(Backbone):
     return out
 
   def posemb_covers_prefix(self) -> bool:
-    return self.posemb_prefix
+    return not self.no_embed_class
 
   def rope_embedding(self, grid, keep):
     if not self.rope:

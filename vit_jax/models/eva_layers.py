@@ -13,7 +13,7 @@ Parameter names inside a block (a file format; `vit_jax.families.eva_interop` ma
   mlp/fc1_g, mlp/fc1_x [D, M]          SwiGLU: silu(x W_g) * (x W_x); GELU MLP: mlp/fc1 [D, M]
   mlp/norm                             LayerNorm over M (EVA-02's `scale_mlp`), when `mlp_norm`
   mlp/fc2 [M, D]
-  gamma_1, gamma_2 [D]                 LayerScale, when `layerscale` is set
+  gamma_1, gamma_2 [D]                 LayerScale, when `layer_scale` is set
 Keeping q/k/v on one [D, 3, H, K] kernel and the SwiGLU halves apart (timm packs them in one [2M, D]
 Linear) leaves the heads and the hidden units on axes of their own, which tensor parallelism splits.
 """
@@ -100,7 +100,7 @@ class Attention(nn.Module):
   qkv_bias: bool = True
   inner_norm: bool = False
   rel_pos: bool = False
-  table_grid: Optional[tuple[int, int]] = None
+  posemb_grid: Optional[tuple[int, int]] = None
   dynamic_img_size: bool = False
   dropout_rate: float = 0.0
   implementation: Optional[str] = 'auto'
@@ -141,11 +141,11 @@ class Attention(nn.Module):
     return out, weights
 
   def _relative_bias(self, keep: Optional[jax.Array]) -> jax.Array:
-    made = self.table_grid or self.grid
+    made = self.posemb_grid or self.grid
     table, created = get_or_create(self, 'relative_position_bias_table', nn.initializers.zeros,
                                    (relpos.table_rows(made), self.num_heads), self.param_dtype)
     if created or not self.dynamic_img_size or (
-        self.table_grid is None and table.shape[0] == relpos.table_rows(self.grid)):
+        self.posemb_grid is None and table.shape[0] == relpos.table_rows(self.grid)):
       own = made
       if table.shape[0] != relpos.table_rows(own):
         raise ValueError(
@@ -153,7 +153,7 @@ class Attention(nn.Module):
             f'{relpos.table_rows(own)} of this {own[0]}x{own[1]} patch grid; set dynamic_img_size '
             'to resize them at call time, or build the model at the checkpoint\'s size')
     else:
-      own = relpos.grid_of_table(table.shape[0], self.table_grid)
+      own = relpos.grid_of_table(table.shape[0], self.posemb_grid)
     table = relpos.resize_table(table, own, self.grid)
     return relpos.relative_bias(table, self.grid, keep=keep, num_prompts=self.num_prompts)
 
@@ -200,9 +200,9 @@ class Block(nn.Module):
   mlp_norm: bool = False
   attn_norm: bool = False
   qkv_bias: bool = True
-  layerscale: Optional[float] = None
+  layer_scale: Optional[float] = None
   rel_pos: bool = False
-  table_grid: Optional[tuple[int, int]] = None
+  posemb_grid: Optional[tuple[int, int]] = None
   dynamic_img_size: bool = False
   dropout_rate: float = 0.0
   attention_dropout_rate: float = 0.0
@@ -221,7 +221,7 @@ class Block(nn.Module):
     x = tokens_lib.set_prompts(x, prompt, self.num_prefix, inserted=True)
     y, weights = Attention(
         self.num_heads, self.grid, self.num_prefix + self.num_prompts, self.num_prompts,
-        self.qkv_bias, self.attn_norm, self.rel_pos, self.table_grid, self.dynamic_img_size,
+        self.qkv_bias, self.attn_norm, self.rel_pos, self.posemb_grid, self.dynamic_img_size,
         self.attention_dropout_rate, self.attention_impl, self.dtype, self.param_dtype,
         name='attn')(norm('norm1')(x), rope, keep, deterministic=self.deterministic,
                      return_weights=self.return_weights)
@@ -232,8 +232,8 @@ class Block(nn.Module):
     return x + self._branch(y, 'gamma_2', drop_rate), weights
 
   def _branch(self, y: jax.Array, gamma: str, drop_rate: jax.Array) -> jax.Array:
-    if self.layerscale is not None:
-      g = self.param(gamma, nn.initializers.constant(self.layerscale), (y.shape[-1],),
+    if self.layer_scale is not None:
+      g = self.param(gamma, nn.initializers.constant(self.layer_scale), (y.shape[-1],),
                      self.param_dtype)
       y = y * g.astype(y.dtype)
     if self.stochastic_depth and not self.deterministic:

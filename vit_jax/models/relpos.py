@@ -32,11 +32,11 @@ def table_rows(grid: Sequence[int]) -> int:
   return (2 * int(grid[0]) - 1) * (2 * int(grid[1]) - 1) + EXTRA_ROWS
 
 
-def grid_of_table(rows: int, table_grid: Optional[Sequence[int]] = None) -> tuple[int, int]:
-  """The (gh, gw) grid a table of `rows` rows was made for: `table_grid` when given (checked), else
+def grid_of_table(rows: int, posemb_grid: Optional[Sequence[int]] = None) -> tuple[int, int]:
+  """The (gh, gw) grid a table of `rows` rows was made for: `posemb_grid` when given (checked), else
   square; a ValueError when neither fits."""
-  if table_grid is not None:
-    grid = (int(table_grid[0]), int(table_grid[1]))
+  if posemb_grid is not None:
+    grid = (int(posemb_grid[0]), int(posemb_grid[1]))
     if table_rows(grid) != rows:
       raise ValueError(f'a relative position table of {rows} rows is not one of a {grid[0]}x'
                        f'{grid[1]} grid ({table_rows(grid)} rows)')
@@ -44,7 +44,7 @@ def grid_of_table(rows: int, table_grid: Optional[Sequence[int]] = None) -> tupl
   side = math.isqrt(rows - EXTRA_ROWS)
   if side * side != rows - EXTRA_ROWS or side % 2 == 0:
     raise ValueError(f'a relative position table of {rows} rows is not one of a square grid; set '
-                     'the table_grid field to the grid it was made for')
+                     'the posemb_grid field to the grid it was made for')
   return (side + 1) // 2, (side + 1) // 2
 
 
