@@ -88,20 +88,14 @@ class BeitFamily(BackboneFamily):
 
 
 def resize_table(table: np.ndarray, old: Any, new: Any, method: str = 'timm') -> np.ndarray:
-  """A [(2gh-1)(2gw-1)+3, H] table of grid `old` -> grid `new`; the class-token rows unchanged.
-  'timm': `vit_jax.models.relpos` (what `dynamic_img_size` applies at call time); 'bicubic' /
-  'bilinear': the offsets resampled as an image (`resample.resize_relative_position_bias`)."""
+  """A [(2gh-1)(2gw-1)+3, H] table of grid `old` -> grid `new`; the class-token rows unchanged,
+  the offsets by `resample.resize_relative_position_bias` ('timm', 'bicubic' or 'bilinear'), the
+  method a `dynamic_img_size` call applies as an operator (`vit_jax.models.relpos.resize_table`)."""
   old, new = tuple(old), tuple(new)
   if old == new:
     return table
   extra = relpos.EXTRA_ROWS
-  if method == 'timm':  # the matrices a `dynamic_img_size` call applies, here in numpy
-    heads = table.shape[1]
-    offsets = relpos.resize_offsets(
-        table[:-extra].reshape(2 * old[0] - 1, 2 * old[1] - 1, heads),
-        (2 * new[0] - 1, 2 * new[1] - 1)).reshape(-1, heads)
-  else:
-    offsets = resample.resize_relative_position_bias(table[:-extra], old, new, method)
+  offsets = resample.resize_relative_position_bias(table[:-extra], old, new, method)
   return np.concatenate([offsets.astype(table.dtype), table[-extra:]], axis=0)
 
 

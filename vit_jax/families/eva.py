@@ -78,6 +78,8 @@ class BackboneFamily(Family):
   stem_kernel = 'patch_embed/kernel'
   tensor_rules = TENSOR_RULES
   default_resize = 'bicubic'  # timm's, for the learned table
+  intermediate_unit = 'blocks'
+  call_time_size = 'dynamic_img_size'
   capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
   lacks = {tokens_lib.TWO_HEADS: 'it has one head (no distillation token)'}
   test_image_size = 16

@@ -26,8 +26,9 @@ from typing import Any, Optional, Sequence, Union
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from vit_jax.models import backbone
+from vit_jax.models import resize
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.eva_layers import MLPS, Block, get_or_create, rope_tables
 from vit_jax.models.tokens import TokenInputs
@@ -38,15 +39,17 @@ CLASSIFIERS = ('token', 'gap')
 POSEMBS = ('learned', 'none')
 
 
-def resample_table(grid_rows: jax.Array, old: Sequence[int], new: Sequence[int]) -> jax.Array:
-  """[gh*gw, D] rows of a position table -> [nh*nw, D]: antialiased bicubic, computed in float32
-  (`jax.image.resize`, the op `vit_jax.families.resample.resample_grid('bicubic')` applies)."""
-  if tuple(old) == tuple(new):
+def resample_table(grid_rows: jax.Array, old: Sequence[int], new: Sequence[int],
+                   method: str = 'bicubic') -> jax.Array:
+  """[gh*gw, D] rows of a position table -> [nh*nw, D] inside a jitted call: the operator of
+  `vit_jax.models.resize.resample_grid(method)` (timm's antialiased bicubic by default), the
+  method a checkpoint transfer applies in numpy."""
+  old, new = tuple(int(v) for v in old), tuple(int(v) for v in new)
+  if old == new:
     return grid_rows
-  d = grid_rows.shape[-1]
-  out = jax.image.resize(grid_rows.astype(jnp.float32).reshape(old[0], old[1], d),
-                         (new[0], new[1], d), method='bicubic', antialias=True)
-  return out.reshape(new[0] * new[1], d).astype(grid_rows.dtype)
+  op = jnp.asarray(resize.grid_operator(old, new, method))
+  out = jnp.matmul(op, grid_rows.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  return out.astype(grid_rows.dtype)
 
 
 def _square(rows: int, what: str) -> tuple[int, int]:
@@ -55,24 +58,6 @@ def _square(rows: int, what: str) -> tuple[int, int]:
     raise ValueError(f'{what} holds {rows} patch rows, not a square grid; set the posemb_grid '
                      'field to the grid it was made for')
   return side, side
-
-
-def take_indices(indices: Union[int, Sequence[int]], depth: int) -> list[int]:
-  """Block indices (negative: from the end) -> 0..depth-1, in the order given; an int n alone:
-  the last n blocks (timm's `forward_intermediates(indices=n)`)."""
-  if isinstance(indices, int) and not isinstance(indices, bool):
-    if not 0 < indices <= depth:
-      raise ValueError(f'intermediates={indices} asks for the last {indices} blocks of {depth}')
-    return list(range(depth - indices, depth))
-  out = []
-  for i in indices:
-    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not -depth <= i < depth:
-      raise ValueError(f'intermediate index {i!r} is out of range: the model has {depth} blocks '
-                       f'(indices {-depth}..{depth - 1}, negatives count from the end)')
-    out.append(int(i) % depth)
-  if not out:
-    raise ValueError(f'intermediates is empty: give at least one of the {depth} blocks')
-  return out
 
 
 class Backbone(nn.Module):
@@ -186,7 +171,8 @@ class Backbone(nn.Module):
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     rope = self.rope_embedding(grid, keep)
 
-    wanted = None if intermediates is None else take_indices(intermediates, self.num_layers)
+    wanted = (None if intermediates is None
+              else backbone.take_indices(intermediates, self.num_layers))
     last = self.num_layers - 1 if wanted is None else max(wanted)
     rates = jnp.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=jnp.float32)
     block = remat_block(Block, self.remat, prevent_cse=True)
@@ -212,10 +198,8 @@ class Backbone(nn.Module):
         raise ValueError('intermediates return full patch grids; they cannot be used with '
                          'tokens.keep')
       outs = [post_norm(taken[i]) if norm and post_norm is not None else taken[i] for i in wanted]
-      result = {'maps': [y[:, prefix:].reshape(b, gh, gw, d) for y in outs]}
-      if not drop_prefix:
-        result['prefix'] = [y[:, :prefix] for y in outs]
-      return result
+      return backbone.pack([y[:, prefix:].reshape(b, gh, gw, d) for y in outs],
+                           [y[:, :prefix] for y in outs], drop_prefix)
 
     x = tokens_lib.drop_prompts(x, prefix, tokens)
     if post_norm is not None:

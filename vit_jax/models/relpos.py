@@ -7,12 +7,10 @@ one logit bias per head. The index that turns a table into a [H, 1+N, 1+N] bias 
 constant of the grid; nothing here is a parameter.
 
 Resizing a table to another grid (a checkpoint moved to another resolution, or `dynamic_img_size`)
-uses timm's `resize_rel_pos_bias_table`: the old offsets are spread over the new range with steps
-that grow geometrically (the BEiT authors' scheme), then each axis is interpolated linearly, edge
-values held beyond the outermost offsets. It is linear and separable, so it is two [dst, src]
-matrices built in numpy from the static sizes, applied inside a jitted function as one einsum, and
-in numpy when a checkpoint moves (`vit_jax.families.beit.resize_table`). tests/test_beit.py checks
-both against timm and against `vit_jax.families.resample`'s method 'timm' (Swin's).
+resizes its offset rows by `vit_jax.models.resize` (default 'timm': timm's
+`resize_rel_pos_bias_table`, the old offsets spread over the new range with geometrically growing
+steps, the BEiT authors' scheme): in numpy when a checkpoint moves (`vit_jax.families.beit`), as
+that method's operator matrix inside a jitted call (`resize_table`); the class-token rows stay.
 """
 from __future__ import annotations
 
@@ -23,6 +21,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vit_jax.models import resize
 
 EXTRA_ROWS = 3  # class->patch, patch->class, class->class
 
@@ -65,50 +65,15 @@ def relative_index(grid: tuple[int, int]) -> np.ndarray:
   return index
 
 
-def _geometric_offsets(src: int, dst: int) -> np.ndarray:
-  """Where timm places `src` source offsets among `dst` target offsets (both odd side lengths):
-  steps growing geometrically so that the outermost source offset lands at the target's edge."""
-  half = src // 2
-  left, right = 1.01, 1.5
-  while right - left > 1e-6:
-    q = (left + right) / 2.0
-    if (1.0 - q ** half) / (1.0 - q) > dst // 2:
-      right = q
-    else:
-      left = q
-  steps = np.cumsum([1.0] + [q ** (i + 1) for i in range(half - 1)]) if half else np.zeros(0)
-  return np.concatenate([-steps[::-1], [0.0], steps])
-
-
-@functools.lru_cache(maxsize=64)
-def interp_matrix(src: int, dst: int) -> np.ndarray:
-  """[dst, src] float64: timm's resampling of one axis of `src` offsets to `dst` offsets."""
-  if src == dst:
-    return np.eye(src)
-  xp, x = _geometric_offsets(src, dst), np.arange(-(dst // 2), dst // 2 + 1, dtype=np.float64)
-  return np.stack([np.interp(x, xp, col) for col in np.eye(src)], axis=1)
-
-
-def resize_offsets(grid: np.ndarray | jax.Array, new_sides: Sequence[int]):
-  """[sh, sw, H] offset grid -> [dh, dw, H] by `interp_matrix` per axis (numpy in, numpy out in
-  float64; a jax array in, a jax array out in its dtype, e.g. inside jit)."""
-  my = interp_matrix(int(grid.shape[0]), int(new_sides[0]))
-  mx = interp_matrix(int(grid.shape[1]), int(new_sides[1]))
-  if isinstance(grid, np.ndarray):
-    return np.einsum('ys,xt,sth->yxh', my, mx, grid.astype(np.float64))
-  return jnp.einsum('ys,xt,sth->yxh', my.astype(np.float32), mx.astype(np.float32),
-                    grid.astype(jnp.float32)).astype(grid.dtype)
-
-
-def resize_table(table: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int]) -> jax.Array:
-  """A [rows, H] table of `old_grid` -> the table of `new_grid` (the class-token rows unchanged)."""
+def resize_table(table: jax.Array, old_grid: Sequence[int], new_grid: Sequence[int],
+                 method: str = 'timm') -> jax.Array:
+  """A [rows, H] table of `old_grid` -> the table of `new_grid` inside a jitted function (the
+  class-token rows unchanged; the offsets by `vit_jax.models.resize`'s operator of `method`)."""
   old, new = tuple(int(v) for v in old_grid), tuple(int(v) for v in new_grid)
   if old == new:
     return table
-  heads = table.shape[-1]
-  offsets = table[:-EXTRA_ROWS].reshape(2 * old[0] - 1, 2 * old[1] - 1, heads)
-  offsets = resize_offsets(offsets, (2 * new[0] - 1, 2 * new[1] - 1))
-  return jnp.concatenate([offsets.reshape(-1, heads), table[-EXTRA_ROWS:]], axis=0)
+  offsets = resize.resize_relative_table(table[:-EXTRA_ROWS], old, new, method)
+  return jnp.concatenate([offsets.astype(table.dtype), table[-EXTRA_ROWS:]], axis=0)
 
 
 def relative_bias(table: jax.Array, grid: tuple[int, int], *, keep: Optional[jax.Array] = None,

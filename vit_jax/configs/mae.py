@@ -10,7 +10,7 @@ ignored) or a folder of unlabelled images (root/*.jpg). The encoder is a plain m
 project: fine-tune it with `configs/finetune.py:pretrained=WORKDIR`, export it with `vit_jax.convert`
 (the decoder is left out).
 """
-from configs import common, pretrain
+from vit_jax.configs import common, pretrain
 
 IMAGENET_TRAIN = 1_268_355  # images in train[:99%] of imagenet2012
 

@@ -9,7 +9,7 @@ JFT); the rest is `configs/pretrain.py`'s (93k steps: 300 epochs of ImageNet-1k)
 (or `--config.mpp.target`) selects the paper's two alternatives. Fine-tune the result with
 `configs/finetune.py:pretrained=WORKDIR` (the [mask] embedding and the head are dropped).
 """
-from configs import common, pretrain
+from vit_jax.configs import common, pretrain
 
 
 def get_config(arg: str | None = None):
