@@ -25,7 +25,8 @@ from vit_jax.models import params as params_lib
 from vit_jax.summary import param_shapes
 from vit_jax.train import optim, state as state_lib, step as step_lib
 
-# timm's / the papers' counts at 1000 classes and 224x224 (Swin-B_384 at 384x384).
+# timm's / the papers' counts at 1000 classes and 224x224 (Swin-B_384 at 384x384, the RoPE ViT at
+# 256x256).
 EXPECTED_COUNTS = {
     'ViT-Ti_16': 5_717_416, 'ViT-S_16': 22_050_664, 'ViT-S_32': 22_878_952,
     'ViT-B_16': 86_567_656, 'ViT-B_32': 88_224_232, 'ViT-B_8': 86_576_872,
@@ -41,9 +42,11 @@ EXPECTED_COUNTS = {
     'PVTv2-b0': 3_666_760, 'PVTv2-b1': 14_009_000, 'PVTv2-b2': 25_362_856,
     'PVTv2-b2_li': 22_553_512, 'PVTv2-b3': 45_238_696, 'PVTv2-b4': 62_556_072,
     'PVTv2-b5': 81_956_008,
+    'EVA02-Ti_14': 5_695_144, 'EVA02-S_14': 22_006_120, 'ViT-B_16-rope-reg1-gap': 86_425_576,
+    'BEiTv2-B_16': 86_530_984,
 }
-IMAGE_SIZE = {'Swin-B_384': 384}
-FAMILIES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt')
+IMAGE_SIZE = {'Swin-B_384': 384, 'ViT-B_16-rope-reg1-gap': 256}
+FAMILIES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt', 'eva', 'beit')
 CLASSES = 5
 
 

@@ -29,6 +29,8 @@ CASES = {
     'mixer': ('Mixer-S_32', 64, {'act': 'gelu'}),
     'swin': ('Swin-testing', 32, {}),
     'pvt': ('PVTv2-tiny', 32, {}),
+    'eva': ('EVA-testing', 16, {}),
+    'beit': ('BEiT-testing', 16, {}),
 }
 
 

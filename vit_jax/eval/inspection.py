@@ -145,7 +145,8 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
   flat = params_lib.flatten_numpy(family.to_file_layout(predictor.params))
 
   shown = images if images is not None else dataset_imgs.take(rollout_count)
-  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size)
+  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size,
+                   family.reads_class_token(arch))
   averaged = dataset_imgs if dataset_imgs is not None else images
   _distance(report, attn_fn, predictor.params, averaged, prefix, grid, patch_hw, batch_size)
   try:
@@ -181,14 +182,15 @@ def _objective_figures(report, predictor, shown: Images, seed: int = 0) -> None:
   report.figures.append((shown_figure['title'], name, shown_figure['caption']))
 
 
-def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size):
-  # What the classifier reads: the class token's row, or (pooled models) every token's, averaged.
-  reader = 'class token' if prefix else 'mean of all tokens'
+def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size, class_token):
+  # What the classifier reads: the class token's row, or (pooled models) the patch tokens',
+  # averaged (registers and an unread class token are attended to, not read).
+  reader = 'class token' if class_token else 'mean of the patch tokens'
   k = 0
   for logits, attn in attention_batches(attn_fn, predictor.params, shown.inputs, batch_size):
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-    rolled = attn_lib.output_token_map(attn_lib.rollout(attn), prefix, grid)
-    last = attn_lib.output_token_map(attn[-1].mean(axis=1), prefix, grid)
+    rolled = attn_lib.output_token_map(attn_lib.rollout(attn), prefix, grid, class_token)
+    last = attn_lib.output_token_map(attn[-1].mean(axis=1), prefix, grid, class_token)
     for prob, r_map, l_map in zip(probs, rolled, last):
       title = f'{os.path.basename(shown.names[k])}'
       if predictor.arch.num_classes:  # headless models return features, not logits

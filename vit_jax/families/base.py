@@ -246,6 +246,11 @@ class Family:
     `attention_fn`'s maps index: the prefix tokens, then the patches in row-major order."""
     raise self._undefined('global self-attention (rollout, attention distance)')
 
+  def reads_class_token(self, arch: Architecture) -> bool:
+    """Whether the classifier reads prefix token 0 (a class token); False: it pools the patch
+    tokens, and any prefix tokens (registers, an unused class token) are only attended to."""
+    return self.token_layout(arch)[0] > 0
+
   def attention_fn(self, arch: Architecture) -> Any:
     """A function (params in the module layout, images [B, H, W, C]) -> (logits [B, classes], the
     softmax probabilities of every block, float32 [L, B, heads, N, N] (N = prefix + gh*gw)), the
