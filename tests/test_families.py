@@ -25,8 +25,8 @@ from vit_jax.models import params as params_lib
 from vit_jax.summary import param_shapes
 from vit_jax.train import optim, state as state_lib, step as step_lib
 
-# timm's / the papers' counts at 1000 classes and 224x224 (Swin-B_384 at 384x384, DINOv2 at 518,
-# ViT-Little at 256).
+# timm's / the papers' counts at 1000 classes and 224x224 (Swin-B_384 at 384x384, the RoPE ViT and
+# ViT-Little at 256x256, DINOv2 at 518x518).
 EXPECTED_COUNTS = {
     'ViT-Ti_16': 5_717_416, 'ViT-S_16': 22_050_664, 'ViT-S_32': 22_878_952,
     'ViT-B_16': 86_567_656, 'ViT-B_32': 88_224_232, 'ViT-B_8': 86_576_872,
@@ -42,15 +42,17 @@ EXPECTED_COUNTS = {
     'PVTv2-b0': 3_666_760, 'PVTv2-b1': 14_009_000, 'PVTv2-b2': 25_362_856,
     'PVTv2-b2_li': 22_553_512, 'PVTv2-b3': 45_238_696, 'PVTv2-b4': 62_556_072,
     'PVTv2-b5': 81_956_008,
+    'EVA02-Ti_14': 5_695_144, 'EVA02-S_14': 22_006_120, 'ViT-B_16-rope-reg1-gap': 86_425_576,
+    'BEiTv2-B_16': 86_530_984,
     # The ViT family's later variants (timm 1.0.31's counts at timm's input size).
     'DeiT3-S_16': 22_059_496, 'DeiT3-B_16': 86_585_320,
     'DINOv2-S_14': 22_441_192, 'DINOv2-S_14-reg4': 22_442_344, 'DINOv2-B_14-reg4': 87_351_016,
     'SigLIP-B_16': 93_653_224, 'SigLIP-B_16-gap': 86_566_120,
     'ViT-Little_16-reg4-gap': 22_516_008,
 }
-IMAGE_SIZE = {'Swin-B_384': 384, 'DINOv2-S_14': 518, 'DINOv2-S_14-reg4': 518,
-              'DINOv2-B_14-reg4': 518, 'ViT-Little_16-reg4-gap': 256}
-FAMILIES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt')
+IMAGE_SIZE = {'Swin-B_384': 384, 'ViT-B_16-rope-reg1-gap': 256, 'DINOv2-S_14': 518,
+              'DINOv2-S_14-reg4': 518, 'DINOv2-B_14-reg4': 518, 'ViT-Little_16-reg4-gap': 256}
+FAMILIES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt', 'eva', 'beit')
 CLASSES = 5
 
 

@@ -1,7 +1,7 @@
 """Every family with a timm counterpart, end to end through `python -m vit_jax.predict`: a timm
 checkpoint directory (config.json + model.safetensors) that declares ImageNet normalisation gives
 timm's own logits within 1e-4 for an image file (torch and timm from the dev requirements; timm
-imports through tests/torchvision_stub)."""
+imports through vit_jax/convert/torchvision_stub)."""
 from __future__ import annotations
 
 import jax
@@ -29,6 +29,8 @@ CASES = {
     'mixer': ('Mixer-S_32', 64, {'act': 'gelu'}),
     'swin': ('Swin-testing', 32, {}),
     'pvt': ('PVTv2-tiny', 32, {}),
+    'eva': ('EVA-testing', 16, {}),
+    'beit': ('BEiT-testing', 16, {}),
 }
 
 

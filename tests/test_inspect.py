@@ -59,6 +59,17 @@ def test_output_token_map_reads_the_class_token_or_the_mean():
   got = A.output_token_map(m[1:, 1:], 0, (2, 2))
   want = m[1:, 1:].mean(0)
   np.testing.assert_allclose(got, (want / want.sum()).reshape(2, 2))
+  # A pooled model with a prefix token it does not read (a register; EVA-02's class token): the
+  # patch queries' rows, averaged.
+  got = A.output_token_map(m, 1, (2, 2), class_token=False)
+  want = m[1:, 1:].mean(0)
+  np.testing.assert_allclose(got, (want / want.sum()).reshape(2, 2))
+  from vit_jax.families import registry
+  from vit_jax.families.base import Architecture
+  for name, reads in (('EVA-testing', False), ('ViT-testing', True)):
+    family = registry.family_of(name)
+    arch = Architecture(dict(registry.get_model_config(name)), 3, (16, 16), 3, family.name)
+    assert family.reads_class_token(arch) is reads, name
 
 
 def test_attention_distance_identity_and_uniform():

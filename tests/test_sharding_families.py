@@ -20,7 +20,7 @@ MAIN_RTOL = 1e-3
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', ['deit', 'hybrid', 'mixer', 'swin', 'pvt'])
+@pytest.mark.parametrize('family', ['deit', 'hybrid', 'mixer', 'swin', 'pvt', 'eva', 'beit'])
 def test_every_family_trains_sharded_like_one_device(family):
   with tempfile.TemporaryDirectory() as out:
     # Two processes of two meshes each, side by side: each is mostly one compiling thread.
@@ -42,7 +42,7 @@ def test_every_family_trains_sharded_like_one_device(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('family', ['vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt'])
+@pytest.mark.parametrize('family', ['vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt', 'eva', 'beit'])
 def test_every_family_trains_through_main_on_8_devices_like_one(family, tmp_path):
   """`python -m vit_jax.main` with the family's tiny model (set with --config.model.* overrides),
   on 8 fake devices with data, FSDP and tensor axes all at once, against the same command on one

@@ -75,12 +75,14 @@ def test_head_zeroinit_gives_a_zero_head_kernel():
 
 
 def test_sizes_that_cannot_work_are_clear_errors():
-  model = SwinTransformer(num_classes=5, **TINY)  # patch 2, 2 stages: multiples of 4 px.
-  with pytest.raises(ValueError, match=r'image size 30x32 .* multiples of patch_size \* 2\^1 = 4'):
-    _init(model, 30, 32)
+  model = SwinTransformer(num_classes=5, **TINY)  # patch 2
+  with pytest.raises(ValueError, match=r'image size 31x32 .* multiples of the patch size'):
+    _init(model, 31, 32)
   four = SwinTransformer(num_classes=5, **MODELS['Swin-T'])
-  with pytest.raises(ValueError, match=r'multiples of patch_size \* 2\^3 = 32 \(e.g. 224x224\)'):
+  with pytest.raises(ValueError, match=r'multiples of the patch size \(e.g. 228x228\)'):
     jax.eval_shape(lambda: _init(four, 230, 230))
+  with pytest.raises(ValueError, match="dynamic_resize_method 'nearest' is not one of"):
+    _init(SwinTransformer(num_classes=5, dynamic_resize_method='nearest', **TINY))
   with pytest.raises(ValueError, match='of equal length'):
     _init(SwinTransformer(num_classes=5, **dict(TINY, num_heads=(1, 2, 4))))
   with pytest.raises(ValueError, match='stage 1 width 32 is not divisible by its 3 heads'):
@@ -213,8 +215,12 @@ def test_registry_builds_swin_and_validates_sizes():
   model = registry.create_model(registry.get_model_config('Swin-B_384'), 10)
   assert isinstance(model, SwinTransformer) and model.window_size == 12
   family.validate(MODELS['Swin-T'], (224, 224))
-  with pytest.raises(ValueError, match=r'multiples of patch_size \* 2\^3 = 32'):
-    family.validate(MODELS['Swin-T'], (200, 224))
+  with pytest.raises(ValueError, match=r'multiples of the patch size'):
+    family.validate(MODELS['Swin-T'], (202, 224))
+  # Odd maps are padded before merging (as timm): 240 px gives 60, 30, 15, 8 rows.
+  assert [r.split(',')[0] for r in family.summary_rows(MODELS['Swin-T'], (320, 240))] == [
+      'stage 0: 80x60 tokens', 'stage 1: 40x30 tokens', 'stage 2: 20x15 tokens',
+      'stage 3: 10x8 tokens']
   assert family.summary_rows(MODELS['Swin-T'], (224, 224)) == [
       'stage 0: 56x56 tokens, width 96, 2 blocks of 3 heads, windows 7x7 shifted by 3x3',
       'stage 1: 28x28 tokens, width 192, 2 blocks of 6 heads, windows 7x7 shifted by 3x3',

@@ -7,7 +7,7 @@ order. Nothing here knows a model: the family descriptors say where the arrays c
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -38,15 +38,18 @@ def rollout(attn: np.ndarray) -> np.ndarray:
   return out
 
 
-def output_token_map(matrix: np.ndarray, prefix: int, grid: tuple[int, int]) -> np.ndarray:
+def output_token_map(matrix: np.ndarray, prefix: int, grid: tuple[int, int],
+                     class_token: Optional[bool] = None) -> np.ndarray:
   """What the classifier reads, over the patches: [..., N, N] -> [..., gh, gw] summing to 1.
 
-  With prefix tokens the classifier reads the class token (row 0); without (global average or MAP
-  pooling) it reads every token alike, so the rows are averaged. Prefix columns are dropped and the
-  patch columns renormalised.
+  With a class token (`class_token`; default: any prefix token) the classifier reads row 0;
+  otherwise (global average or MAP pooling) it reads the patch tokens alike, so their rows are
+  averaged (prefix tokens such as registers are attended to, not read). Prefix columns are dropped
+  and the patch columns renormalised.
   """
   matrix = np.asarray(matrix, np.float64)
-  rows = matrix[..., 0, :] if prefix else matrix.mean(axis=-2)
+  class_token = prefix > 0 if class_token is None else class_token
+  rows = matrix[..., 0, :] if class_token else matrix[..., prefix:, :].mean(axis=-2)
   patches = rows[..., prefix:]
   if patches.shape[-1] != grid[0] * grid[1]:
     raise ValueError(f'{patches.shape[-1]} patch tokens do not make a {grid[0]}x{grid[1]} grid')

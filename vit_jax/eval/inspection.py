@@ -145,7 +145,8 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
   flat = params_lib.flatten_numpy(family.to_file_layout(predictor.params))
 
   shown = images if images is not None else dataset_imgs.take(rollout_count)
-  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size)
+  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size,
+                   family.reads_class_token(arch))
   averaged = dataset_imgs if dataset_imgs is not None else images
   _distance(report, attn_fn, predictor.params, averaged, prefix, grid, patch_hw, batch_size)
   try:
@@ -157,18 +158,39 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
     _filters(report, family.patch_filters(flat, arch))
   except NotImplementedError as e:
     report.notes.append(f'patch-embedding filters skipped: {e}')
+  _objective_figures(report, predictor, shown)
   write_index(report)
   return report
 
 
-def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size):
-  # What the classifier reads: the class token's row, or (pooled models) every token's, averaged.
-  reader = 'class token' if prefix else 'mean of all tokens'
+def _objective_figures(report, predictor, shown: Images, seed: int = 0) -> None:
+  """What the run's training objective shows (MAE reconstructions, MPP's predicted colours), on
+  the rollout images; nothing for objectives without such a figure."""
+  if not predictor.objective:
+    return
+  from vit_jax.objectives import base as objectives_base  # pylint: disable=import-outside-toplevel
+  objective = objectives_base.from_checkpoint(predictor.meta or {'objective': predictor.objective},
+                                              predictor.arch)
+  params = {**predictor.params, objectives_base.OBJECTIVE_KEY: predictor.objective_params or {}}
+  shown_figure = objective.visualize(predictor.model, params, shown.inputs,
+                                     jax.random.PRNGKey(seed))
+  if shown_figure is None:
+    return
+  name = f'objective_{objective.name}.png'
+  plots.image_grid(report.path(name), shown_figure['columns'], shown.names,
+                   shown_figure['title'])
+  report.figures.append((shown_figure['title'], name, shown_figure['caption']))
+
+
+def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size, class_token):
+  # What the classifier reads: the class token's row, or (pooled models) the patch tokens',
+  # averaged (registers and an unread class token are attended to, not read).
+  reader = 'class token' if class_token else 'mean of the patch tokens'
   k = 0
   for logits, attn in attention_batches(attn_fn, predictor.params, shown.inputs, batch_size):
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-    rolled = attn_lib.output_token_map(attn_lib.rollout(attn), prefix, grid)
-    last = attn_lib.output_token_map(attn[-1].mean(axis=1), prefix, grid)
+    rolled = attn_lib.output_token_map(attn_lib.rollout(attn), prefix, grid, class_token)
+    last = attn_lib.output_token_map(attn[-1].mean(axis=1), prefix, grid, class_token)
     for prob, r_map, l_map in zip(probs, rolled, last):
       title = f'{os.path.basename(shown.names[k])}'
       if predictor.arch.num_classes:  # headless models return features, not logits

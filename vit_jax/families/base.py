@@ -124,6 +124,12 @@ class Family:
       registry-parametrised tests (tests/test_families.py) build, train, save and export.
     capabilities, lacks: what the module offers training objectives (`vit_jax.models.tokens`
       names), and why it lacks the others (`missing_capability`).
+    intermediate_unit, call_time_size: the backbone API (`vit_jax.models.backbone`): what
+      `model.apply(..., intermediates=(i, ...))` indexes ('blocks', 'stages'; '' if not offered),
+      and how the module meets an image size other than the one it was built for: 'any' (nothing
+      in its parameters depends on the size), 'dynamic_img_size' (its field of that name resamples
+      the size-dependent tables inside the jitted call), 'fixed' (refused; the reason is
+      `lacks['dynamic_img_size']`).
   What the family reads and writes in other libraries' formats (timm architecture prefixes, Hugging
   Face model types, Google's npz) is declared by its interop (`interop.Interop`), not here.
   """
@@ -144,6 +150,8 @@ class Family:
   # family lacks is refused before anything compiles, with the family's reason from `lacks`.
   capabilities: tuple[str, ...] = ()
   lacks: Mapping[str, str] = {}
+  intermediate_unit: str = ''
+  call_time_size: str = 'fixed'
 
   # ---- capabilities ----
   def missing_capability(self, needs: Sequence[str]) -> Optional[str]:
@@ -237,6 +245,11 @@ class Family:
     """(prefix tokens, patch grid (gh, gw), input pixels per patch (ph, pw)) of the sequence that
     `attention_fn`'s maps index: the prefix tokens, then the patches in row-major order."""
     raise self._undefined('global self-attention (rollout, attention distance)')
+
+  def reads_class_token(self, arch: Architecture) -> bool:
+    """Whether the classifier reads prefix token 0 (a class token); False: it pools the patch
+    tokens, and any prefix tokens (registers, an unused class token) are only attended to."""
+    return self.token_layout(arch)[0] > 0
 
   def attention_fn(self, arch: Architecture) -> Any:
     """A function (params in the module layout, images [B, H, W, C]) -> (logits [B, classes], the

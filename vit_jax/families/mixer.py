@@ -1,5 +1,6 @@
 """The MLP-Mixer family (Tolstikhin et al., 2021): sizes, FLOPs, architecture from shapes,
-token-mixing adaptation and the descriptor. Its interop (timm key maps, Google's `.npz` layout
+token-mixing adaptation and the descriptor (backbone API: block intermediates; the token count is
+fixed, so `dynamic_img_size` is refused). Its interop (timm key maps, Google's `.npz` layout
 checks) is `mixer_interop.py`.
 
 Our flat parameters ('/'-joined paths of `vit_jax.models.mixer.MlpMixer`) *are* Google's released
@@ -122,12 +123,20 @@ class MixerFamily(Family):
             'are fixed: no patches can be dropped and no prompt tokens added')
   lacks = {'keep': _FIXED, 'prompts': _FIXED,
            'token_mask': 'its module takes no token inputs (a mask embedding is not implemented)',
-           'token_map': 'its module returns no token map (use features=True for the patch grid)'}
+           'token_map': 'its module returns no token map (use features=True for the patch grid)',
+           'dynamic_img_size': ('its token-mixing MLPs hold a weight per token position, so it '
+                                'runs only at the token count it was built for')}
+  # Backbone API: `intermediates` indexes the blocks; no call at another size (see lacks).
+  intermediate_unit = 'blocks'
+  call_time_size = 'fixed'
 
   def module_class(self) -> type:
     return mixer_models.MlpMixer
 
   def validate(self, fields, image_size) -> None:
+    if fields.get('dynamic_img_size'):
+      raise ValueError(f'model.dynamic_img_size cannot be True for a Mixer: '
+                       f'{self.lacks["dynamic_img_size"]}')
     if fields.get('act') is not None and fields['act'] not in ACTIVATIONS:
       raise ValueError(f'model.act {fields["act"]!r} is not one of {ACTIVATIONS}')
     grid(fields, image_size)

@@ -1,6 +1,6 @@
 """The PVT v2 family: registered sizes, FLOPs, tensor-parallel rules, architecture from shapes and
-the descriptor. Its interop (the key map to and from timm's `pvt_v2_*` state dicts) is
-`pvt_interop.py`.
+the descriptor (backbone API: stage intermediates; any image size at call time, nothing to
+resample). Its interop (the key map to and from timm's `pvt_v2_*` state dicts) is `pvt_interop.py`.
 
 Our parameter paths mirror timm's module names ('stages_1/blocks_0/attn/q', ...): attention kernels
 keep the heads explicit (q [D, H, K], kv [D, 2, H, K], proj [H, K, D]), convs are HWIO (the
@@ -164,6 +164,10 @@ class PvtFamily(Family):
            'return a coarser map per stage, so patches cannot be dropped or masked one by one, no '
            'prompt tokens fit the grid, and no per-patch token map comes out')
   lacks = dict.fromkeys(('keep', 'prompts', 'token_map', 'token_mask'), _HIER)
+  # Backbone API: `intermediates` indexes the four stages (each output already normed); any image
+  # size whose stage maps cover the reduction ratios runs as if built there (no position table).
+  intermediate_unit = 'stages'
+  call_time_size = 'any'
 
   def module_class(self) -> type:
     return pvt_models.PyramidVisionTransformerV2

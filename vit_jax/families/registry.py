@@ -29,7 +29,8 @@ from vit_jax.families.base import Architecture, Family
 from vit_jax.families.interop import Interop
 
 _FAMILY_MODULES = (('vit', 'vit_interop'), ('deit', 'deit_interop'), ('hybrid', 'hybrid_interop'),
-                   ('mixer', 'mixer_interop'), ('swin', 'swin_interop'), ('pvt', 'pvt_interop'))
+                   ('mixer', 'mixer_interop'), ('swin', 'swin_interop'), ('pvt', 'pvt_interop'),
+                   ('eva', 'eva_interop'), ('beit', 'beit_interop'))
 _FAMILIES: dict[str, Family] = {}
 _INTEROPS: dict[str, Interop] = {}  # family name -> its interop
 _MODELS: dict[str, str] = {}  # model name -> family name

@@ -1,6 +1,8 @@
 """The Swin Transformer family: registry sizes, FLOPs, tensor-parallel rules, architecture from
-shapes, window-table adaptation and the `SwinFamily` descriptor (`FAMILY`). Its interop (the timm
-key maps) is `swin_interop.py`; the relative-position table resampling is in `resample.py`.
+shapes, window-table adaptation and the `SwinFamily` descriptor (`FAMILY`; backbone API: stage
+intermediates, any size the patch divides at call time, tables resampled with dynamic_img_size).
+Its interop (the timm key maps) is `swin_interop.py`; the relative-position table resampling is in
+`resample.py` (`vit_jax.models.resize`).
 """
 from __future__ import annotations
 
@@ -142,13 +144,19 @@ class SwinFamily(Family):
            'stage, so patches cannot be dropped, no prompt tokens fit a window, and no per-patch '
            'token map comes out')
   lacks = dict.fromkeys(('keep', 'prompts', 'token_map', 'token_mask'), _HIER)
+  # Backbone API: `intermediates` indexes the stages. At call time any size the patch size divides
+  # runs as if built there; where that changes a stage's (clamped) window, `dynamic_img_size=True`
+  # resamples its bias tables inside the call (`dynamic_resize_method`, bicubic as `adapt`).
+  intermediate_unit = 'stages'
+  call_time_size = 'dynamic_img_size'
 
   def module_class(self) -> type:
     return swin_models.SwinTransformer
 
   def validate(self, fields: Mapping[str, Any], image_size: tuple[int, int]) -> None:
     swin_models.check_fields(fields['embed_dim'], fields['depths'], fields['num_heads'],
-                             fields.get('window_size', 7), fields.get('act') or 'gelu')
+                             fields.get('window_size', 7), fields.get('act') or 'gelu',
+                             fields.get('dynamic_resize_method') or 'bicubic')
     swin_models.stage_grids(hw(image_size), int(fields['patch_size']), len(fields['depths']))
 
   def forward_macs(self, fields, num_classes, image_size, channels=3) -> int:

@@ -306,6 +306,12 @@ class VitInterop(Interop):
   def reads_timm(self, architecture, keys) -> bool:
     if any(k.startswith('patch_embed.backbone.') for k in keys) or 'dist_token' in keys:
       return False  # the hybrid's and DeiT's
+    # timm's VisionTransformer has one q/k/v bias and no relative tables, and no name of it has
+    # '_rope': those are timm's Eva and Beit (the eva and beit families).
+    if '_rope' in architecture or any(k.endswith(('attn.q_bias', 'attn.q_proj.weight',
+                                                   'attn.relative_position_bias_table'))
+                                      for k in keys):
+      return False
     if architecture:
       return architecture.startswith(self.timm_prefixes)
     return 'patch_embed.proj.weight' in keys and not any(k.startswith(('layers.', 'stages.'))

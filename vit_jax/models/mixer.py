@@ -9,7 +9,13 @@
 checkpoints (google-research/vision_transformer `models_mixer.py`): `stem`, `MixerBlock_{i}/
 {LayerNorm_0, token_mixing/Dense_0, token_mixing/Dense_1, LayerNorm_1, channel_mixing/Dense_0,
 channel_mixing/Dense_1}`, `pre_head_layer_norm`, `head`. The token-mixing MLP's first kernel is
-[S, tokens_mlp_dim], so the parameters fix the number of tokens S = (H/p)(W/p).
+[S, tokens_mlp_dim], so the parameters fix the number of tokens S = (H/p)(W/p): a Mixer runs only at
+the token count it was built for (`dynamic_img_size=True` is refused, naming this reason; checkpoint
+transfer can resample the token-mixing weights on request, `vit_jax.families.mixer`).
+
+Backbone API (`vit_jax.models.backbone`): `intermediates=(i, ...)` indexes the blocks and returns
+each block's output as a [B, H/p, W/p, C] map, with `norm=True` through `pre_head_layer_norm` (as
+timm's `forward_intermediates(norm=True)`, which norms every intermediate); no prefix tokens.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import backbone
 from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu, pair, remat_block
 
 Dtype = Any
@@ -101,6 +108,8 @@ class MlpMixer(nn.Module):
     dtype: computation dtype (bfloat16 for mixed precision); param_dtype: parameter dtype.
     remat: recompute each block's activations in the backward pass (True, or a policy name of
       `vit.REMAT_POLICIES`).
+    dynamic_img_size: must stay False: the token-mixing MLPs fix the token count (a clear error
+      says so; the field exists so that a configuration asking every family for it is answered).
   """
   num_classes: Optional[int]
   patch_size: Union[int, Sequence[int]]
@@ -115,6 +124,7 @@ class MlpMixer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat: Union[bool, str] = False
+  dynamic_img_size: bool = False
 
   @property
   def patch_hw(self) -> tuple[int, int]:
@@ -133,18 +143,35 @@ class MlpMixer(nn.Module):
           f'token count, so use images of the size the parameters were trained for')
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False):
+  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False,
+               intermediates: Optional[backbone.Indices] = None, norm: bool = False,
+               drop_prefix: bool = False):
     """Classifies images.
 
     Args:
       images: [B, H, W, C_in], H and W multiples of the patch size; pixels roughly in [-1, 1].
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
       features: return [token map [B, H/p, W/p, C]] (after the pre-head LayerNorm) instead.
+      intermediates: block indices (negative from the end; an int n: the last n): return the
+        backbone dict of `vit_jax.models.backbone` instead, 'maps' [B, H/p, W/p, C] after each of
+        those blocks, 'prefix' [B, 0, C] each (a Mixer has no prefix tokens).
+      norm: with `intermediates`, pass each map through `pre_head_layer_norm` (timm's norm=True).
+      drop_prefix: with `intermediates`, leave 'prefix' out.
 
     Returns:
-      logits [B, num_classes] in `dtype` (pooled features [B, C] without a head), or with
-      `features` a list holding the one token map.
+      logits [B, num_classes] in `dtype` (pooled features [B, C] without a head), with `features`
+      a list holding the one token map, with `intermediates` the backbone dict.
     """
+    if self.dynamic_img_size:
+      raise ValueError(
+          'MLP-Mixer cannot take dynamic_img_size=True: its token-mixing MLPs hold one weight per '
+          'token position (kernels [S, tokens_mlp_dim]), so it runs only at the token count it was '
+          'built for; resize the images to that size, or fine-tune at the new size from a '
+          'checkpoint with posemb_resize=bilinear (which resamples the token-mixing weights)')
+    if features and intermediates is not None:
+      raise ValueError('give either features=True or intermediates=..., not both')
+    take = (None if intermediates is None
+            else backbone.take_indices(intermediates, self.num_blocks, 'blocks'))
     if self.act not in ACTIVATIONS:
       raise ValueError(f'act {self.act!r} is not one of {ACTIVATIONS}')
     ph, pw = self.patch_hw
@@ -160,12 +187,18 @@ class MlpMixer(nn.Module):
     # Python floats, so each block's rate is static (and remat needs no traced arguments).
     rates = np.linspace(0.0, self.stochastic_depth, self.num_blocks) if self.num_blocks else []
     block = remat_block(MixerBlock, self.remat)
+    final_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name='pre_head_layer_norm')
+    outs = []
     for i in range(self.num_blocks):
       x = block(self.tokens_mlp_dim, self.channels_mlp_dim, act=self.act,
                 dropout_rate=self.dropout_rate, drop_rate=float(rates[i]), deterministic=not train,
                 dtype=self.dtype, param_dtype=self.param_dtype, name=f'MixerBlock_{i}')(x)
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name='pre_head_layer_norm')(x)
+      outs.append(x)
+    if take is not None:
+      maps = [jnp.reshape(final_norm(outs[i]) if norm else outs[i], (b, gh, gw, c)) for i in take]
+      return backbone.pack(maps, [backbone.no_prefix(m) for m in maps], drop_prefix)
+    x = final_norm(x)
     if features:
       return [jnp.reshape(x, (b, gh, gw, c))]
     x = jnp.mean(x, axis=1)

@@ -18,7 +18,12 @@ fc1.
 Parameter paths mirror timm's module names ('/'-joined, `stages_{i}/blocks_{j}`); q is [D, H, K], kv
 [D, 2, H, K] and proj [H, K, D] (heads explicit, so tensor parallelism can split them by head).
 There are no position embeddings, so any image size whose stage maps are at least as large as the
-reduction ratios runs without resampling anything.
+reduction ratios runs without resampling anything: a call at another size equals building the model
+there (timm's `pvt_v2` likewise takes any size), so the module needs no `dynamic_img_size` field.
+
+Backbone API (`vit_jax.models.backbone`): `intermediates=(s, ...)` indexes the stages and returns
+each stage's output [B, h_s, w_s, C_s] after the stage's own LayerNorm; `norm` changes nothing
+(there is no final norm; timm's `forward_intermediates` ignores it too); no prefix tokens.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import backbone
 from vit_jax.models.attention import dot_product_attention
 from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu
 
@@ -297,7 +303,9 @@ class PyramidVisionTransformerV2(nn.Module):
   attention_impl: Optional[str] = 'auto'
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False):
+  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False,
+               intermediates: Optional[backbone.Indices] = None, norm: bool = False,
+               drop_prefix: bool = False):
     """Classifies images.
 
     Args:
@@ -306,16 +314,26 @@ class PyramidVisionTransformerV2(nn.Module):
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
       features: return the four stage outputs [B, ceil(H/4), ceil(W/4), C_1] ...
         [B, ceil(H/32), ceil(W/32), C_4] (after each stage's LayerNorm) instead of logits.
+      intermediates: stage indices (negative from the end; an int n: the last n): return the
+        backbone dict of `vit_jax.models.backbone` instead, 'maps' (the stage outputs above) per
+        index and 'prefix' [B, 0, C_s] each (PVT has no prefix tokens).
+      norm: accepted for the common API; every stage output is already normed (timm ignores it too).
+      drop_prefix: with `intermediates`, leave 'prefix' out.
 
     Returns:
-      logits [B, num_classes] in `dtype` (pooled [B, C_4] features without a head), or the list of
-      stage maps.
+      logits [B, num_classes] in `dtype` (pooled [B, C_4] features without a head), the list of
+      stage maps, or the backbone dict.
     """
+    del norm  # each stage ends in its own LayerNorm; there is no final one to apply
+    if features and intermediates is not None:
+      raise ValueError('give either features=True or intermediates=..., not both')
     n = len(self.depths)
     for field in ('embed_dims', 'num_heads', 'mlp_ratios', 'sr_ratios'):
       if len(getattr(self, field)) != n:
         raise ValueError(f'{field} has {len(getattr(self, field))} entries but depths has {n}; '
                          'give one per stage')
+    take = (None if intermediates is None
+            else backbone.take_indices(intermediates, n, 'stages'))
     activation(self.act)  # validates the name before building anything
     _, h, w, _ = images.shape
     check_image_size(h, w, self.sr_ratios, self.linear)
@@ -336,6 +354,9 @@ class PyramidVisionTransformerV2(nn.Module):
       maps.append(x)
     if features:
       return maps
+    if take is not None:
+      chosen = [maps[s] for s in take]
+      return backbone.pack(chosen, [backbone.no_prefix(m) for m in chosen], drop_prefix)
 
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes:

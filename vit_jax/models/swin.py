@@ -13,16 +13,34 @@ follows timm 1.0's `swin_transformer.py` so that converted weights give the same
     not shift (so Swin-T at 224 has 7 x 7 windows and no shift in its last stage);
   - a map the window does not divide is zero-padded at the bottom/right after the cyclic shift;
     the padded tokens take part in attention as keys, as in timm;
+  - a map of odd height or width is zero-padded at the bottom/right before patch merging (timm), so
+    any image size that the patch size divides runs (stage s: ceil(H / p / 2^s) rows);
   - the shifted-window mask adds -100 (not -inf) to logits between tokens of different regions;
   - patch merging (between stages, at the start of stages 1..S-1) concatenates the 2 x 2
     neighbours in the order (0,0), (1,0), (0,1), (1,1) (row, column) before LayerNorm and a
     bias-free 4C -> 2C projection.
+
+The window geometry (stage maps, clamped windows and shifts, the relative-position index, the mask,
+partitioning) is in `swin_windows.py`, re-exported here.
 
 Parameter paths: `patch_embed` (conv), `patch_norm`, `stage_{s}/downsample/{norm,reduction}`,
 `stage_{s}/block_{b}/{norm1, attn/{qkv, proj, relative_position_bias_table}, norm2, mlp/{fc1,fc2}}`,
 `norm`, `head`. `qkv` is timm's fused projection with its output axes kept apart: kernel
 [C, 3, heads, K] (q|k|v, head, head dim: timm's column order), bias [3, heads, K]; `proj` kernel
 [heads, K, C]. The head axis is what tensor parallelism splits.
+
+Any image size at call time: the windows and shifts are those of a model built at the input's size
+(each stage's window clamped to its map, as above), so a call at another size equals building there.
+Only where that clamping changes a stage's window does a bias table no longer fit; then
+`dynamic_img_size=True` resamples the stored table to the new window inside the jitted function
+(`dynamic_resize_method`, the checkpoint transfer's methods, `vit_jax.models.resize`), and False
+refuses with the reason. (timm's own `dynamic_img_size` differs: it keeps the build-time windows and
+shifts at every size; building timm at the new size, as its checkpoint filter does, is what this
+equals.)
+
+Backbone API (`vit_jax.models.backbone`): `intermediates=(s, ...)` indexes the stages and returns
+each stage's output [B, h_s, w_s, C * 2^s]; `norm=True` applies the final `norm` to the last stage
+only (it is sized for it; timm's `forward_intermediates` does the same); no prefix tokens.
 """
 from __future__ import annotations
 
@@ -33,44 +51,31 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import backbone
 from vit_jax.models.attention import dot_product_attention
+from vit_jax.models.resize import RELATIVE_RESIZE_METHODS, resize_relative_table, window_of_table
+from vit_jax.models.swin_windows import (MASK_VALUE, relative_position_index,
+                                         shifted_window_mask, stage_grids, stage_windows,
+                                         window_partition, window_reverse)
 from vit_jax.models.vit import ACTIVATIONS, drop_path, gelu, pair
+
+__all__ = ['MASK_VALUE', 'PatchMerging', 'SwinBlock', 'SwinStage', 'SwinTransformer',
+           'WindowAttention', 'check_fields', 'relative_position_index', 'shifted_window_mask',
+           'stage_grids', 'stage_windows', 'window_partition', 'window_reverse']
 
 Dtype = Any
 
 LN_EPS = 1e-5  # PyTorch's LayerNorm default, which timm's Swin uses.
-MASK_VALUE = -100.0  # What timm adds between shifted regions; exp(-100) underflows to 0 in float32.
 ACTS = ACTIVATIONS
 
 
-def stage_windows(grid: tuple[int, int], window: Union[int, Sequence[int]]
-                  ) -> tuple[tuple[int, int], tuple[int, int]]:
-  """(window, shift) that a stage with an [h, w] token map uses, per axis (timm's clamping).
-
-  A map no larger than the window along an axis gets a window equal to the map there and no shift.
-  """
-  wh, ww = pair(window)
-  win = tuple(min(r, w) for r, w in zip(grid, (wh, ww)))
-  shift = tuple(0 if r <= w else w // 2 for r, w in zip(grid, win))
-  return win, shift
-
-
-def stage_grids(image_hw: tuple[int, int], patch_size: int, num_stages: int
-                ) -> list[tuple[int, int]]:
-  """Token-map sizes [(h_s, w_s)] of the stages; raises ValueError if merging cannot halve them."""
-  h, w = image_hw
-  need = patch_size * 2 ** (num_stages - 1)
-  if h % need or w % need:
-    raise ValueError(
-        f'image size {h}x{w} does not work for Swin with patch_size {patch_size} and {num_stages} '
-        f'stages: height and width must be multiples of patch_size * 2^{num_stages - 1} = {need} '
-        f'(e.g. {max(need, h // need * need)}x{max(need, w // need * need)})')
-  return [(h // patch_size // 2 ** s, w // patch_size // 2 ** s) for s in range(num_stages)]
-
-
 def check_fields(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
-                 window_size: Union[int, Sequence[int]], act: str = 'gelu') -> None:
+                 window_size: Union[int, Sequence[int]], act: str = 'gelu',
+                 dynamic_resize_method: str = 'bicubic') -> None:
   """Raises a ValueError naming the field when these sizes cannot build a Swin."""
+  if dynamic_resize_method not in RELATIVE_RESIZE_METHODS:
+    raise ValueError(f'dynamic_resize_method {dynamic_resize_method!r} is not one of '
+                     f'{RELATIVE_RESIZE_METHODS}')
   if len(depths) != len(num_heads) or not len(depths):
     raise ValueError(f'depths {tuple(depths)} and num_heads {tuple(num_heads)} must be non-empty '
                      'and of equal length (one entry per stage)')
@@ -81,56 +86,6 @@ def check_fields(embed_dim: int, depths: Sequence[int], num_heads: Sequence[int]
   if min(pair(window_size)) < 1:
     raise ValueError(f'window_size must be positive, got {window_size}')
   _gelu(act)
-
-
-def relative_position_index(window: Union[int, Sequence[int]]) -> np.ndarray:
-  """[N, N] int32 (N = wh*ww): the row of the bias table for query token i and key token j.
-
-  Row = (dy + wh - 1) * (2*ww - 1) + (dx + ww - 1) for the offset (dy, dx) = pos_i - pos_j.
-  """
-  wh, ww = pair(window)
-  yy, xx = np.meshgrid(np.arange(wh), np.arange(ww), indexing='ij')
-  y, x = yy.reshape(-1), xx.reshape(-1)
-  dy = y[:, None] - y[None, :] + wh - 1
-  dx = x[:, None] - x[None, :] + ww - 1
-  return (dy * (2 * ww - 1) + dx).astype(np.int32)
-
-
-def shifted_window_mask(grid: tuple[int, int], window: tuple[int, int], shift: tuple[int, int]
-                        ) -> Optional[np.ndarray]:
-  """[num_windows, N, N] float32 additive mask (0 or MASK_VALUE) of the shifted windows, or None.
-
-  After the cyclic shift by -shift, the last window along each axis holds tokens from both ends of
-  the map. Each axis is split into [0, H-M), [H-M, H-s), [H-s, H) (H padded up to a multiple of M);
-  tokens attend only to tokens of the same (row segment, column segment) region.
-  """
-  if not any(shift):
-    return None
-  hp, wp = (-(-g // w) * w for g, w in zip(grid, window))
-  def segments(n, m, s):
-    seg = np.zeros(n, np.int32)
-    seg[n - m:n - s] = 1
-    seg[n - s:] = 2
-    return seg
-  region = segments(hp, window[0], shift[0])[:, None] * 3 + segments(wp, window[1], shift[1])
-  r = window_partition(region[None, :, :, None], window).reshape(-1, window[0] * window[1])
-  return np.where(r[:, :, None] == r[:, None, :], 0.0, MASK_VALUE).astype(np.float32)
-
-
-def window_partition(x, window: tuple[int, int]):
-  """[B, H, W, C] -> [B * H/wh * W/ww, wh, ww, C], windows in row-major order per image."""
-  b, h, w, c = x.shape
-  wh, ww = window
-  x = x.reshape(b, h // wh, wh, w // ww, ww, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(-1, wh, ww, c)
-
-
-def window_reverse(windows: jax.Array, window: tuple[int, int], h: int, w: int) -> jax.Array:
-  """Inverse of `window_partition`: [B * nW, wh, ww, C] -> [B, h, w, C]."""
-  wh, ww = window
-  c = windows.shape[-1]
-  x = windows.reshape(-1, h // wh, w // ww, wh, ww, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(-1, h, w, c)
 
 
 def _gelu(act: str):
@@ -145,7 +100,9 @@ _dense_init = nn.initializers.truncated_normal(stddev=0.02)
 class WindowAttention(nn.Module):
   """Multi-head self-attention within windows plus a relative position bias.
 
-  Called with x [B*nW, N, C] (N = wh*ww tokens per window) and an optional mask [nW, N, N].
+  Called with x [B*nW, N, C] (N = wh*ww tokens per window) and an optional mask [nW, N, N]. A stored
+  bias table of another (square) window is resampled to this one when `dynamic_img_size`, else
+  refused.
   """
   num_heads: int
   window: tuple[int, int]
@@ -154,19 +111,43 @@ class WindowAttention(nn.Module):
   attention_impl: Optional[str] = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dynamic_img_size: bool = False
+  dynamic_resize_method: str = 'bicubic'
+
+  def bias_table(self) -> jax.Array:
+    """[(2wh-1)(2ww-1), heads] float32: the stored table, resampled if it is of another window."""
+    wh, ww = self.window
+    rows = (2 * wh - 1) * (2 * ww - 1)
+    name = 'relative_position_bias_table'
+    # The stored table's own shape, so that one of another window is read (not a flax shape error).
+    shape = (self.get_variable('params', name).shape if self.has_variable('params', name)
+             else (rows, self.num_heads))
+    table = self.param(name, _dense_init, shape, self.param_dtype).astype(jnp.float32)
+    if shape[0] == rows:
+      return table
+    where = '/'.join(self.scope.path)
+    if not self.dynamic_img_size:
+      raise ValueError(
+          f'{where}: the relative position bias table has {shape[0]} rows, but at this image size '
+          f'the window is {wh}x{ww} ({rows} rows: a stage whose map is smaller than window_size '
+          'uses the map as its window); call with the image size the model was built for, set '
+          'dynamic_img_size=True to resample the tables in the call, or transfer the checkpoint to '
+          'a model built at this size')
+    try:
+      old = window_of_table(shape[0])
+    except ValueError as e:
+      raise ValueError(f'{where}: cannot resample the bias table to a {wh}x{ww} window: {e}') from e
+    return resize_relative_table(table, old, self.window, self.dynamic_resize_method)
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: Optional[np.ndarray], *, deterministic: bool = True):
     bw, n, c = x.shape
-    wh, ww = self.window
     heads = self.num_heads
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=_dense_init)
     qkv = nn.DenseGeneral((3, heads, c // heads), name='qkv', **kw)(x)  # [B*nW, N, 3, heads, K]
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    table = self.param('relative_position_bias_table', _dense_init,
-                       ((2 * wh - 1) * (2 * ww - 1), heads), self.param_dtype)
     index = relative_position_index(self.window).reshape(-1)
-    bias = jnp.take(table.astype(jnp.float32), index, axis=0).reshape(n, n, heads)
+    bias = jnp.take(self.bias_table(), index, axis=0).reshape(n, n, heads)
     bias = bias.transpose(2, 0, 1)[None]  # [1, heads, N, N]
     if mask is not None:
       nw = mask.shape[0]
@@ -215,6 +196,8 @@ class SwinBlock(nn.Module):
   attention_impl: Optional[str] = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dynamic_img_size: bool = False
+  dynamic_resize_method: str = 'bicubic'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -233,7 +216,8 @@ class SwinBlock(nn.Module):
     mask = shifted_window_mask((h, w), self.window, self.shift)
     y = window_partition(y, self.window).reshape(-1, wh * ww, c)
     y = WindowAttention(self.num_heads, self.window, self.attention_dropout_rate, self.dropout_rate,
-                        self.attention_impl, self.dtype, self.param_dtype, name='attn')(
+                        self.attention_impl, self.dtype, self.param_dtype, self.dynamic_img_size,
+                        self.dynamic_resize_method, name='attn')(
                             y, mask, deterministic=deterministic)
     y = window_reverse(y.reshape(-1, wh, ww, c), self.window, h + ph, w + pw)[:, :h, :w]
     if sh or sw:
@@ -250,12 +234,15 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
-  """[B, H, W, C] -> [B, H/2, W/2, 2C]: 2x2 neighbours concatenated, LayerNorm, bias-free Dense."""
+  """[B, H, W, C] -> [B, ceil(H/2), ceil(W/2), 2C]: 2x2 neighbours concatenated, LayerNorm,
+  bias-free Dense. An odd map is zero-padded at the bottom/right first (timm)."""
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    if x.shape[1] % 2 or x.shape[2] % 2:
+      x = jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, x.shape[2] % 2), (0, 0)))
     b, h, w, c = x.shape
     # [B, H/2, 2(row), W/2, 2(col), C] -> [B, H/2, W/2, col, row, C]: timm's concatenation order.
     x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5).reshape(
@@ -279,6 +266,8 @@ class SwinStage(nn.Module):
   attention_impl: Optional[str] = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  dynamic_img_size: bool = False
+  dynamic_resize_method: str = 'bicubic'
 
   @nn.compact
   def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
@@ -289,6 +278,7 @@ class SwinStage(nn.Module):
       x = SwinBlock(self.num_heads, window, shift if i % 2 else (0, 0), self.mlp_ratio,
                     float(self.drop_path_rates[i]), self.dropout_rate, self.attention_dropout_rate,
                     self.act, self.attention_impl, self.dtype, self.param_dtype,
+                    self.dynamic_img_size, self.dynamic_resize_method,
                     name=f'block_{i}')(x, deterministic=deterministic)
     return x
 
@@ -311,6 +301,11 @@ class SwinTransformer(nn.Module):
     attention_impl: 'auto' (default: cuDNN flash attention on NVIDIA GPUs where it applies, XLA's
       fused attention elsewhere), 'xla', 'cudnn', or None/'explicit' (plain softmax); see
       `attention.dot_product_attention`.
+    dynamic_img_size: at an image size where a stage's window differs from the one its stored
+      bias tables were built for (the map became smaller than window_size, or stopped being),
+      resample the tables inside the call instead of refusing (see the module docstring).
+    dynamic_resize_method: how: 'bicubic' (the family's checkpoint-transfer default), 'bilinear'
+      or 'timm' (timm's `resize_rel_pos_bias_table`).
   """
   num_classes: Optional[int]
   patch_size: int = 4
@@ -327,26 +322,42 @@ class SwinTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = 'auto'
+  dynamic_img_size: bool = False
+  dynamic_resize_method: str = 'bicubic'
 
   def check(self, image_hw: tuple[int, int]) -> list[tuple[int, int]]:
     """Raises ValueError for fields or an image size that cannot work; returns the stage grids."""
-    check_fields(self.embed_dim, self.depths, self.num_heads, self.window_size, self.act)
+    check_fields(self.embed_dim, self.depths, self.num_heads, self.window_size, self.act,
+                 self.dynamic_resize_method)
     return stage_grids(image_hw, self.patch_size, len(self.depths))
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False):
+  def __call__(self, images: jax.Array, *, train: bool = False, features: bool = False,
+               intermediates: Optional[backbone.Indices] = None, norm: bool = False,
+               drop_prefix: bool = False):
     """Classifies images.
 
     Args:
-      images: [B, H, W, C]; H and W multiples of patch_size * 2^(stages-1).
+      images: [B, H, W, C]; H and W multiples of patch_size.
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
-      features: return the stage outputs instead: a list of [B, H/p/2^s, W/p/2^s, embed_dim*2^s]
-        per stage s, each after its last block and before the final LayerNorm (timm's
-        `forward_intermediates(norm=False)`, in NHWC).
+      features: return the stage outputs instead: a list of [B, h_s, w_s, embed_dim*2^s] per
+        stage s (h_s = ceil(H/p/2^s)), each after its last block and before the final LayerNorm
+        (timm's `forward_intermediates(norm=False)`, in NHWC).
+      intermediates: stage indices (negative from the end; an int n: the last n): return the
+        backbone dict of `vit_jax.models.backbone` instead, 'maps' [B, h_s, w_s, embed_dim*2^s]
+        per index, 'prefix' [B, 0, embed_dim*2^s] each (Swin has no prefix tokens).
+      norm: with `intermediates`, apply the final `norm` to the last stage's map (the others have
+        other widths; timm's norm=True does the same).
+      drop_prefix: with `intermediates`, leave 'prefix' out.
 
     Returns:
-      logits [B, num_classes] (or pooled features [B, C_last] without a head), or the feature list.
+      logits [B, num_classes] (or pooled features [B, C_last] without a head), the feature list,
+      or the backbone dict.
     """
+    if features and intermediates is not None:
+      raise ValueError('give either features=True or intermediates=..., not both')
+    take = (None if intermediates is None
+            else backbone.take_indices(intermediates, len(self.depths), 'stages'))
     self.check(images.shape[1:3])
     deterministic = not train
     p = self.patch_size
@@ -361,12 +372,18 @@ class SwinTransformer(nn.Module):
       first = sum(self.depths[:s])
       x = SwinStage(depth, heads, self.window_size, s > 0, tuple(rates[first:first + depth]),
                     self.mlp_ratio, self.dropout_rate, self.attention_dropout_rate, self.act,
-                    self.attention_impl, self.dtype, self.param_dtype, name=f'stage_{s}')(
-                        x, deterministic=deterministic)
+                    self.attention_impl, self.dtype, self.param_dtype, self.dynamic_img_size,
+                    self.dynamic_resize_method, name=f'stage_{s}')(x, deterministic=deterministic)
       outs.append(x)
     if features:
       return outs
-    x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name='norm')(x)
+    final_norm = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name='norm')
+    if take is not None:
+      last = len(self.depths) - 1
+      maps = [final_norm(outs[s]) if norm and s == last else outs[s] for s in take]
+      return backbone.pack(maps, [backbone.no_prefix(m) for m in maps], drop_prefix)
+    x = final_norm(x)
     x = jnp.mean(x, axis=(1, 2))
     if self.num_classes:
       x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

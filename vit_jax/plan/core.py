@@ -25,10 +25,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import glob
 import gzip
 import hashlib
+import logging
 import math
+import os
 import re
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -166,8 +170,13 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
                                    teacher_model=teacher_model)
   lowered = built.lower()
   fingerprint = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
+  dump = tempfile.TemporaryDirectory(prefix='vit_jax_plan_hlo_')
   try:
-    compiled, oom = lowered.compile(), ''
+    # The compiler also writes the optimised module's text: `compiled.as_text()` re-reads the
+    # module from its serialised form, which XLA refuses for some programs (MAE's and MPP's
+    # gathers on TPU: "async-update instruction should have 1 operands but sees 3").
+    compiled, oom = lowered.compile(compiler_options={'xla_dump_to': dump.name,
+                                                      'xla_dump_hlo_as_text': True}), ''
   except Exception as e:  # pylint: disable=broad-except
     # libtpu refuses a program that cannot fit ("CompileTimeHbmOom"): that is an answer, not an
     # error. Anything else is.
@@ -213,7 +222,8 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
           config.batch_size
     except Exception:  # pylint: disable=broad-except
       pass  # a teacher whose fields the family cannot count: the student's FLOPs only
-  text = compiled.as_text() if compiled else ''
+  text = _compiled_text(compiled, dump.name) if compiled else ''
+  dump.cleanup()
   if hlo_path and text:
     with gzip.open(hlo_path, 'wt') as f:
       f.write(text)
@@ -225,6 +235,20 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
               built.fields.get('remat'), jax.numpy.dtype(built.model.dtype).name,
               mem, a.flops or cost_flops, cost_flops, float(analytic), a.hbm_bytes or cost_bytes,
               cost_bytes, a.collectives, seconds, fingerprint, oom, a.ops)
+
+
+def _compiled_text(compiled: Any, dump_dir: str) -> str:
+  """The compiled module's HLO text: `as_text()`, else the compiler's own dump of it."""
+  try:
+    return compiled.as_text()
+  except Exception as e:  # pylint: disable=broad-except
+    found = sorted(glob.glob(os.path.join(dump_dir, '*after_optimizations.txt')))
+    if not found:
+      raise
+    logging.warning('the compiled module\'s text could not be read back (%s); using the '
+                    'compiler\'s dump of it', str(e).splitlines()[0])
+    with open(max(found, key=os.path.getsize)) as f:
+      return f.read()
 
 
 def oom_temporaries(message: str) -> float:
