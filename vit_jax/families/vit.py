@@ -166,6 +166,8 @@ class VitFamily(Family):
   test_model = 'ViT-testing'
   num_tokens = 1  # prefix tokens a 'token' classifier adds (DeiT: 2)
   capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
+  intermediate_unit = 'blocks'
+  call_time_size = 'dynamic_img_size'
 
   def module_class(self) -> type:
     return vit_models.VisionTransformer
@@ -421,6 +423,10 @@ class VitFamily(Family):
   def token_layout(self, arch):
     fields = arch.model_config
     return self.num_prefix(fields), self.grid(fields, arch.image_size), self.patch_hw(fields)
+
+  def reads_class_token(self, arch):
+    # Registers are prefix tokens that no pooling reads ('gap' and 'map' pool the patches).
+    return arch.model_config.get('classifier', 'token') == 'token'
 
   def attention_fn(self, arch):
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel

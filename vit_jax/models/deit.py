@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import backbone
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.tokens import TokenInputs
 from vit_jax.models.vit import POSEMBS, embed_patches, intermediate_outputs, make_encoder, pair
@@ -86,7 +87,7 @@ class DistilledVisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, return_both: bool = False,
                tokens: Optional[TokenInputs] = None, return_weights: Optional[bool] = None,
-               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               intermediates: Optional[backbone.Indices] = None, norm: bool = False,
                drop_prefix: bool = False):
     """Classifies images.
 

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax
 
+from vit_jax.models import backbone
 from vit_jax.models import resnet
 from vit_jax.models.tokens import TokenInputs
 from vit_jax.models.vit import VisionTransformer
@@ -50,7 +51,7 @@ class HybridVisionTransformer(VisionTransformer):
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, tokens: Optional[TokenInputs] = None,
                return_weights: Optional[bool] = None,
-               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               intermediates: Optional[backbone.Indices] = None, norm: bool = False,
                drop_prefix: bool = False):
     """Classifies images [B, H, W, C] (any C; pixels roughly in [-1, 1]).
 

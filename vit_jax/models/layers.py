@@ -1,6 +1,7 @@
 """Layers the models share: GELU, stochastic depth, remat policies, the MLP block, the MAP head,
-LayerScale and the position embedding (learned, 2-D sine-cosine or none), whose learned table can be resampled to another patch
-grid inside a jitted function (`resize_grid`).
+LayerScale and the position embedding (learned, 2-D sine-cosine or none), whose learned table can
+be resampled to another patch grid inside a jitted function (`vit_jax.models.resize.grid_operator`:
+the checkpoint transfer's method as a matrix).
 
 Parameter names are a file format (Google's released ViT checkpoints and big_vision):
 `MlpBlock_*/{Dense_0, Dense_1}`, `MAPHead_0/{probe, MultiHeadDotProductAttention_0, LayerNorm_0,
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import resize
 from vit_jax.models.attention import MultiHeadDotProductAttention, rows
 
 Dtype = Any
@@ -23,8 +25,8 @@ Dtype = Any
 ACTIVATIONS = ('gelu', 'gelu_tanh')
 POSEMBS = ('learned', 'sincos2d', 'none')
 # How a learned position table is resampled to another grid: the checkpoint transfer's methods
-# (`vit_jax.families.resample`), here in jnp so that they run inside a jitted model.
-RESIZE_METHODS = ('bilinear', 'bicubic')
+# (`vit_jax.models.resize`), applied inside the jitted call as their operator matrices.
+RESIZE_METHODS = resize.METHODS
 LN_EPS = 1e-6
 
 
@@ -145,44 +147,6 @@ def sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.n
   return pe[None].astype(np.float32)
 
 
-def linear_weights(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] float64 weights of corner-aligned linear interpolation along one axis: exactly
-  the sample positions of `scipy.ndimage.zoom(order=1)` (output i reads input i (n_in-1)/(n_out-1);
-  a single output reads input 0)."""
-  step = (n_in - 1) / (n_out - 1) if n_out > 1 else 1.0
-  pos = np.arange(n_out, dtype=np.float64) * step
-  lo = np.clip(np.floor(pos).astype(np.int64), 0, max(n_in - 2, 0))
-  frac = pos - lo
-  w = np.zeros((n_out, n_in), np.float64)
-  w[np.arange(n_out), lo] += 1.0 - frac
-  if n_in > 1:
-    w[np.arange(n_out), lo + 1] += frac
-  return w
-
-
-def resize_grid(grid: jax.Array, new_hw: Sequence[int], method: str = 'bilinear') -> jax.Array:
-  """[gh, gw, D] -> [new_h, new_w, D] in jnp (traceable), the same methods as the checkpoint
-  transfer (`vit_jax.families.resample.resample_grid`): 'bilinear' is scipy's corner-aligned zoom
-  (two small interpolation matrices, built from the static shapes), 'bicubic' antialiased bicubic
-  with half-pixel centres (`jax.image.resize`, as there). Computed in float32, returned in the
-  grid's dtype."""
-  if method not in RESIZE_METHODS:
-    raise ValueError(f'position-table resize method {method!r} is not one of {RESIZE_METHODS}')
-  gh, gw, d = grid.shape
-  new_h, new_w = (int(v) for v in new_hw)
-  if (gh, gw) == (new_h, new_w):
-    return grid
-  work = grid.astype(jnp.float32)
-  if method == 'bilinear':
-    wy = jnp.asarray(linear_weights(gh, new_h), jnp.float32)
-    wx = jnp.asarray(linear_weights(gw, new_w), jnp.float32)
-    out = jnp.einsum('yh,hwd->ywd', wy, work, precision=jax.lax.Precision.HIGHEST)
-    out = jnp.einsum('xw,ywd->yxd', wx, out, precision=jax.lax.Precision.HIGHEST)
-  else:
-    out = jax.image.resize(work, (new_h, new_w, d), method='bicubic', antialias=True)
-  return out.astype(grid.dtype)
-
-
 class AddPositionEmbs(nn.Module):
   """Adds position embeddings to [B, prefix + h*w, D] tokens.
 
@@ -192,7 +156,8 @@ class AddPositionEmbs(nn.Module):
   table's grid th x tw. That grid is `table_grid` when given, else the input's at initialisation;
   on a later call it is read back off the table (`table_grid`, or the input's grid when the row
   count fits it, else a square). An input grid other than the table's is refused unless `dynamic`,
-  which resamples the grid rows to the input's inside the call (`resize_grid` with `resize`).
+  which resamples the grid rows to the input's inside the call with the checkpoint transfer's
+  method `resize` ('bilinear' or 'bicubic', `vit_jax.models.resize`).
   `sincos2d`: fixed, computed at the input's grid, zero on prefix tokens. `none`: identity.
   """
   kind: str
@@ -229,8 +194,13 @@ class AddPositionEmbs(nn.Module):
             f'the input\'s {gh}x{gw} patch grid differs from the position table\'s '
             f'{table_grid[0]}x{table_grid[1]}: build the model for this image size (and resample '
             'the checkpoint), or set dynamic_img_size=True to resample the table at call time')
-      grid = resize_grid(pe[0, rows_prefix:].reshape(*table_grid, d), (gh, gw), self.resize)
-      pe = jnp.concatenate([pe[:, :rows_prefix], grid.reshape(1, gh * gw, d)], axis=1)
+      if self.resize not in RESIZE_METHODS:
+        raise ValueError(f'dynamic_resize {self.resize!r} is not one of {RESIZE_METHODS}')
+      # The transfer method's operator ([gh*gw, th*tw], built once per shape at trace time).
+      op = jnp.asarray(resize.grid_operator(table_grid, (gh, gw), self.resize))
+      grid = jnp.matmul(op, pe[0, rows_prefix:].astype(jnp.float32),
+                        precision=jax.lax.Precision.HIGHEST).astype(pe.dtype)
+      pe = jnp.concatenate([pe[:, :rows_prefix], grid[None]], axis=1)
     skip = self.num_prefix - rows_prefix  # prefix tokens without a row of the table
     return jnp.concatenate([x[:, :skip], x[:, skip:] + pe], axis=1) if skip else x + pe
 

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import backbone
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.attention import MultiHeadDotProductAttention, rows
 from vit_jax.models.layers import (ACTIVATIONS, LN_EPS, POSEMBS, REMAT_POLICIES,  # noqa: F401
@@ -226,33 +227,19 @@ def make_encoder(module: nn.Module, grid: tuple[int, int], num_prefix: int,
       param_dtype=module.param_dtype, name='Transformer')
 
 
-def take_indices(num_layers: int, indices: Sequence[int]) -> list[int]:
-  """Block indices, negative ones counted from the end (timm's `forward_intermediates`), as
-  non-negative ints; a ValueError for one out of range."""
-  out = []
-  for i in (indices if isinstance(indices, (list, tuple)) else [indices]):
-    if not -num_layers <= int(i) < num_layers:
-      raise ValueError(f'intermediates: block {i} does not exist in a {num_layers}-block model '
-                       f'(valid: {-num_layers} .. {num_layers - 1})')
-    out.append(int(i) % num_layers)
-  return out
-
-
 def intermediate_outputs(encoder: 'Encoder', x: jax.Array, grid: tuple[int, int], num_prefix: int,
-                         indices: Sequence[int], *, norm: bool, drop_prefix: bool, train: bool,
+                         indices: backbone.Indices, *, norm: bool, drop_prefix: bool, train: bool,
                          tokens: Optional[TokenInputs]) -> dict[str, list[jax.Array]]:
   """The backbone API's result: {'maps': [B, gh, gw, D] per index, 'prefix': [B, P, D] per index
   (absent with drop_prefix)}; see `VisionTransformer.__call__`."""
   if tokens is not None and tokens.keep is not None:
     raise ValueError('intermediates return the full patch grid; they cannot be used with '
                      'tokens.keep')
-  hidden = encoder(x, train=train, tokens=tokens, take=take_indices(encoder.num_layers, indices),
-                   take_norm=norm)
+  take = backbone.take_indices(indices, encoder.num_layers, 'blocks')
+  hidden = encoder(x, train=train, tokens=tokens, take=take, take_norm=norm)
   b = x.shape[0]
-  out = {'maps': [h[:, num_prefix:].reshape(b, *grid, h.shape[-1]) for h in hidden]}
-  if not drop_prefix:
-    out['prefix'] = [h[:, :num_prefix] for h in hidden]
-  return out
+  return backbone.pack([h[:, num_prefix:].reshape(b, *grid, h.shape[-1]) for h in hidden],
+                       [h[:, :num_prefix] for h in hidden], drop_prefix)
 
 
 class VisionTransformer(nn.Module):
@@ -341,7 +328,7 @@ class VisionTransformer(nn.Module):
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
                features: bool = False, tokens: Optional[TokenInputs] = None,
                return_weights: Optional[bool] = None,
-               intermediates: Optional[Sequence[int]] = None, norm: bool = False,
+               intermediates: Optional[backbone.Indices] = None, norm: bool = False,
                drop_prefix: bool = False):
     """Classifies images.
 
@@ -357,10 +344,10 @@ class VisionTransformer(nn.Module):
       tokens: token-level inputs of a training objective (mask, kept patches, prompts).
       return_weights: compute the attention weights for aux (the explicit softmax, never a fused
         kernel); default: return_aux.
-      intermediates: block indices (negative: from the end): return instead {'maps': [the patch
-        tokens after each of these blocks as [B, H/ph, W/pw, D]], 'prefix': [the prefix tokens
-        [B, P, D] after each]}, in the order given (timm's `forward_intermediates` returns them in
-        block order); later blocks are not run (without scan).
+      intermediates: block indices (negative: from the end; an int n: the last n), the backbone
+        API (`vit_jax.models.backbone`): return instead {'maps': [the patch tokens after each of
+        these blocks as [B, H/ph, W/pw, D]], 'prefix': [the prefix tokens [B, P, D] after each]},
+        in the order given; later blocks are not run (without scan).
       norm: with intermediates, pass each through the final norm (timm's norm=True; none with
         fc_norm, whose norm follows the pooling).
       drop_prefix: with intermediates, leave 'prefix' out.
