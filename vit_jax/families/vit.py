@@ -320,31 +320,30 @@ class VitFamily(Family):
 
   def _read_table(self, rows: int, cfg: dict[str, Any], size: Optional[tuple[int, int]]
                   ) -> tuple[int, int]:
-    """The learned table's grid; sets cfg['no_embed_class'] (when the family has it) from `rows`."""
+    """The learned table's grid (`posemb_grid`, else the image's, else a square); whether its
+    `rows` include the prefix tokens' sets cfg['no_embed_class'] (rows for them first, as Google's
+    and the paper's tables, when both would fit)."""
     prefix = self.num_prefix(cfg)
-    given = cfg.get('no_embed_class') if prefix else False
-    if cfg.get('posemb_grid') is not None:
-      grids = [hw(cfg['posemb_grid'])]
-    elif size is not None:
-      grids = [self.grid(cfg, size)]
+    if not prefix or not self._takes('no_embed_class'):
+      choices = [False]
+    elif cfg.get('no_embed_class') is not None:
+      choices = [bool(cfg['no_embed_class'])]
     else:
-      grids = []
-    options = [False, True] if given is None else [bool(given)]
-    if not self._takes('no_embed_class'):
-      options = [False]
-    for no_embed in options:
+      choices = [False, True]
+    known = (hw(cfg['posemb_grid']) if cfg.get('posemb_grid') is not None
+             else self.grid(cfg, size) if size is not None else None)
+    for no_embed in choices:
       n = rows - (0 if no_embed else prefix)
-      candidates = grids or ([resample.square_grid(n)] if n > 0 and math.isqrt(n) ** 2 == n else [])
-      if candidates and candidates[0][0] * candidates[0][1] == n:
+      grid = known or ((math.isqrt(n),) * 2 if n > 0 and math.isqrt(n) ** 2 == n else None)
+      if grid and grid[0] * grid[1] == n:
+        cfg.pop('no_embed_class', None)
         if no_embed:
           cfg['no_embed_class'] = True
-        else:
-          cfg.pop('no_embed_class', None)
-        return candidates[0]
-    what = f'the {grids[0][0]}x{grids[0][1]} grid of image size {size}' if grids else 'a square grid'
-    raise ValueError(f'the position embeddings hold {rows} rows: not {what} after '
-                     f'{"0 or " if len(options) > 1 else ""}'
-                     f'{0 if options == [True] else prefix} prefix rows')
+        return grid
+    what = f'the {known[0]}x{known[1]} grid of image size {size}' if known else 'a square grid'
+    counts = ' or '.join(str(0 if c else prefix) for c in choices)
+    raise ValueError(f'the position embeddings hold {rows} rows: not {what} after {counts} '
+                     'prefix rows')
 
   extra_size_fields: tuple[str, ...] = ()
 
