@@ -28,7 +28,6 @@ import dataclasses
 import glob
 import gzip
 import hashlib
-import logging
 import math
 import os
 import re
@@ -172,9 +171,10 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
   fingerprint = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
   dump = tempfile.TemporaryDirectory(prefix='vit_jax_plan_hlo_')
   try:
-    # The compiler also writes the optimised module's text: `compiled.as_text()` re-reads the
-    # module from its serialised form, which XLA refuses for some programs (MAE's and MPP's
-    # gathers on TPU: "async-update instruction should have 1 operands but sees 3").
+    # The compiler also writes the optimised module's text, which the analysis reads:
+    # `compiled.as_text()` re-reads the module from its serialised form, which XLA refuses for
+    # some programs (MAE's and MPP's gathers on TPU: "async-update instruction should have 1
+    # operands but sees 3").
     compiled, oom = lowered.compile(compiler_options={'xla_dump_to': dump.name,
                                                       'xla_dump_hlo_as_text': True}), ''
   except Exception as e:  # pylint: disable=broad-except
@@ -238,17 +238,13 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
 
 
 def _compiled_text(compiled: Any, dump_dir: str) -> str:
-  """The compiled module's HLO text: `as_text()`, else the compiler's own dump of it."""
-  try:
-    return compiled.as_text()
-  except Exception as e:  # pylint: disable=broad-except
-    found = sorted(glob.glob(os.path.join(dump_dir, '*after_optimizations.txt')))
-    if not found:
-      raise
-    logging.warning('the compiled module\'s text could not be read back (%s); using the '
-                    'compiler\'s dump of it', str(e).splitlines()[0])
+  """The compiled module's HLO text: the compiler's own dump of it (the largest module written:
+  the step), else `as_text()`."""
+  found = glob.glob(os.path.join(dump_dir, '*after_optimizations.txt'))
+  if found:
     with open(max(found, key=os.path.getsize)) as f:
       return f.read()
+  return compiled.as_text()
 
 
 def oom_temporaries(message: str) -> float:
