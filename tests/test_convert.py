@@ -173,8 +173,8 @@ def test_what_a_target_cannot_express_is_a_clear_error(tmp_path):
   # A norm both before and after pooling (fc_norm alone is the ViT's field of that name).
   with pytest.raises(ValueError, match='both before and after pooling'):
     save_file({'patch_embed.proj.weight': np.zeros((D, 3, 4, 4), np.float32),
-               **{f'{n}.{w}': np.zeros(D, np.float32) for n in ('patch_embed.proj', 'norm',
-                                                               'fc_norm') for w in ('weight', 'bias')
+               **{f'{n}.{w}': np.zeros(D, np.float32)
+                  for n in ('patch_embed.proj', 'norm', 'fc_norm') for w in ('weight', 'bias')
                   if (n, w) != ('patch_embed.proj', 'weight')}}, tmp_path / 'model.safetensors')
     (tmp_path / 'config.json').write_text(json.dumps({'model_args': {'num_heads': 2}}))
     read_checkpoint(tmp_path)

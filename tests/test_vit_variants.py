@@ -56,7 +56,8 @@ def images(h, w, batch=2, seed=0):
 
 @pytest.mark.parametrize('family_name,fields,method', [
     ('vit', VARIANTS['dinov2'], 'bilinear'), ('vit', VARIANTS['dinov2-reg'], 'bicubic'),
-    ('vit', VARIANTS['siglip-gap'], 'bilinear'), ('deit', {}, 'bicubic'), ('hybrid', {}, 'bilinear')])
+    ('vit', VARIANTS['siglip-gap'], 'bilinear'), ('deit', {}, 'bicubic'),
+    ('hybrid', {}, 'bilinear')])
 def test_dynamic_img_size_equals_the_model_built_at_that_size(family_name, fields, method):
   """Built at 16x16 (a 4x4 table), called at 12x24 (3x6) and 28x20 (7x5): the same logits as the
   model built at that size from the checkpoint whose table `resample.resample_posemb` resampled with

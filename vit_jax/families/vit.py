@@ -273,7 +273,8 @@ class VitFamily(Family):
     if not variant['fc_norm'] and 'Transformer/encoder_norm/scale' not in flat:
       raise ValueError('the parameters have neither a final norm (Transformer/encoder_norm) nor '
                        'one after pooling (fc_norm)')
-    for key, value in variant.items():  # only where present: a Google ViT's fields stay as they were
+    # Only where present: a Google ViT's fields stay as they were.
+    for key, value in variant.items():
       if value and not self._takes(key):
         raise ValueError(f'the {self.name} family has no {key}, but the parameters do')
       if value:

@@ -41,7 +41,8 @@ TIMM_ARCHITECTURES = {
     'DeiT3-S_16': 'deit3_small_patch16_224', 'DeiT3-B_16': 'deit3_base_patch16_224',
     'DINOv2-S_14': 'vit_small_patch14_dinov2', 'DINOv2-S_14-reg4': 'vit_small_patch14_reg4_dinov2',
     'DINOv2-B_14-reg4': 'vit_base_patch14_reg4_dinov2',
-    'SigLIP-B_16': 'vit_base_patch16_siglip_224', 'SigLIP-B_16-gap': 'vit_base_patch16_siglip_gap_224',
+    'SigLIP-B_16': 'vit_base_patch16_siglip_224',
+    'SigLIP-B_16-gap': 'vit_base_patch16_siglip_gap_224',
     'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256'}
 
 

@@ -97,7 +97,7 @@ class MlpBlock(nn.Module):
 
 
 class MAPHead(nn.Module):
-  """Multi-head attention pooling (big_vision `MAPHead`): a learned probe attends over the tokens."""
+  """Multi-head attention pooling (big_vision `MAPHead`): a learned probe attends to the tokens."""
   num_heads: int
   mlp_dim: int
   act: str = 'gelu_tanh'
