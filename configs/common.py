@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from vit_jax import objectives
 from vit_jax.families import registry
 
 
@@ -77,14 +78,16 @@ def get_config() -> ml_collections.ConfigDict:
   # None: the family's default (ViT position embeddings bilinear, as Google; Swin bicubic).
   c.posemb_resize = config_dict.placeholder(str)
 
-  # Distillation (DeiT; vit_jax.train.step): a DeiT student's distillation head learns a frozen
-  # teacher's predictions: loss = (1 - alpha) CE(class head, labels) + alpha distill(distillation
-  # head, teacher); hard: CE against the teacher's argmax; soft: T^2 KL at temperature T.
-  c.distill = ml_collections.ConfigDict()
-  c.distill.teacher = config_dict.placeholder(str)  # any checkpoint this project reads; None: off
-  c.distill.kind = 'hard'       # hard | soft
-  c.distill.temperature = 3.0   # soft only
-  c.distill.alpha = 0.5
+  # The training objective (vit_jax.objectives): how the model learns. classify (labels; its keys
+  # are `loss` and `label_smoothing` above), distill (DeiT; `distill.*`), mpp (masked patch
+  # prediction; `mpp.*`), mae (masked autoencoder; `mae.*`), prompt (visual prompt tuning of a
+  # frozen `pretrained` backbone; `prompt.*`). Each objective owns the block of its name (its keys
+  # are documented in its module, vit_jax/objectives/<name>.py); a classify config with
+  # `distill.teacher` set distils, as before objectives existed.
+  c.objective = ml_collections.ConfigDict({'name': 'classify'})
+  for key, defaults in objectives.config_blocks().items():
+    c[key] = ml_collections.ConfigDict(
+        {k: config_dict.placeholder(str) if v is None else v for k, v in defaults.items()})
 
   # Few-shot evaluation during training (vit_jax.eval.fewshot): pre-logits features of `shots`
   # training images per class (seeds 0..seeds-1), ridge regression (big_vision's fewshot_lsr) or

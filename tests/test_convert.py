@@ -15,7 +15,8 @@ from vit_jax.families.vit import FAMILY as VIT
 from vit_jax.checkpoints.npz import write_npz
 from vit_jax.convert import __main__ as cli
 from vit_jax.convert import convert
-from vit_jax.families import vit_hf, vit_interop
+from vit_jax.families import vit_hf_interop as vit_hf
+from vit_jax.families import vit_interop
 from vit_jax.formats import hf, timm
 
 # The config.json fields `from_hf` reads for the test model (transformers' ViT defaults otherwise).

@@ -16,6 +16,7 @@ from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
 from vit_jax.families.base import IMAGENET
 from vit_jax.families.deit import FAMILY as DEIT
+from vit_jax.families.deit_interop import INTEROP as DEIT_INTEROP
 from vit_jax.models.deit import DistilledVisionTransformer
 from vit_jax.models.params import count, flatten, unflatten
 from vit_jax.train import optim, state as state_lib, step as step_lib, validate
@@ -97,7 +98,7 @@ def test_family_detects_counts_and_refuses_other_formats():
   vit = registry.get_family('vit')
   assert macs - 2 * 32 * 5 > vit.forward_macs({**TINY, 'classifier': 'token'}, None, (16, 16))
   with pytest.raises(ValueError, match='DeiTForImageClassificationWithTeacher'):
-    DEIT.to_hf(flat, arch)
+    DEIT_INTEROP.to_hf(flat, arch)
   from vit_jax.convert.api import _write_npz  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match='Google released no .npz'):
     _write_npz('/nonexistent/x.npz', flat, arch, None)
@@ -137,8 +138,8 @@ def test_timm_checkpoint_gives_the_same_logits_and_round_trips(tmp_path):
   state = {k: v.numpy() for k, v in model.state_dict().items()}
   config = {'architecture': 'deit_tiny_distilled_patch16_224',
             'model_args': {**TIMM_ARGS, 'img_size': [16, 16]}}
-  assert registry.family_for_timm(config['architecture'], state).name == 'deit'
-  flat, arch, _ = DEIT.from_timm(state, config)
+  assert registry.interop_for_timm(config['architecture'], state) is DEIT_INTEROP
+  flat, arch, _ = DEIT_INTEROP.from_timm(state, config)
   assert arch.family == 'deit' and arch.model_config['act'] == 'gelu'
   assert arch.mean == IMAGENET[0] and arch.std == IMAGENET[1]   # timm's DeiT normalisation
   images = _images(seed=3)
@@ -151,7 +152,7 @@ def test_timm_checkpoint_gives_the_same_logits_and_round_trips(tmp_path):
     diff = assert_logits_match(a, b, what=what)
     print(f'timm DeiT {what}: max |logit diff| {diff:.3g} (logits up to {np.abs(b).max():.3g})')
   # to_timm(from_timm(x)) is x, bitwise.
-  back, back_config = DEIT.to_timm(flat, arch)
+  back, back_config = DEIT_INTEROP.to_timm(flat, arch)
   assert set(back) == set(state)
   for k in state:
     assert back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k]), k

@@ -13,6 +13,7 @@ from vit_jax.models import params as params_lib
 
 from tests.numerics import assert_close_to_scale, assert_logits_match
 from vit_jax.families import hybrid as fam
+from vit_jax.families import hybrid_interop
 from vit_jax.families import registry
 from vit_jax.models import resnet
 from vit_jax.models.hybrid import HybridVisionTransformer
@@ -212,13 +213,13 @@ def test_timm_weights_give_timm_logits_and_round_trip(case):
   fields, size = CASES[case]
   model = _timm_model(fields, size)
   sd = {k: v.numpy() for k, v in model.state_dict().items()}
-  flat = fam.from_timm(sd, fields)
+  flat = hybrid_interop.from_timm(sd, fields)
   assert {k: v.shape for k, v in flat.items()} == _init_shapes(fields, size)
   images = _images(*size)
   theirs, ours = _run(model, images), _ours(fields, flat, images)
   diff = assert_logits_match(ours, theirs, what=case)
   print(f'{case}: max |logit diff| vs timm {diff:.3g} (logits up to {np.abs(theirs).max():.3g})')
-  back = fam.to_timm(flat, fields)
+  back = hybrid_interop.to_timm(flat, fields)
   assert sorted(back) == sorted(sd)
   assert all(back[k].dtype == sd[k].dtype and back[k].tobytes() == sd[k].tobytes() for k in sd)
 
@@ -228,7 +229,7 @@ def test_resnet_matches_timm_backbone_on_faint_images(case):
   """Faint images keep every GroupNorm's variance near its eps, so the eps (1e-5) must match too."""
   fields, size = CASES[case]
   model = _timm_model(fields, size)
-  flat = fam.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, fields)
+  flat = hybrid_interop.from_timm({k: v.numpy() for k, v in model.state_dict().items()}, fields)
   images = 1e-3 * _images(*size, seed=5)
   with torch.no_grad():
     theirs = model.patch_embed.backbone(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()))
@@ -274,22 +275,23 @@ def test_family_timm_export_rebuilds_in_timm_and_reads_back(tmp_path):
   # A ResNet timm has no registry entry for cannot be exported by name.
   tiny = family.infer(_perturbed_params(family.create(TINY, 5)), model_config=TINY)
   with pytest.raises(ValueError, match='registered ResNets'):
-    family.to_timm(_perturbed_params(family.create(TINY, 5)), tiny)
+    hybrid_interop.INTEROP.to_timm(_perturbed_params(family.create(TINY, 5)), tiny)
 
 
 def test_fields_from_timm_names():
-  assert fam.fields_from_timm_name('vit_base_r50_s16_384.orig_in21k_ft_in1k') == dict(
+  fields_from_timm_name = hybrid_interop.fields_from_timm_name
+  assert fields_from_timm_name('vit_base_r50_s16_384.orig_in21k_ft_in1k') == dict(
       fam.MODELS['R50+ViT-B_16'], act='gelu')
-  assert fam.fields_from_timm_name('vit_tiny_r_s16_p8_224') == dict(
+  assert fields_from_timm_name('vit_tiny_r_s16_p8_224') == dict(
       fam.MODELS['R+ViT-Ti_16'], act='gelu')
-  assert fam.fields_from_timm_name('vit_small_r26_s32_224')['resnet_layers'] == (2, 2, 2, 2)
-  assert fam.fields_from_timm_name('vit_large_r50_s32_384')['resnet_layers'] == (3, 4, 6, 3)
+  assert fields_from_timm_name('vit_small_r26_s32_224')['resnet_layers'] == (2, 2, 2, 2)
+  assert fields_from_timm_name('vit_large_r50_s32_384')['resnet_layers'] == (3, 4, 6, 3)
   with pytest.raises(ValueError, match='hybrid'):
-    fam.fields_from_timm_name('vit_small_resnet26d_224')
+    fields_from_timm_name('vit_small_resnet26d_224')
   keys = {'patch_embed.backbone.stem.conv.weight', 'patch_embed.proj.weight'}
-  assert registry.family_for_timm('vit_base_r50_s16_224', keys).name == 'hybrid'
-  assert registry.family_for_timm('', keys).name == 'hybrid'
-  assert registry.family_for_timm('', {'patch_embed.backbone.conv.weight',
-                                       'patch_embed.proj.weight'}).name == 'hybrid'
-  assert registry.family_for_timm('vit_base_patch16_224', {'patch_embed.proj.weight',
-                                                           'blocks.0.attn.qkv.weight'}).name == 'vit'
+  assert registry.interop_for_timm('vit_base_r50_s16_224', keys) is hybrid_interop.INTEROP
+  assert registry.interop_for_timm('', keys).name == 'hybrid'
+  assert registry.interop_for_timm('', {'patch_embed.backbone.conv.weight',
+                                        'patch_embed.proj.weight'}).name == 'hybrid'
+  vit_keys = {'patch_embed.proj.weight', 'blocks.0.attn.qkv.weight'}
+  assert registry.interop_for_timm('vit_base_patch16_224', vit_keys).name == 'vit'

@@ -11,6 +11,7 @@ import pytest
 
 from tests.numerics import assert_close_to_scale, assert_trees_close_to_scale
 from vit_jax.families import mixer as fam
+from vit_jax.families import mixer_interop
 from vit_jax.families import registry
 from vit_jax.models.mixer import MixerBlock, MlpMixer
 from vit_jax.models.params import count, flatten, unflatten
@@ -157,7 +158,7 @@ def test_flat_params_are_googles_npz_layout(tmp_path):
                 for j in (0, 1) for p in ('kernel', 'bias')]
   assert sorted(flat) == sorted(google)
   assert flat['MixerBlock_0/token_mixing/Dense_0/kernel'].shape == (16, 16)  # [tokens, D_S]
-  fam.check_npz_layout(flat, model_fields(model), num_tokens=16, num_classes=7)
+  mixer_interop.check_npz_layout(flat, model_fields(model), num_tokens=16, num_classes=7)
 
   np.savez(tmp_path / 'mixer.npz', **flat)
   with np.load(tmp_path / 'mixer.npz', allow_pickle=False) as npz:
@@ -168,15 +169,15 @@ def test_flat_params_are_googles_npz_layout(tmp_path):
                                 model.apply({'params': unflatten(flat)}, x))
   # Training checkpoints carry an optimizer-state prefix; the parameters are found under it.
   saved = {**{f'opt/target/{k}': v for k, v in flat.items()}, 'opt/state/step': np.zeros(())}
-  assert sorted(fam.strip_prefix(saved)) == sorted(flat)
+  assert sorted(mixer_interop.strip_prefix(saved)) == sorted(flat)
 
   renamed = dict(flat)
   renamed['MixerBlock_0/MlpBlock_0/Dense_0/kernel'] = renamed.pop(
       'MixerBlock_0/channel_mixing/Dense_0/kernel')
   with pytest.raises(ValueError, match='not Google.s Mixer .npz layout'):
-    fam.check_npz_layout(renamed, fields, num_tokens=16, num_classes=7)
+    mixer_interop.check_npz_layout(renamed, fields, num_tokens=16, num_classes=7)
   with pytest.raises(ValueError, match='wrong shapes'):
-    fam.check_npz_layout(flat, fields, num_tokens=25, num_classes=7)
+    mixer_interop.check_npz_layout(flat, fields, num_tokens=25, num_classes=7)
 
 
 def model_fields(model: MlpMixer) -> dict:
@@ -184,10 +185,10 @@ def model_fields(model: MlpMixer) -> dict:
 
 
 def test_registry_names():
-  assert fam.fields_from_timm_name('mixer_b16_224.goog_in21k') == {**fam.MODELS['Mixer-B_16'],
-                                                                   'act': 'gelu'}
+  assert mixer_interop.fields_from_timm_name('mixer_b16_224.goog_in21k') == {
+      **fam.MODELS['Mixer-B_16'], 'act': 'gelu'}
   with pytest.raises(ValueError, match='not one of timm'):
-    fam.fields_from_timm_name('resmlp_12_224')
+    mixer_interop.fields_from_timm_name('resmlp_12_224')
 
 
 # ---------- the family descriptor ----------
@@ -202,8 +203,10 @@ def test_family_is_registered_and_builds_the_module():
     registry.create_model(registry.get_model_config('Mixer-testing'), 5, num_heads=2)
   flat = flatten(_random_params(_model(), _images()))
   assert registry.detect(flat) is family
-  assert family.npz_keys_ok(flat) == []
-  assert family.npz_keys_ok({**flat, 'MixerBlock_0/MlpBlock_0/bias': 0}) == [
+  interop = registry.interop('mixer')
+  assert interop is mixer_interop.INTEROP and interop.family is family
+  assert interop.npz_keys_ok(flat) == []
+  assert interop.npz_keys_ok({**flat, 'MixerBlock_0/MlpBlock_0/bias': 0}) == [
       'MixerBlock_0/MlpBlock_0/bias']
 
 

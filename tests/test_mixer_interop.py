@@ -50,10 +50,10 @@ def test_timm_weights_give_timms_logits(timm, act):
   act_layer = None if act == 'gelu' else functools.partial(torch.nn.GELU, approximate='tanh')
   tmodel = _timm_tiny(timm, act_layer)
   sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
-  fields, tokens, classes, channels = fam.fields_from_timm_state(sd)
+  fields, tokens, classes, channels = mixer_interop.fields_from_timm_state(sd)
   assert (tokens, classes, channels) == (24, 5, 3)
   fields['act'] = act
-  flat = fam.from_timm(sd, fields)
+  flat = mixer_interop.from_timm(sd, fields)
   model = MlpMixer(num_classes=classes, **fields)
   x = _images(16, 24, seed=4)
   want = _timm_run(tmodel, x)
@@ -70,13 +70,13 @@ def test_timm_weights_give_timms_logits(timm, act):
 
 def test_timm_state_round_trip_is_bitwise(timm):
   sd = {k: v.numpy() for k, v in _timm_tiny(timm).state_dict().items()}
-  fields = fam.fields_from_timm_state(sd)[0]
-  back = fam.to_timm(fam.from_timm(sd, fields), fields)
+  fields = mixer_interop.fields_from_timm_state(sd)[0]
+  back = mixer_interop.to_timm(mixer_interop.from_timm(sd, fields), fields)
   assert sorted(back) == sorted(sd)
   for k, v in sd.items():
     assert back[k].dtype == v.dtype and np.array_equal(back[k], v), k
   with pytest.raises(ValueError, match='not part of an MlpMixer'):
-    fam.from_timm({**sd, 'blocks.0.ls1': sd['norm.bias']}, fields)
+    mixer_interop.from_timm({**sd, 'blocks.0.ls1': sd['norm.bias']}, fields)
 
 
 def test_export_builds_in_timm_with_the_same_logits(timm):
@@ -87,21 +87,22 @@ def test_export_builds_in_timm_with_the_same_logits(timm):
   fields = {**model_fields(model), 'act': 'gelu'}
   args = mixer_interop.timm_model_args(fields, 3, (16, 24))
   tmodel = timm.models.mlp_mixer.MlpMixer(**args).eval()
-  tmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in fam.to_timm(flat, fields).items()},
+  state = mixer_interop.to_timm(flat, fields)
+  tmodel.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()},
                          strict=True)
   want = _timm_run(tmodel, x)
   assert_logits_match(model.apply({'params': unflatten(flat)}, x), want)
 
 
-@pytest.mark.parametrize('timm_name,ours', sorted(fam.TIMM_NAMES.items()))
+@pytest.mark.parametrize('timm_name,ours', sorted(mixer_interop.TIMM_NAMES.items()))
 def test_timm_registry_counts_and_create_args(timm, timm_name, ours):
   import torch  # pylint: disable=import-outside-toplevel
   with torch.device('meta'):  # shapes only, nothing allocated
     tmodel = timm.create_model(timm_name, pretrained=False)
   assert sum(p.numel() for p in tmodel.parameters()) == COUNTS[ours]
-  assert fam.fields_from_timm_name(timm_name) == {**fam.MODELS[ours], 'act': 'gelu'}
+  assert mixer_interop.fields_from_timm_name(timm_name) == {**fam.MODELS[ours], 'act': 'gelu'}
   # timm.create_model(name, **model_args) at another image size and head builds our shapes.
-  name, args = fam.timm_create_args(fam.MODELS[ours], 10, (64, 96))
+  name, args = mixer_interop.timm_create_args(fam.MODELS[ours], 10, (64, 96))
   assert name == timm_name
   with torch.device('meta'):
     tmodel = timm.create_model(name, pretrained=False, **args)
@@ -117,7 +118,7 @@ def test_timm_registry_counts_and_create_args(timm, timm_name, ours):
 
 def test_timm_create_args_refuses_unregistered_sizes():
   with pytest.raises(ValueError, match='only at the paper.s sizes'):
-    fam.timm_create_args(TINY, 5, 16)
+    mixer_interop.timm_create_args(TINY, 5, 16)
 
 
 def test_timm_directory_round_trip_at_a_registered_size(timm, tmp_path):
@@ -129,7 +130,7 @@ def test_timm_directory_round_trip_at_a_registered_size(timm, tmp_path):
   rng = np.random.RandomState(0)
   flat = {k: (rng.normal(size=s) / np.sqrt(s[0] if len(s) == 2 else 1) * (0.5 if len(s) > 1 else
              0.2) + (k.endswith('scale'))).astype(np.float32)
-          for k, s in fam.npz_shapes(fields, 4, 6).items()}
+          for k, s in mixer_interop.npz_shapes(fields, 4, 6).items()}
   arch = Architecture(dict(fields, name='Mixer-S_32'), 6, (64, 64), family='mixer')
   timm_format.write_timm(tmp_path, flat, arch, class_names=list('abcdef'))
   config = timm_format.load_config(str(tmp_path))
@@ -153,4 +154,4 @@ def test_to_timm_refuses_sizes_timm_cannot_build():
   from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
   arch = Architecture(dict(TINY), 5, (16, 16), family='mixer')
   with pytest.raises(ValueError, match='only at the paper.s sizes'):
-    fam.FAMILY.to_timm({}, arch)
+    mixer_interop.INTEROP.to_timm({}, arch)

@@ -12,8 +12,8 @@ from tests.numerics import assert_close_to_scale, assert_logits_match
 from tests import interop
 from vit_jax.models import params as params_lib
 
-from vit_jax.families.pvt import (MODELS, fields_from_timm_name, from_timm, timm_model_args,
-                                  to_timm)
+from vit_jax.families.pvt import MODELS
+from vit_jax.families.pvt_interop import fields_from_timm_name, from_timm, timm_model_args, to_timm
 from vit_jax.models.pvt import PyramidVisionTransformerV2, adaptive_pool_matrix
 
 TINY = MODELS['PVTv2-tiny']
@@ -286,15 +286,16 @@ def test_family_timm_hooks_round_trip_through_a_timm_directory(tmp_path):
   from vit_jax.formats.timm import read_timm, write_timm  # pylint: disable=import-outside-toplevel
   registry = _registry()
   family = registry.get_family('pvt')
+  pvt_interop = registry.interop(family)
   fields = dict(TINY, linear=True)
   model = PyramidVisionTransformerV2(num_classes=4, **fields)
   params = jax.tree_util.tree_map(
       lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(p.size), p.shape), _init(model))
   flat = params_lib.flatten_numpy(params)
   arch = family.infer(flat, model_config=dict(fields, name='PVTv2-tiny'), image_size=(32, 40))
-  state, config = family.to_timm(flat, arch)
-  assert registry.family_for_timm(config['architecture'], state.keys()) is family
-  assert registry.family_for_timm('', state.keys()) is family
+  state, config = pvt_interop.to_timm(flat, arch)
+  assert registry.interop_for_timm(config['architecture'], state.keys()) is pvt_interop
+  assert registry.interop_for_timm('', state.keys()).family is family
   tmodel = timm.create_model(config['architecture'], pretrained=False,
                              **config['model_args']).eval()
   tmodel.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
@@ -311,13 +312,13 @@ def test_family_timm_hooks_round_trip_through_a_timm_directory(tmp_path):
   assert arch2.family == 'pvt' and arch2.model_config['linear'] is True
   assert arch2.name == 'PVTv2-tiny' and arch2.num_classes == 4 and arch2.image_size == (32, 40)
   # A bare state dict needs the head counts (timm fuses them); the input norm is timm's default.
-  _, arch3, _ = family.from_timm(state, {'model_args': {'num_heads': fields['num_heads']}})
+  _, arch3, _ = pvt_interop.from_timm(state, {'model_args': {'num_heads': fields['num_heads']}})
   assert arch3.model_config['embed_dims'] == fields['embed_dims'] and arch3.mean[0] == 0.485
   with pytest.raises(ValueError, match='head count is not in the weights'):
-    family.from_timm(state, {})
+    pvt_interop.from_timm(state, {})
   with pytest.raises(ValueError, match='not part of a PVT v2'):
-    family.from_timm({**state, 'blocks.0.attn.qkv.weight': np.zeros((3, 3))},
-                     {'model_args': {'num_heads': fields['num_heads']}})
+    pvt_interop.from_timm({**state, 'blocks.0.attn.qkv.weight': np.zeros((3, 3))},
+                          {'model_args': {'num_heads': fields['num_heads']}})
   with pytest.raises(ValueError, match='exact GELU'):
-    family.to_timm(flat, type(arch)(dict(arch.model_config, act='gelu_tanh'), 4, (32, 40),
-                                    family='pvt'))
+    pvt_interop.to_timm(flat, type(arch)(dict(arch.model_config, act='gelu_tanh'), 4, (32, 40),
+                                         family='pvt'))

@@ -13,8 +13,9 @@ import pytest
 from vit_jax.models import params as params_lib
 
 from vit_jax.families import swin as swin_family
-from vit_jax.families.swin import (MODELS, fields_from_timm_name, infer_fields,
-                                   resize_relative_position_bias)
+from vit_jax.families.resample import resize_relative_position_bias
+from vit_jax.families.swin import MODELS, infer_fields
+from vit_jax.families.swin_interop import fields_from_timm_name
 from vit_jax.models.attention import dot_product_attention
 from vit_jax.models.swin import (MASK_VALUE, SwinTransformer, relative_position_index,
                                  shifted_window_mask, stage_windows, window_partition)

@@ -11,9 +11,12 @@ import pytest
 from tests.numerics import assert_close_to_scale, assert_logits_match
 from tests.test_swin import TINY, _images, _init
 from vit_jax.families import swin as swin_family
-from vit_jax.families.swin import from_timm, resize_relative_position_bias, to_timm
+from vit_jax.families import swin_interop
+from vit_jax.families.resample import resize_relative_position_bias
+from vit_jax.families.swin_interop import from_timm, to_timm
 from vit_jax.models import params as params_lib
 from vit_jax.models.swin import SwinTransformer, relative_position_index
+from vit_jax.shapes import hw
 
 
 @pytest.fixture(scope='module')
@@ -25,7 +28,7 @@ def timm():
 def _timm_model(timm, fields, image_size, num_classes=5):
   import torch  # pylint: disable=import-outside-toplevel
   model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
-                            **swin_family.timm_model_args(fields, num_classes, image_size)).eval()
+                            **swin_interop.timm_model_args(fields, num_classes, image_size)).eval()
   # Random weights at init scale give logits ~0.01; noise makes them O(1) for a 1e-4 bound.
   gen = torch.Generator().manual_seed(3)
   with torch.no_grad():
@@ -81,7 +84,7 @@ def test_relative_position_index_matches_timm(timm):
 def test_resize_timm_method_matches_timm(timm, old, new):
   import torch  # pylint: disable=import-outside-toplevel
   from timm.layers import resize_rel_pos_bias_table  # pylint: disable=import-outside-toplevel
-  (oh, ow), (nh, nw) = swin_family._hw(old), swin_family._hw(new)
+  (oh, ow), (nh, nw) = hw(old), hw(new)
   table = np.random.RandomState(5).normal(size=((2 * oh - 1) * (2 * ow - 1), 3)).astype(np.float32)
   want = resize_rel_pos_bias_table(torch.from_numpy(table), new_window_size=(nh, nw),
                                    new_bias_shape=((2 * nh - 1) * (2 * nw - 1), 3),

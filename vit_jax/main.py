@@ -83,7 +83,7 @@ def main(argv) -> None:
   from vit_jax.checkpoints import manager as ckpt_lib  # pylint: disable=g-import-not-at-top
   try:
     result = loop.train_and_evaluate(config, workdir)
-  except (loop.NonFiniteLossError, ckpt_lib.DiskFullError) as e:
+  except (loop.NonFiniteLossError, loop.DataError, ckpt_lib.CheckpointError) as e:
     sys.exit(f'error: {e}')  # exit status 1, the reason as the last line
   except OSError as e:  # metrics.jsonl, TensorBoard: the same disk
     if not ckpt_lib.is_disk_full(e):

@@ -17,8 +17,8 @@ import jax.numpy as jnp
 
 from vit_jax import cli
 from vit_jax.families import registry
-from vit_jax.families.base import hw
 from vit_jax.models import params as params_lib
+from vit_jax.shapes import hw
 
 
 def param_shapes(model, image_size: Sequence[int], channels: int = 3) -> dict[str, Any]:

@@ -85,18 +85,25 @@ class CheckpointManager:
   """Saves and restores training checkpoints under `directory` (usually `workdir/checkpoints`).
 
   Retention: the latest `keep_last`, every `keep_every`-th step (0: none), and the best by
-  `eval_top1` when `keep_best`. Saves are asynchronous; `wait()` blocks until they are on disk.
+  `best_metric` (the objective's: `eval_top1` for classification) when `keep_best`, the highest
+  (`best_mode='max'`) or lowest ('min'). Saves are asynchronous; `wait()` blocks until they are on
+  disk.
   """
 
   def __init__(self, directory: str, *, keep_last: int = 3, keep_every: int = 0,
-               keep_best: bool = True, async_save: bool = True):
+               keep_best: bool = True, async_save: bool = True, best_metric: str = 'eval_top1',
+               best_mode: str = 'max'):
     self.directory = os.path.abspath(directory)
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"best_mode {best_mode!r}: 'max' or 'min'")
     policies = [pp.LatestN(n=max(1, keep_last))]
     if keep_every:
       policies.append(pp.EveryNSteps(interval_steps=keep_every))
     if keep_best:
-      policies.append(pp.BestN(get_metric_fn=lambda m: m['eval_top1'], n=1,
-                               keep_checkpoints_without_metrics=False))
+      sign = 1.0 if best_mode == 'max' else -1.0
+      # A step saved with another metric (a run resumed under another objective) ranks last.
+      rank = lambda m: sign * m[best_metric] if best_metric in m else -float('inf')
+      policies.append(pp.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save,
         preservation_policy=pp.AnyPreservationPolicy(policies))
@@ -114,7 +121,7 @@ class CheckpointManager:
 
   def save(self, step: int, state: Any, data_state: dict, meta: dict,
            metrics: Optional[dict] = None) -> None:
-    """Starts an (asynchronous) save of `step`. metrics: e.g. {'eval_top1': 0.9} for best-N."""
+    """Starts an (asynchronous) save of `step`. metrics: e.g. {'eval_top1': 0.9} for the best."""
     metrics = {k: float(v) for k, v in (metrics or {}).items()} or None
     self.wait()  # a failure of the previous (asynchronous) save surfaces here, naming its step
     self._state_bytes = sum(int(getattr(x, 'nbytes', 0)) for x in jax.tree.leaves(state))

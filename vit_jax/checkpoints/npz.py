@@ -191,7 +191,7 @@ def write_npz(path: str | os.PathLike, flat: Mapping[str, Any], *, dtype: Any = 
   """Writes a flat dict in Google's vit_jax layout (no pickle; bfloat16 and others cast to `dtype`).
 
   The result loads in google-research/vision_transformer, in timm (`model.load_pretrained`) and
-  here (`read_npz`). Which keys a family allows is its descriptor's `npz_keys_ok`.
+  here (`read_npz`). Which keys a family allows is its interop's `npz_keys_ok`.
   """
   arrays = {k: np.asarray(v, dtype=dtype) for k, v in flat.items()}
   with open(path, 'wb') as f:

@@ -103,6 +103,10 @@ def adapt_params(ckpt: Checkpoint, init_params: Any, *, model: Any = None,
     raise ValueError(f'{ckpt.path} holds a {src_family} model; it cannot initialise a '
                      f'{family.name} model (choose a model of the {src_family} family)')
   report = LoadReport(ckpt.path, ckpt.format, notes=list(ckpt.notes))
+  if ckpt.objective_params:  # a mask embedding, decoder or prompts: the writer's objective's own
+    report.dropped.extend(sorted(ckpt.objective_params))
+    report.notes.append(f'the {ckpt.objective["name"]} objective\'s own parameters (not part of '
+                        'the model) are not loaded')
   target = params_lib.flatten(family.to_file_layout(init_params))
   size = tuple(image_size) if image_size is not None else None
   family.check_transfer(ckpt.architecture, fields, size)

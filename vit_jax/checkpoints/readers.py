@@ -31,6 +31,9 @@ class Checkpoint:
   format: 'npz/vit_jax', 'npz/big_vision', 'timm', 'hf' or 'orbax'. architecture: set when the
   source carries one (timm/HF configs, orbax metadata); else `registry.detect(params).infer(...)`.
   class_names: from the source's metadata, when present. notes: conversions made while reading.
+  objective: how a run of this project trained it (`{'name', 'config', ...}`, see
+  `vit_jax.objectives`), None for other sources; objective_params: that objective's own
+  parameters ('objective/...' paths: a mask embedding, a decoder, prompts), never in `params`.
   """
   params: Flat
   format: str
@@ -39,6 +42,8 @@ class Checkpoint:
   class_names: Optional[list[str]] = None
   notes: list[str] = dataclasses.field(default_factory=list)
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  objective: Optional[dict[str, Any]] = None
+  objective_params: Flat = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +121,22 @@ def _read_orbax(path: str, **unused: Any) -> Checkpoint:
   meta = dict(meta or {})
   arch = architecture_from_meta(meta)
   family = arch.get_family() if arch is not None else registry.get_family('vit')
-  tree = family.to_file_layout(dict(tree.get('params', tree)))
+  tree = dict(tree.get('params', tree))
+  from vit_jax import objectives  # pylint: disable=import-outside-toplevel
   from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  own = tree.pop(objectives.OBJECTIVE_KEY, None) or {}
+  tree = family.to_file_layout(tree)
   flat = {k: np.asarray(v) for k, v in params_lib.flatten(tree).items()}
+  own_flat = {f'{objectives.OBJECTIVE_KEY}/{k}': np.asarray(v)
+              for k, v in params_lib.flatten(own).items()}
   names = meta.get('class_names')
-  return Checkpoint(flat, 'orbax', path, arch, list(names) if names else None, meta=meta)
+  objective, notes = None, []
+  if meta.get('objective'):
+    cls, objective = objectives.of_meta(meta)
+    # An objective that kept frozen parameters out of its checkpoints loads them back.
+    flat, notes = cls.complete(objective, flat, arch, meta.get('config') or {})
+  return Checkpoint(flat, 'orbax', path, arch, list(names) if names else None, notes, meta=meta,
+                    objective=objective, objective_params=own_flat)
 
 
 register_reader('npz', lambda p: os.path.isfile(p) and p.endswith('.npz'), _read_npz)

@@ -1,8 +1,8 @@
 """`convert(...)`: read any supported checkpoint, settle its architecture, write it in another format.
 
 Targets are a registry (`WRITERS`): 'timm', 'hf', 'npz' (Google's layout, for the families that have
-one) and 'orbax' (this project's checkpoint). The family's descriptor maps the keys and says what a
-target cannot express; `python -m vit_jax.convert` is a thin face over this.
+one) and 'orbax' (this project's checkpoint). The family's interop (`registry.interop`) maps the
+keys and says what a target cannot express; `python -m vit_jax.convert` is a thin face over this.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ Writer = Callable[[str, Flat, Architecture, Optional[Sequence[str]]], str]
 
 def _write_npz(output: str, flat: Flat, arch: Architecture, class_names) -> str:
   del class_names  # Google's layout carries none.
-  family = arch.get_family()
-  if not family.writes_npz:
-    raise ValueError(f'Google released no .npz layout for the {family.name} family; export with '
+  interop = registry.interop(arch.family)
+  if not interop.writes_npz:
+    raise ValueError(f'Google released no .npz layout for the {interop.name} family; export with '
                      '`--to timm` or `--to orbax`')
-  bad = family.npz_keys_ok(flat)
+  bad = interop.npz_keys_ok(flat)
   if bad:
     raise ValueError(f'not in Google\'s layout (unscanned, Google names): {bad[:5]}')
   path = output if output.endswith('.npz') else os.path.join(output, 'model.npz')
@@ -123,13 +123,26 @@ def convert(input_path: str | os.PathLike, to: str, output: str | os.PathLike, *
   if model is not None:
     kwargs['model_config'] = dict(registry.get_model_config(model))
   ckpt = read_checkpoint(input_path, **kwargs)
+  if ckpt.objective and to != 'orbax':
+    from vit_jax import objectives  # pylint: disable=import-outside-toplevel
+    why = objectives.get(ckpt.objective['name']).exportable
+    if why and ckpt.objective_params:
+      raise ValueError(f'{input_path} was trained with objective {ckpt.objective["name"]!r}; it '
+                       f'cannot be written as {to}: {why}')
   arch = resolve_architecture(ckpt, model=model, image_size=image_size)
   names = read_class_names(class_names) if isinstance(class_names, str) else class_names
   names = list(names) if names is not None else ckpt.class_names
+  if names is not None and arch.num_classes is None and class_names is None:
+    names = None  # a headless encoder (self-supervised) of a labelled dataset
   if names is not None and len(names) != (arch.num_classes or 0):
     raise ValueError(f'{len(names)} class names for a head of {arch.num_classes} classes')
   written = WRITERS[to](os.fspath(output), ckpt.params, arch, names)
-  result = ConvertResult(ckpt.format, arch, written, list(ckpt.notes))
+  notes = list(ckpt.notes)
+  if ckpt.objective_params:
+    groups = sorted({'/'.join(k.split('/')[:2]) for k in ckpt.objective_params})
+    notes.append(f'left out the {ckpt.objective["name"]} objective\'s own parameters (not part of '
+                 f'the model): {len(ckpt.objective_params)} arrays under {", ".join(groups)}')
+  result = ConvertResult(ckpt.format, arch, written, notes)
   if verify:
     result.max_abs_diff = verify_written(to, written, ckpt.params, arch)
   if log is not None:

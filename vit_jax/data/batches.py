@@ -94,18 +94,23 @@ def process_share(process_index: int, process_count: int, global_batch_size: int
 class TrainBatches:
   """`finish(self(step)[0])`: this process's share of global training batch `step`.
 
-  batch = {'image': float32 [B/P, H, W, C] in [-1, 1], 'labels': float32 [B/P, num_classes]}.
+  batch = {'image': float32 [B/P, H, W, C] in [-1, 1], 'labels': float32 [B/P, num_classes]}
+  ('labels' only with `labels`: an objective that learns from the images alone gets none, and an
+  unlabelled source (num_classes 0) has none to give).
   `self(step)` (the decoding, run by workers) also returns the names of the files it skipped.
   """
 
   def __init__(self, source: Source, *, out_hw: tuple[int, int], channels: int, seed: int,
                cfg: Mapping[str, Any], num_classes: int, global_batch_size: int,
-               process_index: int, process_count: int, threads: int = 0):
+               process_index: int, process_count: int, threads: int = 0, labels: bool = True):
     if len(source) == 0:
       raise ValueError(f'{source!r} has no examples')
     self.source, self.out_hw, self.channels, self.seed = source, out_hw, channels, seed
     self.cfg, self.num_classes, self.global_batch_size = cfg, num_classes, global_batch_size
-    self.process_index = process_index
+    self.process_index, self.labels = process_index, bool(labels)
+    if self.labels and not num_classes:
+      raise ValueError(f'{source!r} has no labels (num_classes 0): ask for batches without them '
+                       '(labels=False)')
     self.local_batch_size = process_share(process_index, process_count, global_batch_size)
     self.in_memory = isinstance(source, ArraySource)
     self.decoder = _Decoder(source, 0 if self.in_memory else threads)
@@ -155,12 +160,13 @@ class TrainBatches:
     """Pixels to [-1, 1], labels to one-hot, then Mixup / CutMix (cheap whole-batch NumPy)."""
     labels = pixels['label']
     onehot = np.zeros((len(labels), self.num_classes), np.float32)
-    onehot[np.arange(len(labels)), labels] = 1.0
+    if self.num_classes:
+      onehot[np.arange(len(labels)), labels] = 1.0
     images = pp.normalize(pixels['image'])
     if self.cfg['mixup'] or self.cfg['cutmix']:
       rng = np.random.default_rng([self.seed, _MIX, int(pixels['step'])])
       images, onehot = aug.mix_batch(rng, images, onehot, self.cfg)
-    return {'image': images, 'labels': onehot}
+    return {'image': images, 'labels': onehot} if self.labels else {'image': images}
 
   def _arrays(self, step: int, index: np.ndarray):
     src: ArraySource = self.source  # type: ignore[assignment]
@@ -191,12 +197,15 @@ class EvalBatches:
   """`finish(self(k)[0])`: this process's share of evaluation batch k (`self(k)` also returns the
   names of the files it skipped).
 
-  batch = {'image': float32 [B/P, H, W, C] (0 on padding), 'label': int32 [B/P], 'mask': bool [B/P]}.
+  batch = {'image': float32 [B/P, H, W, C] (0 on padding), 'label': int32 [B/P], 'mask': bool [B/P]}
+  ('label' only with `labels`).
   """
 
   def __init__(self, source: Source, *, out_hw: tuple[int, int], channels: int, crop: bool,
-               global_batch_size: int, process_index: int, process_count: int, threads: int = 0):
+               global_batch_size: int, process_index: int, process_count: int, threads: int = 0,
+               labels: bool = True):
     self.source, self.out_hw, self.channels, self.crop = source, out_hw, channels, crop
+    self.labels = bool(labels)
     self.global_batch_size, self.process_index = global_batch_size, process_index
     self.local_batch_size = process_share(process_index, process_count, global_batch_size)
     self.in_memory = isinstance(source, ArraySource)
@@ -240,4 +249,6 @@ class EvalBatches:
     """Pixels to [-1, 1]; padding and unreadable rows to 0."""
     mask = pixels['mask']
     images = np.where(mask[:, None, None, None], pp.normalize(pixels['image']), np.float32(0))
+    if not self.labels:
+      return {'image': images, 'mask': mask}
     return {'image': images, 'label': pixels['label'], 'mask': mask}

@@ -149,7 +149,8 @@ class TrainIterator:
                global_batch_size: int, seed: int, augment: str | Mapping[str, Any] | None,
                num_classes: int, sharding: jax.sharding.Sharding | None = None, workers: int = 0,
                prefetch: int = 2, process_index: int | None = None,
-               process_count: int | None = None, worker_type: str = 'process'):
+               process_count: int | None = None, worker_type: str = 'process',
+               labels: bool = True):
     p, n = _processes(process_index, process_count)
     self.source, self.seed, self.global_batch_size = source, int(seed), int(global_batch_size)
     self.sharding, self.prefetch = sharding, int(prefetch)
@@ -158,7 +159,7 @@ class TrainIterator:
         source, out_hw=pp.as_hw(image_size), channels=int(channels), seed=self.seed,
         cfg=aug.augment_config(augment), num_classes=int(num_classes),
         global_batch_size=self.global_batch_size, process_index=p, process_count=n,
-        threads=self.workers if worker_type == 'thread' else 0)
+        threads=self.workers if worker_type == 'thread' else 0, labels=labels)
     self._step = 0
     self._stream: _Stream | None = None
     self._skipped = _Skipped()
@@ -230,7 +231,8 @@ def train_iterator(source: Source, *, image_size: int | tuple[int, int], channel
                    global_batch_size: int, seed: int, augment: str | Mapping[str, Any] | None,
                    num_classes: int, sharding: jax.sharding.Sharding | None = None,
                    workers: int = 0, prefetch: int = 2, process_index: int | None = None,
-                   process_count: int | None = None, worker_type: str = 'process') -> TrainIterator:
+                   process_count: int | None = None, worker_type: str = 'process',
+                   labels: bool = True) -> TrainIterator:
   """Endless, deterministic training batches of `source`; see `TrainIterator` and `batches.py`.
 
   `augment` is a preset name (`inception_crop`, `none`/`resize`, `resize_flip`, `pad_crop_flip`,
@@ -240,12 +242,13 @@ def train_iterator(source: Source, *, image_size: int | tuple[int, int], channel
   Worker processes are spawned, so a script using them needs the `if __name__ == '__main__':` guard.
   `prefetch` batches are prepared ahead in a background thread (0: on demand).
   `process_index` / `process_count` (this host's share of the global batch) default to JAX's.
+  `labels=False`: batches of images alone (objectives without labels; unlabelled sources).
   """
   return TrainIterator(source, image_size=image_size, channels=channels,
                        global_batch_size=global_batch_size, seed=seed, augment=augment,
                        num_classes=num_classes, sharding=sharding, workers=workers,
                        prefetch=prefetch, process_index=process_index,
-                       process_count=process_count, worker_type=worker_type)
+                       process_count=process_count, worker_type=worker_type, labels=labels)
 
 
 def num_eval_batches(source_or_size: Source | int, global_batch_size: int) -> int:
@@ -266,14 +269,14 @@ class EvalIterator:
                global_batch_size: int, sharding: jax.sharding.Sharding | None = None,
                crop: bool = False, workers: int = 0, prefetch: int = 2,
                process_index: int | None = None, process_count: int | None = None,
-               worker_type: str = 'process'):
+               worker_type: str = 'process', labels: bool = True):
     p, n = _processes(process_index, process_count)
     self.source, self.global_batch_size, self.sharding = source, int(global_batch_size), sharding
     self.workers, self.worker_type, self.prefetch = int(workers), worker_type, int(prefetch)
     self.batches = EvalBatches(
         source, out_hw=pp.as_hw(image_size), channels=int(channels), crop=crop,
         global_batch_size=self.global_batch_size, process_index=p, process_count=n,
-        threads=self.workers if worker_type == 'thread' else 0)
+        threads=self.workers if worker_type == 'thread' else 0, labels=labels)
     self._skipped = _Skipped()
 
   def __len__(self) -> int:
@@ -305,13 +308,14 @@ def eval_batches(source: Source, *, image_size: int | tuple[int, int], channels:
                  global_batch_size: int, sharding: jax.sharding.Sharding | None = None,
                  crop: bool = False, workers: int = 0, prefetch: int = 2,
                  process_index: int | None = None, process_count: int | None = None,
-                 worker_type: str = 'process') -> EvalIterator:
+                 worker_type: str = 'process', labels: bool = True) -> EvalIterator:
   """One pass over `source` in `num_eval_batches(source, global_batch_size)` batches.
 
   `crop=False` resizes the whole image; `crop=True` resizes the short side to size / 0.875 and takes
-  the central crop (the ImageNet evaluation convention). See `EvalIterator`.
+  the central crop (the ImageNet evaluation convention). `labels=False`: no 'label' entry. See
+  `EvalIterator`.
   """
   return EvalIterator(source, image_size=image_size, channels=channels,
                       global_batch_size=global_batch_size, sharding=sharding, crop=crop,
                       workers=workers, prefetch=prefetch, process_index=process_index,
-                      process_count=process_count, worker_type=worker_type)
+                      process_count=process_count, worker_type=worker_type, labels=labels)

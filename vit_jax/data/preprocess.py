@@ -16,7 +16,7 @@ from PIL import Image
 from vit_jax.data import augment as aug
 from vit_jax.data.imageio import (Raw, convert_channels, display_size, load_image, open_image,
                                   to_array)
-from vit_jax.families.base import hw
+from vit_jax.shapes import hw
 
 
 def normalize(images: np.ndarray, mean: Optional[Sequence[float]] = None,
@@ -34,7 +34,7 @@ def normalize(images: np.ndarray, mean: Optional[Sequence[float]] = None,
   return (x * np.float32(1.0 / 255.0) - mean) / std
 
 
-as_hw = hw  # int or (h, w) -> (h, w): spelled once, in families.base
+as_hw = hw  # int or (h, w) -> (h, w): spelled once, in vit_jax.shapes
 
 
 def _pad_of(cfg: Mapping[str, Any], out_hw: tuple[int, int]) -> int:

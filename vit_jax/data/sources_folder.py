@@ -1,8 +1,12 @@
-"""A folder of images, one sub-folder per class; class names are the sorted folder names.
+"""A folder of images, one sub-folder per class (class names are the sorted folder names), or a
+folder of unlabelled images.
 
-Two layouts:
+Layouts:
   root/{train,validation,test}/<class>/*.jpg    split folders (`val` is read as `validation`)
   root/<class>/*.jpg                            no split folders
+  root/*.jpg, root/{train,...}/*.jpg            unlabelled: no class folders, the images directly
+                                                (`num_classes` 0; for objectives that learn from
+                                                the images alone, such as mpp and mae)
 Where there is nothing but train, a fixed random fraction of it (`held_out`, default 10%) is
 `test` (also answered to `validation`) and leaves `train`; `held_out=0` trains on everything.
 Files are read lazily, as encoded bytes; decoding (and skipping corrupt files) is the loader's job.
@@ -38,12 +42,14 @@ log = logging.getLogger(__name__)
 
 
 class FolderSource(Source):
-  """Image files with integer labels; `source[i]['image']` is the file's bytes."""
+  """Image files with integer labels (unlabelled: no class names, `num_classes` 0, labels 0);
+  `source[i]['image']` is the file's bytes."""
 
   def __init__(self, files: list[str], labels: np.ndarray, class_names: list[str], name: str,
                skipped_links: list[str] | None = None):
     self.files, self.labels = files, np.asarray(labels, np.int64)
-    self.class_names, self.num_classes, self.name = class_names, len(class_names), name
+    self.class_names, self.num_classes = (class_names or None), len(class_names or [])
+    self.name = name
     self.skipped_links = list(skipped_links or [])  # links left out: outside root, dangling, loops
 
   def __len__(self) -> int:
@@ -132,10 +138,16 @@ def _scan(walker: _Walker, folder: str, class_names: list[str] | None,
   found = walker.class_dirs(folder)
   if not found:
     loose = walker.images(folder)
-    hint = (f' (it holds {len(loose)} images directly; move them into one folder per class)'
-            if loose else '')
-    raise FileNotFoundError(f'{folder} has no class folders{hint}. Expected {root}/<class>/*.jpg '
-                            f'or {root}/train/<class>/*.jpg with {_EXTS} files.')
+    if loose and not class_names:  # unlabelled images (every split alike)
+      return loose, [0] * len(loose), []
+    hint = (f' (it holds {len(loose)} images directly: a labelled split must have one folder per '
+            'class)' if loose else '')
+    raise FileNotFoundError(f'{folder} has no class folders{hint}. Expected {root}/<class>/*.jpg, '
+                            f'{root}/train/<class>/*.jpg, or unlabelled {root}/*.jpg, with {_EXTS} '
+                            'files.')
+  if class_names == []:
+    raise ValueError(f'{folder} has class folders, but the train split of {root} is unlabelled '
+                     '(images directly): label every split or none')
   defines = class_names is None
   if defines:
     class_names = list(found)

@@ -1,11 +1,25 @@
 """What a model family is: `Family` (the descriptor) and `Architecture` (one model, fully described).
 
-A family is two files: its pure Flax modules under `vit_jax/models/` and one descriptor here, a
-subclass of `Family` that owns everything else that knows the family's parameter names: the named
-sizes, the analytic FLOPs, how its parameter trees are recognised and their architecture read back,
-how a pretrained tree is adapted to a new head or resolution, its tensor-parallel rules, and its timm
-/ Hugging Face key maps. The trainer, `summary`, `predict`, `convert`, `sharding` and pretrained
-loading ask the family (through `registry`) and never name a parameter themselves.
+A family is three files:
+  vit_jax/models/<family>.py            its pure Flax modules (parameter names are a file format);
+  vit_jax/families/<family>.py          its descriptor, a subclass of `Family` (this module);
+  vit_jax/families/<family>_interop.py  its interop, a subclass of `interop.Interop`: the timm,
+                                        Hugging Face and Google `.npz` key maps and configs.
+plus its entry in `registry._FAMILY_MODULES`, which pairs the descriptor with its interop. The
+interop module imports the descriptor, never the reverse (tests/test_layering.py): the descriptor is
+what training, planning and inspection need, and it stays readable as architectures are added.
+
+The descriptor owns what knows the family's parameter names inside this project, as declarations
+(class attributes: names and sizes, head and optional prefixes, tensor-parallel rules, the tiny test
+model, ...) and hooks grouped by concern:
+  capabilities    missing_capability (what training objectives may ask of the module)
+  building        module_class, field_names, normalize_fields, create, validate
+  counting        forward_macs, summary_rows
+  reading trees   matches, infer, to_file_layout, to_module_layout
+  transfer        adapt, check_transfer (pretrained loading, checkpoints/pretrained.py)
+  inspection      token_layout, attention_fn, position_table, patch_filters (vit_jax.eval)
+The trainer, `summary`, `predict`, `convert`, `sharding` and pretrained loading ask the family
+(through `registry`) and never name a parameter themselves.
 
 Flat parameter dicts ("flat") map '/'-joined paths of the family's *file layout* (the unscanned tree
 that Google's or this project's checkpoints hold) to numpy arrays.
@@ -17,6 +31,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from vit_jax.shapes import hw
+
 Flat = dict[str, np.ndarray]
 Rule = tuple[str, tuple]
 
@@ -26,16 +42,6 @@ ACTIVATIONS = ('gelu', 'gelu_tanh')
 # Pixels scaled to [0, 1] then normalised as (x - mean) / std. This project trains on [-1, 1].
 SIGNED_UNIT = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def hw(value: Any) -> tuple[int, int]:
-  """An int or an (h, w) pair (tuple, list, array) -> (h, w) ints. The one place this is spelled."""
-  if np.ndim(value) == 0:
-    return int(value), int(value)
-  value = [int(v) for v in value]
-  if len(value) != 2:
-    raise ValueError(f'expected an int or an (h, w) pair, got {value}')
-  return value[0], value[1]
 
 
 @dataclasses.dataclass
@@ -99,39 +105,54 @@ class Architecture:
 class Family:
   """The descriptor of one model family; subclass it once per family and register an instance.
 
-  Class attributes a subclass sets:
+  Declarations (class attributes a subclass sets):
     name: the family's registry name.
     models: registered model name -> its fields (what `registry.get_model_config` returns).
+    layout_fields: fields that change the parameter tree's layout without changing the maths (scan).
     head_prefixes: parameter path prefixes of the classifier head(s): re-created when the class count
       changes.
     optional_prefixes: paths or prefixes that one side of a transfer may lack (pre-logits, a class
       token, an attention-pooling head): taken from the initialisation or dropped, and reported.
     stem_kernel: path of the input convolution kernel [kh, kw, C, D] (grey-scale adaptation).
     pre_logits_prefix: prefix of an optional pre-logits layer (`keep_pre_logits` decides).
+    default_resize: how `adapt` resamples resolution-dependent tables unless the config says.
     tensor_rules: (path regex, PartitionSpec entries of the unscanned parameter) for Megatron-style
       tensor parallelism; an entry of () marks a parameter deliberately replicated.
-    layout_fields: fields that change the parameter tree's layout without changing the maths (scan).
-    timm_prefixes, hf_model_types: timm architecture-name prefixes and HF `model_type`s this family
-      reads (empty: no counterpart).
-    writes_npz: whether `--to npz` (Google's layout) is meaningful for this family.
-    default_resize: how `adapt` resamples resolution-dependent tables unless the config says.
+    inspect_note: why the inspection hooks are not defined for this family (the default hooks raise
+      it).
     test_model, test_image_size: a registered tiny model and its input size: what the
       registry-parametrised tests (tests/test_families.py) build, train, save and export.
+    capabilities, lacks: what the module offers training objectives (`vit_jax.models.tokens`
+      names), and why it lacks the others (`missing_capability`).
+  What the family reads and writes in other libraries' formats (timm architecture prefixes, Hugging
+  Face model types, Google's npz) is declared by its interop (`interop.Interop`), not here.
   """
   name: str = ''
   models: Mapping[str, Mapping[str, Any]] = {}
+  layout_fields: tuple[str, ...] = ()
   head_prefixes: tuple[str, ...] = ('head/',)
   optional_prefixes: tuple[str, ...] = ()
   stem_kernel: Optional[str] = None
   pre_logits_prefix: Optional[str] = None
+  default_resize: str = 'bilinear'
   tensor_rules: tuple[Rule, ...] = ()
-  layout_fields: tuple[str, ...] = ()
-  timm_prefixes: tuple[str, ...] = ()
-  hf_model_types: tuple[str, ...] = ()
-  writes_npz: bool = False
+  inspect_note: str = 'it defines no inspection hooks'
   test_model: Optional[str] = None
   test_image_size: int = 16
-  default_resize: str = 'bilinear'
+  # What the module accepts from a training objective and gives back (`vit_jax.models.tokens`:
+  # TOKEN_MASK, KEEP, PROMPTS, TOKEN_MAP, TWO_HEADS); an objective that needs a capability the
+  # family lacks is refused before anything compiles, with the family's reason from `lacks`.
+  capabilities: tuple[str, ...] = ()
+  lacks: Mapping[str, str] = {}
+
+  # ---- capabilities ----
+  def missing_capability(self, needs: Sequence[str]) -> Optional[str]:
+    """Why this family cannot serve an objective that needs `needs` (None: it can)."""
+    for capability in needs:
+      if capability not in self.capabilities:
+        why = self.lacks.get(capability, f'its module does not provide {capability!r}')
+        return f'the {self.name} family cannot serve it: {why}'
+    return None
 
   # ---- building ----
   def module_class(self) -> type:
@@ -194,6 +215,7 @@ class Family:
     del fields
     return tree
 
+  # ---- transfer ----
   def adapt(self, src: Flat, target: Mapping[str, Any], src_arch: Optional[Architecture],
             target_fields: Mapping[str, Any], image_size: Optional[tuple[int, int]], method: str,
             report: Any) -> Flat:
@@ -206,38 +228,7 @@ class Family:
                      image_size: Optional[tuple[int, int]]) -> None:
     """Raises a ValueError when a checkpoint of src_arch cannot move to this image size."""
 
-  # ---- interop ----
-  def reads_timm(self, architecture: str, keys: set[str]) -> bool:
-    """Whether a timm checkpoint (config.json `architecture`, state-dict keys) is of this family."""
-    del keys
-    return any(architecture.startswith(p) for p in self.timm_prefixes)
-
-  def to_timm(self, flat: Flat, arch: Architecture) -> tuple[Flat, dict[str, Any]]:
-    """(timm state dict, timm `config.json`) for this architecture; ValueError if not expressible."""
-    raise ValueError(f'the {self.name} family has no timm counterpart')
-
-  def from_timm(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]
-                ) -> tuple[Flat, Architecture, list[str]]:
-    """(flat, architecture, notes) from a timm state dict and its config.json."""
-    raise ValueError(f'the {self.name} family reads no timm checkpoints')
-
-  def to_hf(self, flat: Flat, arch: Architecture) -> tuple[Flat, dict[str, Any]]:
-    raise ValueError(f'the {self.name} family has no Hugging Face counterpart that this project '
-                     'writes; export with `--to timm`')
-
-  def from_hf(self, state: Mapping[str, np.ndarray], config: Mapping[str, Any]
-              ) -> tuple[Flat, Architecture, list[str]]:
-    raise ValueError(f'the {self.name} family reads no Hugging Face checkpoints')
-
-  def npz_keys_ok(self, flat: Mapping[str, Any]) -> list[str]:
-    """Keys of `flat` that are not in Google's npz layout (empty: writable)."""
-    del flat
-    return []
-
   # ---- inspection (vit_jax.eval.attention, python -m vit_jax.inspect) ----
-  # Why the analyses below are not defined for this family: the default hooks raise it.
-  inspect_note: str = 'it defines no inspection hooks'
-
   def _undefined(self, analysis: str) -> NotImplementedError:
     return NotImplementedError(f'{analysis} is not defined for the {self.name} family: '
                                f'{self.inspect_note}')

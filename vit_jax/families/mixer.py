@@ -1,33 +1,25 @@
-"""The MLP-Mixer family (Tolstikhin et al., 2021): sizes, Google's `.npz` layout, the descriptor;
-the timm key maps are in `mixer_interop.py`.
+"""The MLP-Mixer family (Tolstikhin et al., 2021): sizes, FLOPs, architecture from shapes,
+token-mixing adaptation and the descriptor. Its interop (timm key maps, Google's `.npz` layout
+checks) is `mixer_interop.py`.
 
 Our flat parameters ('/'-joined paths of `vit_jax.models.mixer.MlpMixer`) *are* Google's released
-Mixer `.npz` layout, so those files load as they are (`check_npz_layout` checks keys and shapes):
+Mixer `.npz` layout, so those files load as they are:
   stem/{kernel [ph, pw, C_in, D], bias}
   MixerBlock_{i}/LayerNorm_0, token_mixing/Dense_{0,1}, LayerNorm_1, channel_mixing/Dense_{0,1}
   pre_head_layer_norm/{scale, bias}, head/{kernel [D, classes], bias}
-timm 1.0.31's `MlpMixer` names (PyTorch: Linear weights [out, in], conv weights OIHW):
-  stem.proj, blocks.{i}.norm1, blocks.{i}.mlp_tokens.fc1/fc2, blocks.{i}.norm2,
-  blocks.{i}.mlp_channels.fc1/fc2, norm, head.
-timm's MlpMixer has no `.npz` reader (`load_pretrained`) in 1.0.31, always uses the exact GELU (it
-runs Google's tanh-GELU checkpoints that way too), and its `mixer_*_224` entry points fix the patch
-size, depth and width, so only the paper's sizes are expressible as a timm `config.json`.
 The token-mixing kernels are [S, tokens_mlp_dim]: parameters fix the token count S = (H/p)(W/p).
 """
 from __future__ import annotations
 
-import logging
 import re
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from vit_jax.families import resample
-from vit_jax.families.base import ACTIVATIONS, Architecture, Family, Flat, check_sizes, hw
-from vit_jax.families.mixer_interop import (_count_blocks, fields_from_timm_name,
-                                            fields_from_timm_state, from_timm, is_timm_mixer,
-                                            timm_create_args, to_timm)
+from vit_jax.families.base import ACTIVATIONS, Architecture, Family, Flat, check_sizes
 from vit_jax.models import mixer as mixer_models
+from vit_jax.shapes import hw
 
 # The paper's Table 1 sizes (patch, blocks L, hidden C, tokens MLP D_S, channels MLP D_C). Parameter
 # counts at 224 px with 1000 classes equal timm 1.0.31's `mixer_*_224` (tests/test_mixer.py).
@@ -44,7 +36,6 @@ MODELS: dict[str, dict[str, Any]] = {
     'Mixer-testing': dict(patch_size=4, num_blocks=2, hidden_dim=32, tokens_mlp_dim=16,
                           channels_mlp_dim=64),
 }
-TIMM_NAMES = {f'mixer_{s.lower()}{p}_224': f'Mixer-{s}_{p}' for s in 'SBL' for p in (16, 32)}
 SIZE_FIELDS = ('patch_size', 'num_blocks', 'hidden_dim', 'tokens_mlp_dim', 'channels_mlp_dim')
 TOKEN_KERNEL = 'MixerBlock_0/token_mixing/Dense_0/kernel'
 # Megatron tensor parallelism: both MLPs split their hidden units, Dense_0 [in, hidden] column
@@ -55,11 +46,16 @@ TENSOR_RULES = (
     (r'(token|channel)_mixing/Dense_1/kernel$', ('tensor', None)),
     (r'(^|/)(stem|head)/kernel$', ()),
 )
-_PREFIXES = ('opt/target/', 'params/')
-_BLOCK = re.compile(r'^MixerBlock_(\d+)/')
-_NPZ_KEY = re.compile(r'^(stem/(kernel|bias)|(pre_head_layer_norm|MixerBlock_\d+/LayerNorm_[01])/'
-                      r'(scale|bias)|MixerBlock_\d+/(token|channel)_mixing/Dense_[01]/(kernel|bias)'
-                      r'|head/(kernel|bias))$')
+BLOCK = re.compile(r'^MixerBlock_(\d+)/')
+
+
+def count_blocks(keys: Sequence[str], pattern: re.Pattern) -> int:
+  """How many blocks `pattern` (its group 1: the block index) finds among the keys; a ValueError
+  unless they are numbered 0..n-1 without gaps."""
+  found = sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+  if found != list(range(len(found))):
+    raise ValueError(f'Mixer blocks are not numbered 0..{len(found) - 1}: {found}')
+  return len(found)
 
 
 def grid(fields: Mapping[str, Any], image_size: Any) -> tuple[int, int]:
@@ -82,52 +78,9 @@ def check_image_size(fields: Mapping[str, Any], image_size: Any, num_tokens: int
         f'use the image size the parameters were built for (a grid of {num_tokens} patches)')
 
 
-# ---------- Google's .npz layout ----------
-
-def strip_prefix(flat: Mapping[str, np.ndarray]) -> Flat:
-  """Drops a training-state prefix ('opt/target/', 'params/') and the keys outside it."""
-  for prefix in _PREFIXES:
-    if f'{prefix}stem/kernel' in flat:
-      return {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
-  return dict(flat)
-
-
 def is_mixer(keys: Any) -> bool:
   """True for a flat Mixer parameter set (ours / Google's npz)."""
   return 'stem/kernel' in keys and TOKEN_KERNEL in keys
-
-
-def npz_shapes(fields: Mapping[str, Any], num_tokens: int, num_classes: Optional[int],
-               channels: int = 3) -> dict[str, tuple[int, ...]]:
-  """Every key of Google's Mixer `.npz` for these sizes, with its shape."""
-  (ph, pw), d = hw(fields['patch_size']), fields['hidden_dim']
-  t, c = fields['tokens_mlp_dim'], fields['channels_mlp_dim']
-  shapes = {'stem/kernel': (ph, pw, channels, d), 'stem/bias': (d,),
-            'pre_head_layer_norm/scale': (d,), 'pre_head_layer_norm/bias': (d,)}
-  for i in range(fields['num_blocks']):
-    b = f'MixerBlock_{i}'
-    for ln in ('LayerNorm_0', 'LayerNorm_1'):
-      shapes[f'{b}/{ln}/scale'] = shapes[f'{b}/{ln}/bias'] = (d,)
-    for mlp, width, hidden in (('token_mixing', num_tokens, t), ('channel_mixing', d, c)):
-      shapes[f'{b}/{mlp}/Dense_0/kernel'] = (width, hidden)
-      shapes[f'{b}/{mlp}/Dense_0/bias'] = (hidden,)
-      shapes[f'{b}/{mlp}/Dense_1/kernel'] = (hidden, width)
-      shapes[f'{b}/{mlp}/Dense_1/bias'] = (width,)
-  if num_classes:
-    shapes['head/kernel'], shapes['head/bias'] = (d, num_classes), (num_classes,)
-  return shapes
-
-
-def check_npz_layout(flat: Mapping[str, Any], fields: Mapping[str, Any], num_tokens: int,
-                     num_classes: Optional[int], channels: int = 3) -> None:
-  """Raises a ValueError naming missing, extra and misshapen keys against Google's layout."""
-  want = npz_shapes(fields, num_tokens, num_classes, channels)
-  missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
-  wrong = [f'{k} {tuple(flat[k].shape)} (expected {want[k]})' for k in sorted(set(want) & set(flat))
-           if tuple(flat[k].shape) != want[k]]
-  if missing or extra or wrong:
-    raise ValueError(f'not Google\'s Mixer .npz layout: missing {missing[:5]}, extra {extra[:5]}, '
-                     f'wrong shapes {wrong[:5]}')
 
 
 def infer_fields(flat: Mapping[str, Any]) -> tuple[dict[str, Any], int, Optional[int], int]:
@@ -137,7 +90,8 @@ def infer_fields(flat: Mapping[str, Any]) -> tuple[dict[str, Any], int, Optional
   ph, pw, channels, d = np.shape(flat['stem/kernel'])
   num_tokens, t = np.shape(flat[TOKEN_KERNEL])
   fields = dict(patch_size=int(ph) if ph == pw else (int(ph), int(pw)),
-                num_blocks=_count_blocks(list(flat), _BLOCK), hidden_dim=int(d), tokens_mlp_dim=int(t),
+                num_blocks=count_blocks(list(flat), BLOCK), hidden_dim=int(d),
+                tokens_mlp_dim=int(t),
                 channels_mlp_dim=int(np.shape(flat['MixerBlock_0/channel_mixing/Dense_0/kernel'])[1]))
   num_classes = int(np.shape(flat['head/kernel'])[1]) if 'head/kernel' in flat else None
   return fields, int(num_tokens), num_classes, int(channels)
@@ -155,17 +109,20 @@ def forward_macs(fields: Mapping[str, Any], num_classes: Optional[int], image_si
 
 
 class MixerFamily(Family):
-  """MLP-Mixer: Google's names, a timm counterpart at the paper's sizes, no Hugging Face one."""
+  """MLP-Mixer: Google's names; the token-mixing MLPs tie it to a token count."""
   name = 'mixer'
   models = MODELS
   head_prefixes = ('head/',)
   stem_kernel = 'stem/kernel'
   tensor_rules = TENSOR_RULES
-  timm_prefixes = ('mixer_',)
-  writes_npz = True
   test_model = 'Mixer-testing'
   default_resize = 'none'  # another token count is an error unless a resampling is asked for
   inspect_note = 'a Mixer mixes tokens with MLPs: it has no attention maps and no position embedding'
+  _FIXED = ('its token-mixing MLPs hold a weight per token position, so the token count and order '
+            'are fixed: no patches can be dropped and no prompt tokens added')
+  lacks = {'keep': _FIXED, 'prompts': _FIXED,
+           'token_mask': 'its module takes no token inputs (a mask embedding is not implemented)',
+           'token_map': 'its module returns no token map (use features=True for the patch grid)'}
 
   def module_class(self) -> type:
     return mixer_models.MlpMixer
@@ -246,52 +203,6 @@ class MixerFamily(Family):
     report.notes.append(f'token-mixing MLPs resampled from a {old[0]}x{old[1]} to a '
                         f'{new[0]}x{new[1]} patch grid ({method})')
     return out
-
-  def reads_timm(self, architecture, keys) -> bool:
-    return architecture.startswith(self.timm_prefixes) if architecture else is_timm_mixer(keys)
-
-  def to_timm(self, flat, arch):
-    cfg = arch.model_config
-    name, args = timm_create_args(cfg, arch.num_classes, arch.image_size, arch.channels)
-    if cfg.get('act', 'gelu_tanh') != 'gelu':
-      logging.warning('timm\'s MlpMixer uses the exact GELU; this model was built with %r, so timm '
-                      'logits will differ slightly (as for Google\'s Mixer weights in timm)',
-                      cfg.get('act', 'gelu_tanh'))
-    state = to_timm(flat, cfg)
-    pretrained_cfg = dict(num_classes=args['num_classes'], input_size=[arch.channels,
-                                                                       *arch.image_size],
-                          classifier='head', first_conv='stem.proj', interpolation='bilinear',
-                          crop_pct=1.0, mean=list(arch.mean), std=list(arch.std))
-    config = dict(architecture=name, num_classes=args['num_classes'], num_features=cfg['hidden_dim'],
-                  global_pool='avg', model_args=args, pretrained_cfg=pretrained_cfg)
-    return state, config
-
-  def from_timm(self, state, config):
-    """Sizes from the shapes (checked against `architecture` when named), act 'gelu' (what timm
-    computes), image size from model_args / pretrained_cfg, else the square grid of the tokens."""
-    args, pcfg = dict(config.get('model_args') or {}), config.get('pretrained_cfg') or {}
-    found = fields_from_timm_state(state)[0]
-    architecture = config.get('architecture', '')
-    if architecture:
-      check_sizes(found, fields_from_timm_name(architecture), ('patch_size', 'num_blocks',
-                                                               'hidden_dim'), architecture)
-    fields: dict[str, Any] = {'act': 'gelu'}
-    notes: list[str] = []
-    if 'vit_jax' in config:  # Written here: keep the registry name and options.
-      meta = config['vit_jax'].get('model_config', {})
-      fields = {**meta, 'act': 'gelu'}
-      if meta.get('act', 'gelu_tanh') != 'gelu':
-        notes.append(f'act: {meta.get("act", "gelu_tanh")!r} before the timm export; timm runs the '
-                     'exact GELU, so it is read back as act=\'gelu\'')
-    size = args.get('img_size') or (list(pcfg['input_size'][1:]) if pcfg.get('input_size') else None)
-    flat = from_timm(state, found)
-    arch = self.infer(flat, model_config=fields, image_size=size)
-    if pcfg.get('mean') and pcfg.get('std'):
-      arch.mean, arch.std = tuple(pcfg['mean']), tuple(pcfg['std'])
-    return flat, arch, notes
-
-  def npz_keys_ok(self, flat) -> list[str]:
-    return [k for k in flat if not _NPZ_KEY.match(k)]
 
 
 FAMILY = MixerFamily()

@@ -1,12 +1,22 @@
-"""The model registry: every family and every named model, in one place.
+"""The model registry: every family and every named model, in one place, and each family's interop.
 
     get_model_config('Swin-T')       -> ConfigDict of the model's fields (+ 'name', 'family')
     create_model(config, num_classes) -> the Flax module (dispatches on config['family'] or name)
     resolve(config.model)            -> (family, fields): a training config's model with overrides
     detect(flat)                     -> the family whose parameter names a flat dict uses
+    interop('vit')                   -> the family's `interop.Interop`: to_timm / from_timm /
+                                        to_hf / from_hf / reads_timm / writes_npz / npz_keys_ok
+    interop_for_timm(arch, keys)     -> the interop that reads a timm checkpoint
+    interop_for_hf(model_type)       -> the interop that reads a Hugging Face checkpoint
 
-A family registers itself by being listed in `_FAMILY_MODULES`: each module defines `FAMILY`, an
-instance of its `Family` subclass. Nothing else in the library lists families.
+A family registers itself by being listed in `_FAMILY_MODULES` as (descriptor module, interop
+module): the first defines `FAMILY`, an instance of its `base.Family` subclass; the second
+`INTEROP`, an instance of its `interop.Interop` subclass built on that descriptor (None: the family
+has no counterpart elsewhere, and a plain `Interop` refuses every format naming it). This is the
+one place that pairs them (the descriptor never imports its interop) and the one list of families
+in the library. `detect` and the timm / Hugging Face look-ups try the families in this order and
+take the first that accepts; each family's tests refuse its neighbours' keys (the ViT's refuse a
+`dist_token` or a ResNet), so a new family's `matches` and `reads_timm` must refuse the others'.
 """
 from __future__ import annotations
 
@@ -16,26 +26,34 @@ from typing import Any, Mapping, Optional
 import ml_collections
 
 from vit_jax.families.base import Architecture, Family
+from vit_jax.families.interop import Interop
 
-_FAMILY_MODULES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt')
+_FAMILY_MODULES = (('vit', 'vit_interop'), ('deit', 'deit_interop'), ('hybrid', 'hybrid_interop'),
+                   ('mixer', 'mixer_interop'), ('swin', 'swin_interop'), ('pvt', 'pvt_interop'))
 _FAMILIES: dict[str, Family] = {}
+_INTEROPS: dict[str, Interop] = {}  # family name -> its interop
 _MODELS: dict[str, str] = {}  # model name -> family name
 
 
-def register(family: Family) -> None:
-  """Adds a family and its named models; a model name may belong to one family only."""
+def register(family: Family, interop: Optional[Interop] = None) -> None:
+  """Adds a family, its interop (default: none, a plain `Interop`) and its named models; a model
+  name may belong to one family only."""
+  if interop is not None and interop.family is not family:
+    raise ValueError(f'the interop {interop!r} is built on {interop.family!r}, not {family!r}')
   for model in family.models:
     owner = _MODELS.get(model)
     if owner is not None and owner != family.name:
       raise ValueError(f'model {model!r} is registered by both {owner} and {family.name}')
   _FAMILIES[family.name] = family
+  _INTEROPS[family.name] = interop if interop is not None else Interop(family)
   for model in family.models:
     _MODELS[model] = family.name
 
 
 def _load() -> None:
-  for module in _FAMILY_MODULES:
-    register(importlib.import_module(f'vit_jax.families.{module}').FAMILY)
+  for descriptor, interop in _FAMILY_MODULES:
+    family = importlib.import_module(f'vit_jax.families.{descriptor}').FAMILY
+    register(family, interop and importlib.import_module(f'vit_jax.families.{interop}').INTEROP)
 
 
 def families() -> list[Family]:
@@ -125,26 +143,34 @@ def detect(flat: Mapping[str, Any]) -> Family:
   return found[0]
 
 
-def family_for_timm(architecture: str, keys: Any) -> Family:
-  """The family that reads a timm checkpoint of `architecture` (config.json; may be '') whose state
-  dict has these keys."""
+def interop(family: str | Family) -> Interop:
+  """The interop of a family (by name or descriptor): its timm / Hugging Face / npz maps."""
+  name = family if isinstance(family, str) else family.name
+  get_family(name)  # a KeyError naming the registered families
+  return _INTEROPS[name]
+
+
+def interop_for_timm(architecture: str, keys: Any) -> Interop:
+  """The interop that reads a timm checkpoint of `architecture` (config.json; may be '') whose
+  state dict has these keys (its `.family` is the descriptor)."""
   keys = set(keys)
-  for family in _FAMILIES.values():
-    if family.reads_timm(architecture, keys):
-      return family
+  for found in _INTEROPS.values():
+    if found.reads_timm(architecture, keys):
+      return found
   raise ValueError(f'timm architecture {architecture!r} belongs to no registered family (families '
-                   f'read: {sorted(p for f in _FAMILIES.values() for p in f.timm_prefixes)})')
+                   f'read: {sorted(p for i in _INTEROPS.values() for p in i.timm_prefixes)})')
 
 
-def family_for_hf(model_type: str) -> Family:
-  for family in _FAMILIES.values():
-    if model_type in family.hf_model_types:
-      return family
+def interop_for_hf(model_type: str) -> Interop:
+  """The interop that reads a Hugging Face checkpoint of this `model_type` (config.json)."""
+  for found in _INTEROPS.values():
+    if model_type in found.hf_model_types:
+      return found
   raise ValueError(f'Hugging Face model_type {model_type!r} belongs to no registered family')
 
 
-__all__ = ['Architecture', 'Family', 'create_model', 'detect', 'families', 'family_of',
-           'family_for_hf', 'family_for_timm', 'family_of_config', 'family_of_module', 'get_family',
-           'get_model_config', 'names', 'override_fields', 'register', 'resolve']
+__all__ = ['Architecture', 'Family', 'Interop', 'create_model', 'detect', 'families', 'family_of',
+           'family_of_config', 'family_of_module', 'get_family', 'get_model_config', 'interop',
+           'interop_for_hf', 'interop_for_timm', 'names', 'override_fields', 'register', 'resolve']
 
 _load()

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import scipy.ndimage
 
-from vit_jax.families.base import hw
+from vit_jax.shapes import hw
 
 METHODS = ('bilinear', 'bicubic')
 

@@ -1,20 +1,18 @@
 """The Swin Transformer family: registry sizes, FLOPs, tensor-parallel rules, architecture from
-shapes, window-table adaptation and the `SwinFamily` descriptor (`FAMILY`). The timm key maps are in
-`swin_interop.py`; the relative-position table resampling in `resample.py`.
+shapes, window-table adaptation and the `SwinFamily` descriptor (`FAMILY`). Its interop (the timm
+key maps) is `swin_interop.py`; the relative-position table resampling is in `resample.py`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+import re
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-from vit_jax.families.base import IMAGENET, Architecture, Family, Flat, check_sizes
-from vit_jax.families.base import hw as _hw
+from vit_jax.families.base import Architecture, Family, Flat, check_sizes
 from vit_jax.families.resample import resize_relative_position_bias, window_of_table
-from vit_jax.families.swin_interop import (_BLOCK, _TIMM_BLOCK, _TIMM_NAME, TABLE, _num_blocks,
-                                           fields_from_timm_name, from_timm, is_timm_swin,
-                                           timm_model_args, timm_name, to_timm)
 from vit_jax.models import swin as swin_models
+from vit_jax.shapes import hw
 
 _T = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _S = dict(_T, depths=(2, 2, 18, 2))
@@ -36,9 +34,30 @@ MODELS: dict[str, dict[str, Any]] = {
     'Swin-testing': dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2),
                          num_heads=(1, 2)),
 }
-_TIMM_SIZES = {'tiny': _T, 'small': _S, 'base': _B, 'large': _L}
 SIZE_FIELDS = ('patch_size', 'embed_dim', 'depths', 'num_heads')
+TABLE = 'relative_position_bias_table'
+# A block's parameters: stage_{s}/block_{b}/... (both 0-based).
+BLOCK = re.compile(r'^stage_(\d+)/block_(\d+)/')
+
+
 # ---------- reading shapes ----------
+
+def count_stage_blocks(keys: Sequence[str], pattern: re.Pattern) -> list[int]:
+  """Blocks per stage that `pattern` (groups: stage, block) finds among the keys; a ValueError
+  unless stages and the blocks of each are numbered from 0 without gaps."""
+  found: dict[int, set[int]] = {}
+  for k in keys:
+    if m := pattern.match(k):
+      found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+  if sorted(found) != list(range(len(found))):
+    raise ValueError(f'Swin stages are not numbered 0..{len(found) - 1}: {sorted(found)}')
+  depths = []
+  for s in range(len(found)):
+    if sorted(found[s]) != list(range(len(found[s]))):
+      raise ValueError(f'Swin stage {s} blocks are not numbered from 0: {sorted(found[s])}')
+    depths.append(len(found[s]))
+  return depths
+
 
 def infer_fields(flat: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[int], int]:
   """(size fields, num_classes, channels) of our flat Swin parameters; window_size is stage 0's
@@ -47,7 +66,7 @@ def infer_fields(flat: Mapping[str, Any]) -> tuple[dict[str, Any], Optional[int]
     raise ValueError(f'not a Swin parameter set: no `patch_embed/kernel` and '
                      f'`stage_0/block_0/attn/{TABLE}`')
   p, _, channels, d = np.shape(flat['patch_embed/kernel'])
-  depths = _num_blocks(list(flat), _BLOCK)
+  depths = count_stage_blocks(list(flat), BLOCK)
   heads = tuple(int(np.shape(flat[f'stage_{s}/block_0/attn/{TABLE}'])[1])
                 for s in range(len(depths)))
   window = window_of_table(int(np.shape(flat[f'stage_0/block_0/attn/{TABLE}'])[0]))
@@ -70,7 +89,7 @@ def forward_macs(fields: Mapping[str, Any], num_classes: Optional[int], image_si
   """
   p, d = int(fields['patch_size']), int(fields['embed_dim'])
   depths = tuple(fields['depths'])
-  grids = swin_models.stage_grids(_hw(image_size), p, len(depths))
+  grids = swin_models.stage_grids(hw(image_size), p, len(depths))
   ratio = float(fields.get('mlp_ratio', 4.0))
   macs = grids[0][0] * grids[0][1] * p * p * channels * d
   for s, ((h, w), depth) in enumerate(zip(grids, depths)):
@@ -102,7 +121,7 @@ TENSOR_RULES = (
 
 def stage_tables(fields: Mapping[str, Any], image_size: Any) -> list[tuple[int, int]]:
   """The (wh, ww) window whose bias table each stage's blocks hold at this image size."""
-  grids = swin_models.stage_grids(_hw(image_size), int(fields['patch_size']),
+  grids = swin_models.stage_grids(hw(image_size), int(fields['patch_size']),
                                   len(fields['depths']))
   return [swin_models.stage_windows(g, fields.get('window_size', 7))[0] for g in grids]
 
@@ -114,12 +133,15 @@ class SwinFamily(Family):
   head_prefixes = ('head/',)
   stem_kernel = 'patch_embed/kernel'
   tensor_rules = TENSOR_RULES
-  timm_prefixes = ('swin_',)
   test_model = 'Swin-testing'
   test_image_size = 32
   default_resize = 'bicubic'  # the Swin authors' and timm's choice for the bias tables
   inspect_note = ('Swin attends within shifted local windows with a relative position bias: it has '
                   'no global attention map, class token or absolute position embedding')
+  _HIER = ('its windows and patch merging need the full patch grid and return a coarser map per '
+           'stage, so patches cannot be dropped, no prompt tokens fit a window, and no per-patch '
+           'token map comes out')
+  lacks = dict.fromkeys(('keep', 'prompts', 'token_map', 'token_mask'), _HIER)
 
   def module_class(self) -> type:
     return swin_models.SwinTransformer
@@ -127,14 +149,14 @@ class SwinFamily(Family):
   def validate(self, fields: Mapping[str, Any], image_size: tuple[int, int]) -> None:
     swin_models.check_fields(fields['embed_dim'], fields['depths'], fields['num_heads'],
                              fields.get('window_size', 7), fields.get('act') or 'gelu')
-    swin_models.stage_grids(_hw(image_size), int(fields['patch_size']), len(fields['depths']))
+    swin_models.stage_grids(hw(image_size), int(fields['patch_size']), len(fields['depths']))
 
   def forward_macs(self, fields, num_classes, image_size, channels=3) -> int:
     return forward_macs(fields, num_classes, image_size, channels)
 
   def summary_rows(self, fields, image_size) -> list[str]:
     rows = []
-    grids = swin_models.stage_grids(_hw(image_size), int(fields['patch_size']),
+    grids = swin_models.stage_grids(hw(image_size), int(fields['patch_size']),
                                     len(fields['depths']))
     for s, ((h, w), depth, heads) in enumerate(zip(grids, fields['depths'], fields['num_heads'])):
       (wh, ww), (sh, sw) = swin_models.stage_windows((h, w), fields.get('window_size', 7))
@@ -159,9 +181,9 @@ class SwinFamily(Family):
     last = len(found['depths']) - 1
     if image_size is None:
       rows = int(np.shape(flat[f'stage_{last}/block_0/attn/{TABLE}'])[0])
-      side = min(window_of_table(rows), min(_hw(window)))
+      side = min(window_of_table(rows), min(hw(window)))
       image_size = side * found['patch_size'] * 2 ** last
-    size = _hw(image_size)
+    size = hw(image_size)
     self.validate(cfg, size)
     for s, (wh, ww) in enumerate(stage_tables(cfg, size)):
       rows = int(np.shape(flat[f'stage_{s}/block_0/attn/{TABLE}'])[0])
@@ -189,7 +211,7 @@ class SwinFamily(Family):
     for key in target:
       if not key.endswith(TABLE) or key not in src or src[key].shape == target[key].shape:
         continue
-      s = int(_BLOCK.match(key).group(1))
+      s = int(BLOCK.match(key).group(1))
       old = old_windows[s] if old_windows else window_of_table(src[key].shape[0])
       new = new_windows[s] if new_windows else window_of_table(target[key].shape[0])
       if src[key].shape[1] != target[key].shape[1]:
@@ -200,57 +222,6 @@ class SwinFamily(Family):
     if resized:
       report.notes.append(f'relative position bias tables resized to the new windows ({method})')
     return src
-
-  # ---- timm ----
-  def reads_timm(self, architecture, keys) -> bool:
-    if architecture:
-      return architecture.startswith(self.timm_prefixes)
-    return is_timm_swin(list(keys))
-
-  def to_timm(self, flat, arch):
-    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
-    cfg = arch.model_config
-    if cfg.get('act', 'gelu') != 'gelu':
-      raise ValueError(f'timm\'s Swin always uses the exact GELU, but this model has act='
-                       f'{cfg["act"]!r}; timm could not reproduce its logits')
-    num_classes = arch.num_classes or 0
-    args = timm_model_args(cfg, num_classes, arch.image_size, arch.channels)
-    pretrained_cfg = vit_interop.timm_pretrained_cfg(arch, num_classes, classifier='head.fc')
-    config = dict(architecture=timm_name(cfg), num_classes=num_classes,
-                  num_features=cfg['embed_dim'] * 2 ** (len(cfg['depths']) - 1),
-                  global_pool='avg', model_args=args, pretrained_cfg=pretrained_cfg)
-    return to_timm({k: np.asarray(v, np.float32) for k, v in flat.items()}, cfg), config
-
-  def from_timm(self, state, config):
-    args = dict(config.get('model_args') or {})
-    architecture = config.get('architecture', '').split('.')[0]
-    fields: dict[str, Any] = {}
-    if _TIMM_NAME.match(architecture):
-      fields.update(fields_from_timm_name(architecture))
-    if 'vit_jax' in config:  # Written here: keep the registry name and options.
-      fields.update(config['vit_jax'].get('model_config', {}))
-    window = args.get('window_size')
-    if window is not None and (np.ndim(window) == 2 or (np.ndim(window) == 1 and len(window) > 2)):
-      if any(np.any(np.asarray(w) != np.asarray(window[0])) for w in window):  # per stage
-        raise ValueError(f'timm model with per-stage windows {window}: this project\'s Swin has '
-                         'one window size for all stages')
-      window = window[0]
-    if window is not None:
-      fields['window_size'] = window if np.ndim(window) == 0 else tuple(window)
-    fields.update({k: args[k] for k in SIZE_FIELDS + ('mlp_ratio',) if args.get(k) is not None})
-    fields['depths'] = tuple(_num_blocks(list(state), _TIMM_BLOCK))
-    fields = self.normalize_fields(fields)
-    flat = from_timm(state, fields)
-    size = args.get('img_size') or (config.get('pretrained_cfg') or {}).get('input_size', [0])[1:]
-    if not size and _TIMM_NAME.match(architecture):
-      size = int(architecture.rsplit('_', 1)[1])  # swin_..._224
-    arch = self.infer(flat, model_config=fields, image_size=size or None)
-    pcfg = config.get('pretrained_cfg') or {}
-    if pcfg.get('mean') and pcfg.get('std'):
-      arch.mean, arch.std = tuple(pcfg['mean']), tuple(pcfg['std'])
-    elif arch.channels == 3:  # timm's Swin default_cfg
-      arch.mean, arch.std = IMAGENET
-    return flat, arch, []
 
 
 FAMILY = SwinFamily()

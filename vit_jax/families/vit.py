@@ -4,8 +4,9 @@ The file layout is Google's released one: `embedding`, `cls`, `Transformer/posem
 pos_embedding`, `Transformer/encoderblock_{i}/{LayerNorm_0, MultiHeadDotProductAttention_1,
 LayerNorm_2, MlpBlock_3}`, `Transformer/encoder_norm`, `MAPHead_0`, `pre_logits`, `head`. A module
 with `scan=True` stacks the blocks as `Transformer/encoderblock` with a leading [L] axis (big_vision);
-`to_file_layout` / `to_module_layout` convert. The timm key maps are in `vit_interop.py` (shared
-with the hybrid and DeiT families), Hugging Face's in `vit_hf.py`.
+`to_file_layout` / `to_module_layout` convert. The family's interop (timm, Hugging Face, Google's
+npz) is `vit_interop.py` (its timm maps shared with the hybrid and DeiT families) with
+`vit_hf_interop.py`; this module imports neither.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from vit_jax.families import resample
-from vit_jax.families.base import Architecture, Family, Flat, check_sizes, hw
+from vit_jax.families.base import Architecture, Family, Flat, check_sizes
+from vit_jax.models import tokens as tokens_lib
 from vit_jax.models import vit as vit_models
+from vit_jax.shapes import hw
 
 POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 BLOCK = re.compile(r'^Transformer/encoderblock_(\d+)/')
@@ -131,11 +134,9 @@ class VitFamily(Family):
   pre_logits_prefix = 'pre_logits/'
   tensor_rules = TENSOR_RULES
   layout_fields = ('scan',)
-  timm_prefixes = ('vit_', 'deit_')
-  hf_model_types = ('vit',)
-  writes_npz = True
   test_model = 'ViT-testing'
   num_tokens = 1  # prefix tokens a 'token' classifier adds (DeiT: 2)
+  capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
 
   def module_class(self) -> type:
     return vit_models.VisionTransformer
@@ -308,41 +309,6 @@ class VitFamily(Family):
       report.notes.append(f'{POSEMB_KEY}: grid {old_grid[0]}x{old_grid[1]} -> '
                           f'{new_grid[0]}x{new_grid[1]} ({method})')
     return out
-
-  # ---- interop (vit_interop.py) ----
-  def reads_timm(self, architecture, keys) -> bool:
-    if any(k.startswith('patch_embed.backbone.') for k in keys) or 'dist_token' in keys:
-      return False
-    if architecture:
-      return architecture.startswith(self.timm_prefixes)
-    return 'patch_embed.proj.weight' in keys and not any(k.startswith(('layers.', 'stages.'))
-                                                          for k in keys)
-
-  def to_timm(self, flat, arch):
-    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
-    return vit_interop.to_timm(flat, arch)
-
-  def from_timm(self, state, config):
-    from vit_jax.families import vit_interop  # pylint: disable=import-outside-toplevel
-    return vit_interop.from_timm(state, config, self)
-
-  def to_hf(self, flat, arch):
-    from vit_jax.families import vit_hf  # pylint: disable=import-outside-toplevel
-    return vit_hf.to_hf(flat, arch)
-
-  def from_hf(self, state, config):
-    from vit_jax.families import vit_hf  # pylint: disable=import-outside-toplevel
-    return vit_hf.from_hf(state, config)
-
-  def npz_keys_ok(self, flat) -> list[str]:
-    bad = []
-    for key in flat:
-      if key.startswith('Transformer/encoderblock/'):
-        bad.append(key)
-      elif (m := re.match(r'^Transformer/encoderblock_\d+/([^/]+)/', key)) and m.group(1) not in (
-          'LayerNorm_0', 'MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3'):
-        bad.append(key)
-    return bad
 
   # ---- inspection (vit_jax.eval.attention) ----
   def token_layout(self, arch):

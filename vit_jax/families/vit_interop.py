@@ -1,25 +1,31 @@
-"""ViT key maps: timm `VisionTransformer` <-> Google's (Hugging Face's are in `vit_hf.py`).
+"""The ViT family's interop (`INTEROP`): timm `VisionTransformer` <-> Google's names, numpy only.
 
 timm (PyTorch: Linear weights [out, in], conv kernels OIHW): patch_embed.proj, cls_token, pos_embed,
 blocks.{i}.{norm1, attn.qkv (q, k, v fused, heads-major), attn.proj, norm2, mlp.fc1, mlp.fc2}, norm,
 head, and for global_pool='map' attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}.
-Hugging Face (the names every released ViT on the Hub uses): vit.embeddings.{cls_token,
-position_embeddings, patch_embeddings.projection}, vit.encoder.layer.{i}.{layernorm_before,
-attention.attention.{query,key,value}, attention.output.dense, layernorm_after, intermediate.dense,
-output.dense}, vit.layernorm, classifier; reading also takes transformers 5's in-memory names and bare
-`ViTModel` checkpoints. The block maps are public so that the hybrid and DeiT families reuse them.
+Hugging Face's `ViTForImageClassification` names are mapped in `vit_hf_interop.py`; Google's `.npz`
+is the family's own file layout (`VitInterop.npz_keys_ok` checks a tree is in it).
+
+The block, head and whole-transformer maps are public so that the DeiT and hybrid interops reuse
+them (`blocks_to_timm`, `blocks_from_timm`, `transformer_from_timm`, `timm_vit_args`, ...).
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture, Flat, hw
+from vit_jax.families import vit as vit_family
+from vit_jax.families import vit_hf_interop
+from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture, Family, Flat
+from vit_jax.families.interop import (Interop, conv_from_torch, conv_to_torch, dense_from_torch,
+                                      dense_to_torch, fused_to_torch, ln_from_torch, ln_to_torch,
+                                      split_from_torch, timm_pretrained_cfg)
+from vit_jax.families.vit import POSEMB_KEY
+from vit_jax.shapes import hw
 
-POSEMB_KEY = 'Transformer/posembed_input/pos_embedding'
 TIMM_GELU = {'gelu_tanh': 'gelu_tanh', 'gelu': 'gelu'}
 _TIMM_TANH = ('gelu_tanh', 'gelu_pytorch_tanh')
 _TIMM_SIZES = {(192, 12, 3): 'tiny', (384, 12, 6): 'small', (768, 12, 12): 'base',
@@ -28,64 +34,6 @@ _TIMM_REGISTERED = ('vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_small_
                     'vit_base_patch8_224', 'vit_base_patch16_224', 'vit_base_patch32_224',
                     'vit_large_patch16_224', 'vit_large_patch32_224', 'vit_huge_patch14_224')
 HEADS_BY_NAME = {'tiny': 3, 'small': 6, 'base': 12, 'large': 16, 'huge': 16}
-
-
-# ---------- small converters (ours <-> PyTorch) ----------
-
-def dense_to_torch(flat: Mapping[str, np.ndarray], ours: str, out: Flat, theirs: str) -> None:
-  """A Dense/DenseGeneral kernel [in..., out...] -> Linear weight [out, in] (and its bias)."""
-  k = flat[f'{ours}/kernel']
-  if k.ndim == 3 and ours.endswith('/out'):
-    k = k.reshape(-1, k.shape[-1])          # [H, K, D] -> [H*K, D]
-  elif k.ndim == 3:
-    k = k.reshape(k.shape[0], -1)           # [D, H, K] -> [D, H*K]
-  out[f'{theirs}.weight'] = np.ascontiguousarray(k.T)
-  if f'{ours}/bias' in flat:
-    out[f'{theirs}.bias'] = flat[f'{ours}/bias'].reshape(-1)
-
-
-def ln_to_torch(flat: Mapping[str, np.ndarray], ours: str, out: Flat, theirs: str) -> None:
-  out[f'{theirs}.weight'] = flat[f'{ours}/scale']
-  out[f'{theirs}.bias'] = flat[f'{ours}/bias']
-
-
-def dense_from_torch(sd: Flat, theirs: str, out: Flat, ours: str,
-                     kernel_shape: Optional[tuple[int, ...]] = None,
-                     bias_shape: Optional[tuple[int, ...]] = None) -> None:
-  """A Linear weight [out, in] -> a Dense kernel [in, out] (reshaped), and its bias (popped)."""
-  w = sd.pop(f'{theirs}.weight').T
-  out[f'{ours}/kernel'] = np.ascontiguousarray(w.reshape(kernel_shape) if kernel_shape else w)
-  if f'{theirs}.bias' in sd:
-    b = sd.pop(f'{theirs}.bias')
-    out[f'{ours}/bias'] = b.reshape(bias_shape) if bias_shape else b
-
-
-def ln_from_torch(sd: Flat, theirs: str, out: Flat, ours: str) -> None:
-  out[f'{ours}/scale'] = sd.pop(f'{theirs}.weight')
-  out[f'{ours}/bias'] = sd.pop(f'{theirs}.bias')
-
-
-def conv_to_torch(kernel: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(kernel).transpose(3, 2, 0, 1))  # HWIO -> OIHW
-
-
-def conv_from_torch(weight: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(np.asarray(weight).transpose(2, 3, 1, 0))  # OIHW -> HWIO
-
-
-def _qkv_to_torch(flat, att: str, names: Sequence[str], out: Flat, theirs: str) -> None:
-  ws = [flat[f'{att}/{n}/kernel'] for n in names]
-  out[f'{theirs}.weight'] = np.concatenate([w.reshape(w.shape[0], -1).T for w in ws], axis=0)
-  out[f'{theirs}.bias'] = np.concatenate([flat[f'{att}/{n}/bias'].reshape(-1) for n in names])
-
-
-def _split_from_torch(sd: Flat, theirs: str, names: Sequence[str], heads: int, out: Flat,
-                      att: str) -> None:
-  w, b = sd.pop(f'{theirs}.weight'), sd.pop(f'{theirs}.bias')
-  d = w.shape[1]
-  for n, wn, bn in zip(names, np.split(w, len(names)), np.split(b, len(names))):
-    out[f'{att}/{n}/kernel'] = np.ascontiguousarray(wn.T.reshape(d, heads, -1))
-    out[f'{att}/{n}/bias'] = bn.reshape(heads, -1)
 
 
 # ---------- timm ----------
@@ -107,8 +55,8 @@ def blocks_to_timm(flat: Mapping[str, np.ndarray], depth: int, out: Flat) -> Non
   for i in range(depth):
     b = f'Transformer/encoderblock_{i}'
     ln_to_torch(flat, f'{b}/LayerNorm_0', out, f'blocks.{i}.norm1')
-    _qkv_to_torch(flat, f'{b}/MultiHeadDotProductAttention_1', ('query', 'key', 'value'), out,
-                  f'blocks.{i}.attn.qkv')
+    fused_to_torch(flat, f'{b}/MultiHeadDotProductAttention_1', ('query', 'key', 'value'), out,
+                   f'blocks.{i}.attn.qkv')
     dense_to_torch(flat, f'{b}/MultiHeadDotProductAttention_1/out', out, f'blocks.{i}.attn.proj')
     ln_to_torch(flat, f'{b}/LayerNorm_2', out, f'blocks.{i}.norm2')
     dense_to_torch(flat, f'{b}/MlpBlock_3/Dense_0', out, f'blocks.{i}.mlp.fc1')
@@ -124,7 +72,7 @@ def blocks_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
     b, t = f'Transformer/encoderblock_{i}', f'blocks.{i}'
     att = f'{b}/MultiHeadDotProductAttention_1'
     ln_from_torch(sd, f'{t}.norm1', out, f'{b}/LayerNorm_0')
-    _split_from_torch(sd, f'{t}.attn.qkv', ('query', 'key', 'value'), num_heads, out, att)
+    split_from_torch(sd, f'{t}.attn.qkv', ('query', 'key', 'value'), num_heads, out, att)
     dense_from_torch(sd, f'{t}.attn.proj', out, f'{att}/out', (num_heads, d // num_heads, d))
     ln_from_torch(sd, f'{t}.norm2', out, f'{b}/LayerNorm_2')
     dense_from_torch(sd, f'{t}.mlp.fc1', out, f'{b}/MlpBlock_3/Dense_0')
@@ -139,8 +87,8 @@ def blocks_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
 def map_head_to_timm(flat, out: Flat) -> None:
   att = 'MAPHead_0/MultiHeadDotProductAttention_0'
   out['attn_pool.latent'] = flat['MAPHead_0/probe']
-  _qkv_to_torch(flat, att, ('query',), out, 'attn_pool.q')
-  _qkv_to_torch(flat, att, ('key', 'value'), out, 'attn_pool.kv')
+  fused_to_torch(flat, att, ('query',), out, 'attn_pool.q')
+  fused_to_torch(flat, att, ('key', 'value'), out, 'attn_pool.kv')
   dense_to_torch(flat, f'{att}/out', out, 'attn_pool.proj')
   ln_to_torch(flat, 'MAPHead_0/LayerNorm_0', out, 'attn_pool.norm')
   dense_to_torch(flat, 'MAPHead_0/MlpBlock_0/Dense_0', out, 'attn_pool.mlp.fc1')
@@ -150,19 +98,12 @@ def map_head_to_timm(flat, out: Flat) -> None:
 def map_head_from_timm(sd: Flat, num_heads: int, d: int, out: Flat) -> None:
   att = 'MAPHead_0/MultiHeadDotProductAttention_0'
   out['MAPHead_0/probe'] = sd.pop('attn_pool.latent')
-  _split_from_torch(sd, 'attn_pool.q', ('query',), num_heads, out, att)
-  _split_from_torch(sd, 'attn_pool.kv', ('key', 'value'), num_heads, out, att)
+  split_from_torch(sd, 'attn_pool.q', ('query',), num_heads, out, att)
+  split_from_torch(sd, 'attn_pool.kv', ('key', 'value'), num_heads, out, att)
   dense_from_torch(sd, 'attn_pool.proj', out, f'{att}/out', (num_heads, d // num_heads, d))
   ln_from_torch(sd, 'attn_pool.norm', out, 'MAPHead_0/LayerNorm_0')
   dense_from_torch(sd, 'attn_pool.mlp.fc1', out, 'MAPHead_0/MlpBlock_0/Dense_0')
   dense_from_torch(sd, 'attn_pool.mlp.fc2', out, 'MAPHead_0/MlpBlock_0/Dense_1')
-
-
-def timm_pretrained_cfg(arch: Architecture, num_classes: int, first_conv: str = 'patch_embed.proj',
-                        classifier: Any = 'head') -> dict[str, Any]:
-  return dict(num_classes=num_classes, input_size=[arch.channels, *arch.image_size],
-              classifier=classifier, first_conv=first_conv, interpolation='bilinear', crop_pct=1.0,
-              mean=list(arch.mean), std=list(arch.std))
 
 
 def timm_vit_args(arch: Architecture) -> dict[str, Any]:
@@ -184,7 +125,6 @@ def timm_vit_args(arch: Architecture) -> dict[str, Any]:
 
 def to_timm(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
   """(timm state dict, timm Hub config.json) of a ViT; `model_args` rebuild exactly this network."""
-  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
   cfg = arch.model_config
   args = timm_vit_args(arch)
   ph, pw = hw(cfg['patch_size'])
@@ -246,16 +186,17 @@ def timm_num_heads(config: Mapping[str, Any]) -> int:
   return int(heads)
 
 
-def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family: Any
-              ) -> tuple[Flat, Architecture, list[str]]:
-  """A timm ViT state dict and its config.json -> (flat, architecture, notes)."""
-  args = dict(config.get('model_args') or {})
-  sd = {k: np.asarray(v) for k, v in state.items()}
-  if any(k.startswith('fc_norm.') for k in sd):
+def refuse_fc_norm(keys: Any) -> None:
+  """A ValueError when a timm state dict normalises after pooling (`fc_norm`), which ours cannot."""
+  if any(k.startswith('fc_norm.') for k in keys):
     raise ValueError('the timm model normalises after pooling (`fc_norm`); this project\'s gap '
                      'normalises every token before averaging (timm fc_norm=False): not expressible')
-  num_heads = timm_num_heads(config)
-  notes: list[str] = []
+
+
+def transformer_from_timm(sd: Flat, num_heads: int, what: str = "this project's ViT") -> Flat:
+  """The transformer of a timm ViT (patch embedding, class token, position table, blocks, final
+  norm, MAP head, head) -> ours, popping what it uses; anything left is a ValueError naming it and
+  `what` could not express it."""
   out: Flat = {'embedding/kernel': conv_from_torch(sd.pop('patch_embed.proj.weight')),
                'embedding/bias': sd.pop('patch_embed.proj.bias')}
   if 'cls_token' in sd:
@@ -269,7 +210,20 @@ def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family
   if 'head.weight' in sd:
     dense_from_torch(sd, 'head', out, 'head')
   if sd:
-    raise ValueError(f'timm parameters this project\'s ViT cannot express: {sorted(sd)}')
+    raise ValueError(f'timm parameters {what} cannot express: {sorted(sd)}')
+  return out
+
+
+def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family: Family
+              ) -> tuple[Flat, Architecture, list[str]]:
+  """A timm ViT state dict and its config.json -> (flat, architecture, notes); `family` (the ViT's
+  descriptor or a subclass's, e.g. DeiT's) infers the architecture."""
+  args = dict(config.get('model_args') or {})
+  sd = {k: np.asarray(v) for k, v in state.items()}
+  refuse_fc_norm(sd)
+  num_heads = timm_num_heads(config)
+  notes: list[str] = []
+  out = transformer_from_timm(sd, num_heads)
   patch = out['embedding/kernel'].shape[:2]
   if 'cls' in out and POSEMB_KEY in out and _lacks_class_row(out[POSEMB_KEY].shape[1], args, patch):
     pe = out[POSEMB_KEY]  # timm's no_embed_class: the class token gets no position embedding.
@@ -286,3 +240,56 @@ def from_timm(state: Mapping[str, np.ndarray], config: Mapping[str, Any], family
   arch = family.infer(out, model_config=fields, image_size=args.get('img_size'))
   arch.mean, arch.std = timm_norm(config, config.get('architecture', ''))
   return out, arch, notes
+
+
+# ---------- Google's .npz ----------
+
+_NPZ_BLOCK_MODULES = ('LayerNorm_0', 'MultiHeadDotProductAttention_1', 'LayerNorm_2', 'MlpBlock_3')
+
+
+def npz_keys_ok(flat: Mapping[str, Any]) -> list[str]:
+  """Keys of a ViT flat dict outside Google's npz layout: scanned blocks, modules Google's
+  encoder blocks do not have."""
+  bad = []
+  for key in flat:
+    if key.startswith('Transformer/encoderblock/'):
+      bad.append(key)
+    elif (m := re.match(r'^Transformer/encoderblock_\d+/([^/]+)/', key)) and (
+        m.group(1) not in _NPZ_BLOCK_MODULES):
+      bad.append(key)
+  return bad
+
+
+# ---------- the interop ----------
+
+class VitInterop(Interop):
+  """The ViT's timm `VisionTransformer`, Hugging Face `ViTForImageClassification` and Google npz."""
+  timm_prefixes = ('vit_', 'deit_')  # timm's non-distilled DeiTs are plain ViTs
+  hf_model_types = ('vit',)
+  writes_npz = True
+
+  def reads_timm(self, architecture, keys) -> bool:
+    if any(k.startswith('patch_embed.backbone.') for k in keys) or 'dist_token' in keys:
+      return False  # the hybrid's and DeiT's
+    if architecture:
+      return architecture.startswith(self.timm_prefixes)
+    return 'patch_embed.proj.weight' in keys and not any(k.startswith(('layers.', 'stages.'))
+                                                          for k in keys)
+
+  def to_timm(self, flat, arch):
+    return to_timm(flat, arch)
+
+  def from_timm(self, state, config):
+    return from_timm(state, config, self.family)
+
+  def to_hf(self, flat, arch):
+    return vit_hf_interop.to_hf(flat, arch)
+
+  def from_hf(self, state, config):
+    return vit_hf_interop.from_hf(state, config)
+
+  def npz_keys_ok(self, flat) -> list[str]:
+    return npz_keys_ok(flat)
+
+
+INTEROP = VitInterop(vit_family.FAMILY)

@@ -1,7 +1,7 @@
 """Hugging Face model directories: `config.json` (`model_type`, sizes, id2label) + `model.safetensors`
 (or sharded with an index) + `preprocessor_config.json`.
 
-The family that reads a `model_type` is `registry.family_for_hf`; its descriptor maps the keys.
+The family that reads a `model_type` is `registry.interop_for_hf`; its interop maps the keys.
 Writing needs only numpy and safetensors; only safetensors weights are read (no pickle).
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ def is_hf_dir(path: str) -> bool:
   if not model_type:
     return False
   try:
-    registry.family_for_hf(model_type)
+    registry.interop_for_hf(model_type)
   except ValueError:
     return False
   return True
@@ -77,11 +77,11 @@ def read_hf(path: str | os.PathLike) -> tuple[Flat, Architecture, dict[str, Any]
   """
   path = os.fspath(path)
   config = _config(path)
-  family = registry.family_for_hf(config.get('model_type', ''))
+  interop = registry.interop_for_hf(config.get('model_type', ''))
   try:
-    flat, arch, notes = family.from_hf(load_weights(path), config)
+    flat, arch, notes = interop.from_hf(load_weights(path), config)
   except (KeyError, TypeError) as e:
-    raise ValueError(f'{path}: cannot read it as a Hugging Face {family.name} checkpoint: '
+    raise ValueError(f'{path}: cannot read it as a Hugging Face {interop.name} checkpoint: '
                      f'{type(e).__name__}: {e}') from e
   except ValueError as e:
     raise ValueError(f'{path}: {e}' if path not in str(e) else str(e)) from e
@@ -110,7 +110,7 @@ def _check_config(path: str, config: Mapping[str, Any], flat: Flat, arch: Archit
     raise ValueError(f'{cfg_path} says num_channels={arch.channels}, but the weights\' input '
                      f'convolution takes {flat[family.stem_kernel].shape[2]} channels')
   try:
-    implied = family.to_hf(dict(flat), arch)[1]
+    implied = registry.interop(family).to_hf(dict(flat), arch)[1]
   except ValueError:  # not writable back: the sizes were read off the weights alone
     implied = {}
   check_declared(cfg_path, config, implied, DECLARED_SIZES)
@@ -133,7 +133,7 @@ def write_hf(out_dir: str | os.PathLike, flat: Mapping[str, np.ndarray], arch: A
              class_names: Optional[Sequence[str]] = None) -> str:
   """Writes config.json, model.safetensors and preprocessor_config.json; returns out_dir."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  state, config = arch.get_family().to_hf(dict(flat), arch)
+  state, config = registry.interop(arch.family).to_hf(dict(flat), arch)
   n = arch.num_classes or 0
   if class_names is not None and len(class_names) != n:
     raise ValueError(f'{len(class_names)} class names for a head of {n} classes')

@@ -1,8 +1,9 @@
 """timm checkpoint directories: `config.json` (timm's Hub format: `architecture`, `model_args`,
 `pretrained_cfg`, as `timm.models.push_to_hf_hub.save_for_hf` writes it) + `model.safetensors`.
 
-Which family reads a directory is settled by `registry.family_for_timm(architecture, keys)`; the
-family's descriptor maps the keys. Writing needs only numpy and safetensors.
+Which family reads a directory is settled by `registry.interop_for_timm(architecture, keys)`; that
+family's interop (`vit_jax.families.interop.Interop`) maps the keys. Writing needs only numpy and
+safetensors.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def is_timm(path: str) -> bool:
     return False
   keys = _keys(weights)
   try:
-    registry.family_for_timm(config.get('architecture', ''), keys)
+    registry.interop_for_timm(config.get('architecture', ''), keys)
   except ValueError:
     return False
   return True
@@ -71,13 +72,13 @@ def read_timm(path: str | os.PathLike, *, model_config: Optional[Mapping[str, An
   weights = weights_path(path)
   config = load_config(path)
   state = load_safetensors(weights)
-  family = registry.family_for_timm(config.get('architecture', ''), state.keys())
+  interop = registry.interop_for_timm(config.get('architecture', ''), state.keys())
   if model_config and not config.get('model_args'):
     config = {**config, 'model_args': {'num_heads': model_config.get('num_heads')}}
   try:
-    flat, arch, notes = family.from_timm(state, config)
+    flat, arch, notes = interop.from_timm(state, config)
   except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{path}: cannot read it as a timm {family.name} checkpoint: {e}') from e
+    raise ValueError(f'{path}: cannot read it as a timm {interop.name} checkpoint: {e}') from e
   names = config.get('label_names') or (config.get('pretrained_cfg') or {}).get('label_names')
   _check_config(path, config, flat, arch, names)
   return flat, arch, {'class_names': names, 'notes': notes}
@@ -91,7 +92,7 @@ def _check_config(path: str, config: Mapping[str, Any], flat: Flat, arch: Archit
   if 'num_classes' in config:
     declared.setdefault('num_classes', config['num_classes'])
   try:
-    implied = arch.get_family().to_timm(dict(flat), arch)[1].get('model_args', {})
+    implied = registry.interop(arch.family).to_timm(dict(flat), arch)[1].get('model_args', {})
   except ValueError:  # not writable back: compare what the architecture itself says
     implied = {}
   implied = {'num_classes': arch.num_classes or 0, 'in_chans': arch.channels, **implied}
@@ -105,7 +106,7 @@ def write_timm(out_dir: str | os.PathLike, flat: Mapping[str, np.ndarray], arch:
                class_names: Optional[Sequence[str]] = None) -> str:
   """Writes `model.safetensors` and `config.json` into out_dir; returns the weights' path."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
-  state, config = arch.get_family().to_timm(dict(flat), arch)
+  state, config = registry.interop(arch.family).to_timm(dict(flat), arch)
   config['vit_jax'] = arch.to_meta()  # Ours (timm ignores it): a round trip keeps the name.
   if class_names:
     config['label_names'] = list(class_names)

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models import tokens as tokens_lib
+from vit_jax.models.tokens import TokenInputs
 from vit_jax.models.vit import POSEMBS, embed_patches, make_encoder, pair
 
 Dtype = Any
@@ -78,17 +80,21 @@ class DistilledVisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
-               features: bool = False, return_both: bool = False):
+               features: bool = False, return_both: bool = False,
+               tokens: Optional[TokenInputs] = None, return_weights: Optional[bool] = None):
     """Classifies images.
 
     Args:
       images: [B, H, W, C], H and W multiples of the patch size; pixels roughly in [-1, 1].
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
-      return_aux: also return a dict with 'pre_logits' [B, D] (mean of the two prefix tokens) and
-        'attention_weights' [L, B, heads, 2 + N, 2 + N] float32.
+      return_aux: also return a dict with 'pre_logits' [B, D] (mean of the two prefix tokens), the
+        token map 'prefix_tokens' [B, 2, D] and 'patch_tokens' [B, N, D] (`vit_jax.models.tokens`)
+        and 'attention_weights' [L, B, heads, T, T] float32 or None (T = 2 + prompts + N).
       features: return [the patch tokens after the final LayerNorm, [B, H/ph, W/pw, D]].
       return_both: return (class-head logits, distillation-head logits), each [B, num_classes]
         (without heads: the two tokens' features [B, D]) instead of their mean.
+      tokens: token-level inputs of a training objective (mask, kept patches, prompts).
+      return_weights: compute the attention weights for aux; default: return_aux.
 
     Returns:
       logits [B, num_classes] = (head(class token) + head_dist(distillation token)) / 2, in `dtype`;
@@ -99,7 +105,9 @@ class DistilledVisionTransformer(nn.Module):
                        f"'token', got {self.classifier!r}")
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
+    return_weights = return_aux if return_weights is None else return_weights
     x, (gh, gw) = embed_patches(self, images, self.patch_hw)
+    x = tokens_lib.edit_patches(x, tokens)
     b, _, d = x.shape
     cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
     # A random start keeps the two prefix tokens apart from the first step (timm: trunc_normal .02).
@@ -107,9 +115,14 @@ class DistilledVisionTransformer(nn.Module):
                       self.param_dtype)
     prefix = jnp.concatenate([cls, dist], axis=1).astype(x.dtype)
     x = jnp.concatenate([jnp.tile(prefix, (b, 1, 1)), x], axis=1)
-    x, weights = make_encoder(self, (gh, gw), NUM_PREFIX)(x, train=train, return_weights=return_aux)
+    x, weights = make_encoder(self, (gh, gw), NUM_PREFIX)(
+        x, train=train, return_weights=return_weights, tokens=tokens)
     if features:
+      if tokens is not None and tokens.keep is not None:
+        raise ValueError('features=True returns the full patch grid; it cannot be used with '
+                         'tokens.keep')
       return [jnp.reshape(x[:, NUM_PREFIX:], (b, gh, gw, d))]
+    token_map = {'prefix_tokens': x[:, :NUM_PREFIX], 'patch_tokens': x[:, NUM_PREFIX:]}
 
     x_cls, x_dist = x[:, 0], x[:, 1]
     pre_logits = (x_cls + x_dist) / 2
@@ -117,5 +130,5 @@ class DistilledVisionTransformer(nn.Module):
       x_cls, x_dist = self._head('head')(x_cls), self._head('head_dist')(x_dist)
     out = (x_cls, x_dist) if return_both else (x_cls + x_dist) / 2
     if return_aux:
-      return out, {'pre_logits': pre_logits, 'attention_weights': weights}
+      return out, {'pre_logits': pre_logits, 'attention_weights': weights, **token_map}
     return out

@@ -13,12 +13,13 @@ The effective patch, input pixels per token, is `feature_stride * patch_size`: 1
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 
 from vit_jax.models import resnet
+from vit_jax.models.tokens import TokenInputs
 from vit_jax.models.vit import VisionTransformer
 
 
@@ -47,14 +48,16 @@ class HybridVisionTransformer(VisionTransformer):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
-               features: bool = False):
+               features: bool = False, tokens: Optional[TokenInputs] = None,
+               return_weights: Optional[bool] = None):
     """Classifies images [B, H, W, C] (any C; pixels roughly in [-1, 1]).
 
     The ResNet's feature map (H and W divided by `feature_stride`, rounded up: 'SAME' padding) must
     be a multiple of `patch_size`; H and W multiples of `effective_patch_hw` always are.
     Arguments and results are VisionTransformer's: logits [B, num_classes]; with return_aux, also
-    pre-logits and attention weights; with features=True, [token map [B, H/P, W/P, D]] for the
-    effective patch P.
+    pre-logits, the token map and attention weights; with features=True, [token map
+    [B, H/P, W/P, D]] for the effective patch P. `tokens` edits the tokens the ResNet's features
+    make (prompts; masks are refused by the family: see `families/hybrid.py`).
     """
     outputs = resnet.resnet_features(images.astype(self.dtype), width=self.resnet_width,
                                      layers=tuple(self.resnet_layers), dtype=self.dtype,
@@ -66,4 +69,5 @@ class HybridVisionTransformer(VisionTransformer):
       raise ValueError(f'image size {h}x{w} gives a {fh}x{fw} ResNet feature map (stride '
                        f'{self.feature_stride}), not divisible by the patch size {ph}x{pw}: use '
                        f'an image size that is a multiple of {eh}x{ew}')
-    return super().__call__(x, train=train, return_aux=return_aux, features=features)
+    return super().__call__(x, train=train, return_aux=return_aux, features=features,
+                            tokens=tokens, return_weights=return_weights)

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.attention import MultiHeadDotProductAttention, rows
+from vit_jax.models.tokens import TokenInputs
 
 Dtype = Any
 
@@ -152,9 +154,11 @@ def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Arra
 
 
 class Encoder1DBlock(nn.Module):
-  """One pre-LN transformer block; call(x, drop_rate) -> (x, attention weights or None).
+  """One pre-LN transformer block; call(x, drop_rate, prompt) -> (x, attention weights or None).
 
-  The (carry, per-layer input) -> (carry, per-layer output) signature lets `nn.scan` stack the blocks.
+  The (carry, per-layer inputs) -> (carry, per-layer output) signature lets `nn.scan` stack the
+  blocks. `prompt` [P, D] (deep visual prompt tuning, `vit_jax.models.tokens`) replaces the P tokens
+  after the first `prompt_offset` before the block runs; None leaves the sequence as it is.
   """
   mlp_dim: int
   num_heads: int
@@ -165,14 +169,16 @@ class Encoder1DBlock(nn.Module):
   return_weights: bool = False
   attention_impl: Optional[str] = 'auto'
   act: str = 'gelu_tanh'
+  prompt_offset: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, drop_rate: jax.Array):
+  def __call__(self, x: jax.Array, drop_rate: jax.Array, prompt: Optional[jax.Array] = None):
     norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                                      name=name)
     use_drop_path = self.stochastic_depth and not self.deterministic
+    x = tokens_lib.set_prompts(x, prompt, self.prompt_offset, inserted=True)
 
     y = norm('LayerNorm_0')(rows(x, self.dtype)).reshape(x.shape)
     y, weights = MultiHeadDotProductAttention(
@@ -213,10 +219,15 @@ class Encoder(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False):
-    """x: [B, N, D] tokens. Returns ([B, N, D], weights [L, B, H, N, N] float32 or None)."""
+  def __call__(self, x: jax.Array, *, train: bool = False, return_weights: bool = False,
+               tokens: Optional[TokenInputs] = None):
+    """x: [B, N, D] tokens (prefix first). Returns ([B, N', D], weights [L, B, H, T, T] float32 or
+    None): with `tokens.keep` N' = prefix + K, else N; prompts are dropped from the output (T counts
+    them)."""
     x = AddPositionEmbs(self.posemb, self.grid, self.num_prefix, self.param_dtype,
                         name='posembed_input')(x)
+    x = tokens_lib.keep_patches(x, self.num_prefix, tokens)
+    x = tokens_lib.set_prompts(x, tokens_lib.prompt_at(tokens, 0), self.num_prefix, inserted=False)
     x = nn.Dropout(self.dropout_rate)(x, deterministic=not train)
     # Stochastic depth grows linearly with depth (DeiT): 0 at the first block.
     rates = jnp.linspace(0.0, self.stochastic_depth, self.num_layers, dtype=jnp.float32)
@@ -224,18 +235,23 @@ class Encoder(nn.Module):
                   attention_dropout_rate=self.attention_dropout_rate,
                   stochastic_depth=self.stochastic_depth > 0, deterministic=not train,
                   return_weights=return_weights, attention_impl=self.attention_impl,
-                  act=self.act, dtype=self.dtype, param_dtype=self.param_dtype)
+                  act=self.act, prompt_offset=self.num_prefix, dtype=self.dtype,
+                  param_dtype=self.param_dtype)
     block = remat_block(Encoder1DBlock, self.remat, prevent_cse=not self.scan)
+    # Deep prompts: block i's prompt slots are overwritten by prompts[i] (i = 0 is the insertion).
+    deep = tokens is not None and tokens.deep()
     if self.scan:
       stack = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                       in_axes=0, length=self.num_layers)
-      x, weights = stack(name='encoderblock', **kwargs)(x, rates)
+      x, weights = stack(name='encoderblock', **kwargs)(x, rates, tokens.prompts if deep else None)
     else:
       all_weights = []
       for i in range(self.num_layers):
-        x, w = block(name=f'encoderblock_{i}', **kwargs)(x, rates[i])
+        prompt = tokens.prompts[i] if deep and i else None
+        x, w = block(name=f'encoderblock_{i}', **kwargs)(x, rates[i], prompt)
         all_weights.append(w)
       weights = jnp.stack(all_weights) if return_weights else None
+    x = tokens_lib.drop_prompts(x, self.num_prefix, tokens)
     x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='encoder_norm')(x)
     return x, weights
@@ -340,16 +356,22 @@ class VisionTransformer(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False, return_aux: bool = False,
-               features: bool = False):
+               features: bool = False, tokens: Optional[TokenInputs] = None,
+               return_weights: Optional[bool] = None):
     """Classifies images.
 
     Args:
       images: [B, H, W, C], any C, H and W multiples of the patch size; pixels roughly in [-1, 1].
       train: enables dropout and stochastic depth (needs a 'dropout' rng).
-      return_aux: also return a dict with 'pre_logits' [B, D or representation_size] and
-        'attention_weights' [L, B, heads, N, N] float32 (N = prefix + patches).
+      return_aux: also return a dict with 'pre_logits' [B, D or representation_size], the token map
+        'prefix_tokens' [B, P, D] and 'patch_tokens' [B, N, D] (after the final LayerNorm; see
+        `vit_jax.models.tokens`) and 'attention_weights' [L, B, heads, T, T] float32 (T = prefix +
+        prompts + patches) or None.
       features: return [feature map [B, H/ph, W/pw, D]] (the patch tokens after the final
         LayerNorm, one scale) instead of logits: the multi-scale interface every family shares.
+      tokens: token-level inputs of a training objective (mask, kept patches, prompts).
+      return_weights: compute the attention weights for aux (the explicit softmax, never a fused
+        kernel); default: return_aux.
 
     Returns:
       logits [B, num_classes] in `dtype` (or pre-logits when there is no head); with return_aux,
@@ -359,17 +381,23 @@ class VisionTransformer(nn.Module):
       raise ValueError(f'classifier {self.classifier!r} is not one of {CLASSIFIERS}')
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
+    return_weights = return_aux if return_weights is None else return_weights
     x, (gh, gw) = embed_patches(self, images, self.patch_hw)
+    x = tokens_lib.edit_patches(x, tokens)
     b, _, d = x.shape
+    prefix = num_prefix_tokens(self.classifier)
     if self.classifier == 'token':
       cls = self.param('cls', nn.initializers.zeros, (1, 1, d), self.param_dtype)
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
 
-    x, weights = make_encoder(self, (gh, gw), num_prefix_tokens(self.classifier))(
-        x, train=train, return_weights=return_aux)
+    x, weights = make_encoder(self, (gh, gw), prefix)(
+        x, train=train, return_weights=return_weights, tokens=tokens)
     if features:
-      prefix = num_prefix_tokens(self.classifier)
+      if tokens is not None and tokens.keep is not None:
+        raise ValueError('features=True returns the full patch grid; it cannot be used with '
+                         'tokens.keep')
       return [jnp.reshape(x[:, prefix:], (b, gh, gw, d))]
+    token_map = {'prefix_tokens': x[:, :prefix], 'patch_tokens': x[:, prefix:]}
 
     if self.classifier == 'token':
       x = x[:, 0]
@@ -389,5 +417,5 @@ class VisionTransformer(nn.Module):
                                 else nn.initializers.lecun_normal()),
                    bias_init=nn.initializers.constant(self.head_bias_init), name='head')(x)
     if return_aux:
-      return x, {'pre_logits': pre_logits, 'attention_weights': weights}
+      return x, {'pre_logits': pre_logits, 'attention_weights': weights, **token_map}
     return x

@@ -5,7 +5,8 @@ compiler says about it (memory per chip, FLOPs, collectives) with a roofline est
 `train_and_evaluate` calls), lowers its jitted train step for the abstract state and batch
 (ShapeDtypeStructs carrying shardings: no parameter is allocated anywhere) and compiles it for the
 topology's devices. Memory per chip:
-  parameters, optimizer state, EMA, step/rng, batch, teacher: from the shardings of the abstract
+  parameters, optimizer state, EMA, step/rng, batch, teacher, frozen parameters (an objective that
+  freezes a backbone): from the shardings of the abstract
     arguments (the bytes of one device's shards: what the live arrays would occupy);
   arguments, outputs not aliased to arguments (the state is donated), temporaries and code: from
     the compiled executable's `memory_analysis()`; total = arguments + outputs - aliased +
@@ -35,9 +36,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from vit_jax.families.base import hw
 from vit_jax.plan import hlo
 from vit_jax.plan import topologies as topo_lib
+from vit_jax.shapes import hw
 from vit_jax.train import build as build_lib
 
 # Class counts of datasets a plan may name without their files being here.
@@ -181,7 +182,8 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
          'ema': tree_bytes_per_device(state.ema_params) if state.ema_params is not None else 0.0,
          'step_rng': tree_bytes_per_device((state.step, state.rng)),
          'batch': tree_bytes_per_device(built.abstract_batch()),
-         'teacher': tree_bytes_per_device(built.distill.params) if built.distill else 0.0}
+         'teacher': tree_bytes_per_device(built.extras.get('teacher')),
+         'frozen': tree_bytes_per_device(built.extras.get('frozen'))}
   if compiled is not None:
     ma = compiled.memory_analysis()
     mem['arguments'] = float(ma.argument_size_in_bytes)
@@ -199,7 +201,8 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
   cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
   size = hw(config.image_size)
   macs = built.family.forward_macs(built.fields, classes, size, config.channels)
-  analytic = 3 * 2 * macs * config.batch_size
+  # The objective's forward (MAE: the encoder on the visible patches plus its decoder).
+  analytic = 3 * 2 * built.objective.analytic_macs(macs) * config.batch_size
   if built.distill is not None:  # the teacher's forward pass (counted at the student's image size)
     t_arch = built.distill.model
     from vit_jax.families import registry  # pylint: disable=g-import-not-at-top
@@ -261,11 +264,11 @@ def format_plan(plan: Plan) -> str:
       *([f'the compiler refused: {plan.oom}', '(FLOPs below: the unpartitioned program / chips; '
          'no collectives)'] if plan.oom else []),
       '', 'memory per chip:']
-  for key in ('parameters', 'optimizer', 'ema', 'step_rng', 'batch', 'teacher'):
-    if m[key] or key in ('parameters', 'optimizer', 'batch'):
-      lines.append(f'  {key:<24}{_gib(m[key])}')
-  from_shardings = sum(m[k] for k in ('parameters', 'optimizer', 'ema', 'step_rng', 'batch',
-                                      'teacher'))
+  for key in ('parameters', 'optimizer', 'ema', 'step_rng', 'batch', 'teacher', 'frozen'):
+    if m.get(key) or key in ('parameters', 'optimizer', 'batch'):
+      lines.append(f'  {key:<24}{_gib(m.get(key, 0.0))}')
+  from_shardings = sum(m.get(k, 0.0) for k in ('parameters', 'optimizer', 'ema', 'step_rng',
+                                               'batch', 'teacher', 'frozen'))
   lines += [f'  {"arguments (compiled)":<24}{_gib(m["arguments"])}   (from shardings: '
             f'{_gib(from_shardings).strip()})',
             f'  {"outputs (not donated)":<24}{_gib(m["outputs"])}',

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from vit_jax import sharding as sharding_lib
-from vit_jax.families.base import hw
 from vit_jax.plan import core
 from vit_jax.plan import topologies as topo_lib
+from vit_jax.shapes import hw
 from vit_jax.train import build as build_lib
 from vit_jax.train import optim
 from vit_jax.train import state as state_lib

@@ -1,5 +1,6 @@
-"""Everything a training run compiles, built from its config: mesh, model, schedule, optimizer, the
-abstract state and its shardings, the distillation teacher and the jitted train and eval steps.
+"""Everything a training run compiles, built from its config: mesh, model, objective, schedule,
+optimizer, the abstract state and its shardings, the objective's frozen extras and the jitted train
+and eval steps.
 
 `vit_jax.train.loop.train_and_evaluate` and `vit_jax.plan` both call `build_training`, so a plan
 lowers and compiles the very function training runs. Nothing here allocates the student's
@@ -20,7 +21,10 @@ import ml_collections
 from vit_jax import runtime
 from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
-from vit_jax.families.base import Architecture, Family, hw
+from vit_jax.families.base import Family
+from vit_jax.shapes import hw
+from vit_jax import objectives as objectives_lib
+from vit_jax.objectives.base import Objective
 from vit_jax.train import optim
 from vit_jax.train import state as state_lib
 from vit_jax.train import step as step_lib
@@ -38,66 +42,13 @@ def compute_dtype(name: str, platform: Optional[str] = None):
   return jnp.dtype(name)
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int,
+def build_model(config: ml_collections.ConfigDict, num_classes: Optional[int],
                 platform: Optional[str] = None) -> tuple[Family, Any, dict]:
-  """(family, module, fields) of `config.model` (registry name plus overrides) for `num_classes`."""
+  """(family, module, fields) of `config.model` (registry name plus overrides) for `num_classes`
+  (None: no classifier head)."""
   family, fields = registry.resolve(config.model)
   model = family.create(fields, num_classes, dtype=compute_dtype(config.dtype, platform))
   return family, model, fields
-
-
-def _distillation(config, arch: Architecture, tree: Any, mesh, platform: Optional[str],
-                  abstract: bool) -> step_lib.Distillation:
-  """A frozen teacher of architecture `arch` with parameters `tree` (module layout): placed on the
-  mesh with its family's rules, or, `abstract`, described by ShapeDtypeStructs with shardings."""
-  family = arch.get_family()
-  model = arch.create_model(dtype=compute_dtype(config.dtype, platform))
-  shardings = sharding_lib.tree_shardings(tree, mesh, config.fsdp_min_size, family.tensor_rules)
-  if abstract:
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          tree, shardings)
-  else:
-    params = jax.device_put(tree, shardings)
-  input_fn = step_lib.teacher_input_fn(hw(config.image_size), config.channels, arch.image_size,
-                                       arch.channels, arch.mean, arch.std)
-  return step_lib.Distillation(model, params, shardings, input_fn, config.distill.kind,
-                               float(config.distill.alpha), float(config.distill.temperature))
-
-
-def load_teacher(config: ml_collections.ConfigDict, mesh, num_classes: int, *,
-                 platform: Optional[str] = None, abstract: bool = False) -> step_lib.Distillation:
-  """The frozen teacher of `config.distill`: any checkpoint `read_checkpoint` reads (a run workdir,
-  .npz, timm or Hugging Face directory) of any family, its parameters placed on the mesh with its
-  family's sharding rules (`abstract`: only their shapes, for a plan). Its input is adapted to the
-  student's batch (`teacher_input_fn`)."""
-  from vit_jax.checkpoints import read_checkpoint  # pylint: disable=g-import-not-at-top
-  from vit_jax.models import params as params_lib  # pylint: disable=g-import-not-at-top
-  path = config.distill.teacher
-  ckpt = read_checkpoint(path)
-  arch = ckpt.architecture or registry.detect(ckpt.params).infer(ckpt.params)
-  if arch.num_classes != num_classes:
-    raise ValueError(f'the teacher {path} predicts {arch.num_classes} classes, the student\'s '
-                     f'dataset has {num_classes}: distil from a teacher of the same classes')
-  family = arch.get_family()
-  tree = family.to_module_layout(params_lib.unflatten(ckpt.params), arch.model_config)
-  logging.info('distillation (%s, alpha %g, T %g) from %s: %s %s at %s, %d channels',
-               config.distill.kind, config.distill.alpha, config.distill.temperature, path,
-               family.name, arch.name, arch.image_size, arch.channels)
-  return _distillation(config, arch, tree, mesh, platform, abstract)
-
-
-def abstract_teacher(config: ml_collections.ConfigDict, mesh, num_classes: int, model_name: str,
-                     *, platform: Optional[str] = None) -> step_lib.Distillation:
-  """A teacher of the registered architecture `model_name` at the student's image size and
-  channels, parameters as shapes only: plans a distillation run without a teacher checkpoint."""
-  family = registry.family_of(model_name)
-  fields = dict(registry.get_model_config(model_name))
-  fields.pop('family', None)
-  arch = Architecture(fields, num_classes, hw(config.image_size), config.channels, family.name)
-  model = arch.create_model()
-  shape = (1, *arch.image_size, arch.channels)
-  tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape))['params'])
-  return _distillation(config, arch, tree, mesh, platform, abstract=True)
 
 
 def check_batch_sizes(config, mesh) -> None:
@@ -120,57 +71,112 @@ def check_batch_sizes(config, mesh) -> None:
 
 @dataclasses.dataclass
 class Training:
-  """What `build_training` returns. abstract_state: the TrainState as ShapeDtypeStructs with their
-  shardings (the target of a restore, the input of a plan); shardings: the same tree of
-  NamedShardings; input_shape: [1, H, W, C] of one image; distill: the teacher or None;
-  train_step(state, batch) and eval_step(params, batch): the jitted steps."""
+  """What `build_training` returns. objective: how the model learns (`vit_jax.objectives`);
+  abstract_state: the TrainState as ShapeDtypeStructs with their shardings (the target of a
+  restore, the input of a plan); shardings: the same tree of NamedShardings; extras: the
+  objective's frozen extras (a teacher), live or, `abstract`, shapes with shardings (frozen model
+  parameters are added by `with_frozen`); input_shape: [1, H, W, C] of one image;
+  train_step(state, batch) and eval_step(params, batch): the jitted steps, extras bound."""
   config: ml_collections.ConfigDict
   mesh: Any
   family: Family
   model: Any
   fields: dict[str, Any]
-  num_classes: int
+  num_classes: Optional[int]
+  objective: Objective
   schedule: Callable
   tx: Any
   use_ema: bool
   input_shape: tuple[int, ...]
   abstract_state: state_lib.TrainState
   shardings: state_lib.TrainState
-  distill: Optional[step_lib.Distillation]
-  train_step: Callable
-  eval_step: Callable
+  extras: dict[str, Any]
+  extras_shardings: dict[str, Any]
+  train_step: step_lib.TrainStep
+  eval_step: step_lib.EvalStep
+
+  @property
+  def distill(self) -> Optional[step_lib.Distillation]:
+    """The distillation teacher, when the objective has one."""
+    return getattr(self.objective, 'teacher', None)
 
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """One global training batch as the loader yields it: {'image': f32 [B, H, W, C],
-    'labels': f32 [B, K]}, sharded over the batch axes."""
+    """One global training batch as the loader yields it (the objective's batch spec: e.g.
+    {'image': f32 [B, H, W, C], 'labels': f32 [B, K]}), sharded over the batch axes."""
     sharding = sharding_lib.batch_sharding(self.mesh)
     b = self.config.batch_size
-    return {'image': jax.ShapeDtypeStruct((b, *self.input_shape[1:]), jnp.float32,
-                                          sharding=sharding),
-            'labels': jax.ShapeDtypeStruct((b, self.num_classes), jnp.float32, sharding=sharding)}
+    return {k: jax.ShapeDtypeStruct((b, *spec.shape), spec.dtype, sharding=sharding)
+            for k, spec in self.objective.batch_spec(self.input_shape[1:]).items()}
 
   def lower(self):
     """The train step lowered for the abstract state and batch (nothing allocated)."""
     return self.train_step.lower(self.abstract_state, self.abstract_batch())
 
+  def frozen_shardings(self, frozen: Any) -> Any:
+    return sharding_lib.tree_shardings(frozen, self.mesh, self.config.fsdp_min_size,
+                                       self.family.tensor_rules)
 
-def build_training(config: ml_collections.ConfigDict, num_classes: int, *,
+  def with_frozen(self, frozen: Any) -> 'Training':
+    """This training with the objective's frozen model parameters (a tree in the module layout:
+    host arrays, placed here, or ShapeDtypeStructs) added to the extras, and steps rebound."""
+    if not frozen:
+      return self
+    shardings = self.frozen_shardings(frozen)
+    if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+      placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            frozen, shardings)
+    else:
+      placed = jax.device_put(frozen, shardings)
+    extras = {**self.extras, 'frozen': placed}
+    extras_shardings = {**self.extras_shardings, 'frozen': shardings}
+    train_step, eval_step = _steps(self.config, self.model, self.objective, self.tx,
+                                   self.schedule, self.mesh, self.shardings, extras,
+                                   extras_shardings, self.use_ema)
+    return dataclasses.replace(self, extras=extras, extras_shardings=extras_shardings,
+                               train_step=train_step, eval_step=eval_step)
+
+
+def _steps(config, model, objective, tx, schedule, mesh, shardings, extras, extras_shardings,
+           use_ema):
+  train_step = step_lib.make_train_step(
+      model, tx, schedule, mesh, shardings, objective=objective, extras=extras,
+      extras_shardings=extras_shardings, accum_steps=config.accum_steps,
+      ema_decay=config.ema_decay if use_ema else None,
+      skip_nonfinite=bool(config.get('skip_nonfinite', False)))
+  eval_step = step_lib.make_eval_step(model, mesh, shardings.params, objective=objective,
+                                      extras=extras, extras_shardings=extras_shardings,
+                                      seed=config.seed)
+  return train_step, eval_step
+
+
+def build_training(config: ml_collections.ConfigDict, num_classes: Optional[int], *,
                    devices: Optional[Sequence[Any]] = None, abstract: bool = False,
-                   teacher_model: Optional[str] = None) -> Training:
-  """Mesh, model, schedule, optimizer, abstract state and shardings, teacher and jitted steps of
-  `config` for a dataset of `num_classes`.
+                   teacher_model: Optional[str] = None,
+                   objective: Optional[Objective] = None) -> Training:
+  """Mesh, model, objective, schedule, optimizer, abstract state and shardings, extras and jitted
+  steps of `config` for a dataset of `num_classes` (None or 0: unlabelled).
 
   devices: the mesh's devices (default: all of `jax.devices()`); a plan passes a topology's
   (compile-only TPU devices, or fake CPU ones), and `config.dtype='auto'` follows their platform.
-  abstract: the teacher (`config.distill.teacher`) as shapes only; teacher_model: a registered
-  architecture to plan distillation with when there is no teacher checkpoint.
+  abstract: the extras (a teacher, frozen parameters) as shapes only; teacher_model: a registered
+  architecture to plan distillation with when there is no teacher checkpoint; objective: the
+  objective already made (e.g. with a teacher in memory) instead of the config's.
+  Frozen model parameters (an objective that freezes a pretrained backbone) are not loaded here:
+  `with_frozen` adds them (`abstract`: their shapes are added here).
   """
   devices = list(jax.devices() if devices is None else devices)
   platform = devices[0].platform
   if not abstract:
     runtime.tune_for_backend(platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
-  family, model, fields = build_model(config, num_classes, platform)
+  family, fields = registry.resolve(config.model)
+  kwargs = {'teacher_model': teacher_model} if teacher_model else {}
+  if teacher_model and objectives_lib.name_of(config) == 'classify':
+    config = config.copy_and_resolve_references()
+    config.objective.name = 'distill'
+  if objective is None:
+    objective = objectives_lib.create(config, family, fields, num_classes or None, **kwargs)
+  family, model, fields = build_model(config, objective.head_classes(), platform)
   schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
                                  config.lr_decay, config.end_lr)
   tx = optim.make_optimizer(config, schedule)
@@ -179,18 +185,16 @@ def build_training(config: ml_collections.ConfigDict, num_classes: int, *,
   check_batch_sizes(config, mesh)
   abstract_state, shardings = state_lib.abstract_state(
       model, tx, input_shape, config.seed, mesh, use_ema=use_ema,
-      fsdp_min_size=config.fsdp_min_size, tensor_rules=family.tensor_rules)
-
-  distill = None
-  if teacher_model:
-    distill = abstract_teacher(config, mesh, num_classes, teacher_model, platform=platform)
-  elif config.get('distill') is not None and config.distill.teacher:
-    distill = load_teacher(config, mesh, num_classes, platform=platform, abstract=abstract)
-  train_step = step_lib.make_train_step(
-      model, tx, schedule, mesh, shardings, loss=config.loss,
-      label_smoothing=config.label_smoothing, accum_steps=config.accum_steps,
-      ema_decay=config.ema_decay if use_ema else None, distill=distill,
-      skip_nonfinite=bool(config.get('skip_nonfinite', False)))
-  eval_step = step_lib.make_eval_step(model, mesh, shardings.params)
-  return Training(config, mesh, family, model, fields, num_classes, schedule, tx, use_ema,
-                  input_shape, abstract_state, shardings, distill, train_step, eval_step)
+      fsdp_min_size=config.fsdp_min_size,
+      tensor_rules=tuple(family.tensor_rules) + tuple(objective.tensor_rules), objective=objective)
+  extras, extras_shardings = objective.make_extras(mesh, platform=platform, abstract=abstract)
+  train_step, eval_step = _steps(config, model, objective, tx, schedule, mesh, shardings, extras,
+                                 extras_shardings, use_ema)
+  built = Training(config, mesh, family, model, fields, num_classes or None, objective, schedule,
+                   tx, use_ema, input_shape, abstract_state, shardings, extras, extras_shardings,
+                   train_step, eval_step)
+  if abstract and objective.freezes():
+    tree = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros(input_shape))['params'])
+    built = built.with_frozen(objective.frozen_params(tree))
+  return built

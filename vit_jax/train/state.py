@@ -28,11 +28,14 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def init_fn(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...], seed: int,
-            use_ema: bool, init_params: Optional[Any] = None) -> Callable[[], TrainState]:
+            use_ema: bool, init_params: Optional[Any] = None, objective: Any = None
+            ) -> Callable[[], TrainState]:
   """A function of no arguments that builds the initial state (to be jitted with out_shardings).
 
-  input_shape: [1, H, W, C] of one image; init_params: parameters to start from (pretrained)
-  instead of a fresh init.
+  input_shape: [1, H, W, C] of one image; init_params: the model's parameters to start from
+  (pretrained) instead of a fresh init; objective: a `vit_jax.objectives.Objective` whose
+  `initial_params` makes the state's params from the model's (its trainable part plus the
+  objective's own parameters; None: the model's, all trainable).
   """
   def fn():
     rng = jax.random.PRNGKey(seed)
@@ -41,6 +44,8 @@ def init_fn(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...
       params = model.init(init_rng, jnp.zeros(input_shape, jnp.float32))['params']
     else:
       params = init_params
+    if objective is not None:
+      params = objective.initial_params(params, model, jax.random.fold_in(init_rng, 1), input_shape)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=jax.random.key_data(train_rng) if jnp.issubdtype(
                           train_rng.dtype, jax.dtypes.prng_key) else train_rng,
@@ -57,10 +62,10 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, fsdp_min_size: int,
 
 def create_train_state(model, tx: optax.GradientTransformation, input_shape: tuple[int, ...],
                        seed: int, mesh: Mesh, *, use_ema: bool = False, fsdp_min_size: int = 2 ** 14,
-                       init_params: Optional[Any] = None, tensor_rules: sharding_lib.Rules = ()
-                       ) -> tuple[TrainState, TrainState]:
+                       init_params: Optional[Any] = None, tensor_rules: sharding_lib.Rules = (),
+                       objective: Any = None) -> tuple[TrainState, TrainState]:
   """(state, shardings): the initial state created directly in its sharded layout."""
-  fn = init_fn(model, tx, input_shape, seed, use_ema, init_params)
+  fn = init_fn(model, tx, input_shape, seed, use_ema, init_params, objective)
   abstract = jax.eval_shape(fn)
   shardings = state_shardings(abstract, mesh, fsdp_min_size, tensor_rules)
   state = jax.jit(fn, out_shardings=shardings)()
@@ -68,9 +73,9 @@ def create_train_state(model, tx: optax.GradientTransformation, input_shape: tup
 
 
 def abstract_state(model, tx, input_shape, seed, mesh, *, use_ema=False, fsdp_min_size=2 ** 14,
-                   tensor_rules: sharding_lib.Rules = ()):
+                   tensor_rules: sharding_lib.Rules = (), objective: Any = None):
   """(ShapeDtypeStructs with shardings, shardings): the target for restoring a checkpoint."""
-  fn = init_fn(model, tx, input_shape, seed, use_ema)
+  fn = init_fn(model, tx, input_shape, seed, use_ema, objective=objective)
   abstract = jax.eval_shape(fn)
   shardings = state_shardings(abstract, mesh, fsdp_min_size, tensor_rules)
   with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

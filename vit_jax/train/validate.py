@@ -12,9 +12,10 @@ import ml_collections
 
 from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
-from vit_jax.families.base import hw
+from vit_jax.shapes import hw
+from vit_jax import objectives
 from vit_jax.models import vit as vit_models
-from vit_jax.train import optim, step as step_lib
+from vit_jax.train import optim
 
 REQUIRED = ('model.name', 'dataset', 'data_dir', 'image_size', 'batch_size', 'total_steps',
             'warmup_steps', 'base_lr', 'eval_every', 'checkpoint_every', 'seed', 'mesh')
@@ -111,8 +112,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'{key} must be a whole number of seconds > 0, got {value!r}')
   _need(config.optimizer in ('adam', 'sgd'), f"optimizer {config.optimizer!r}: 'adam' or 'sgd'")
   _need(config.lr_decay in optim.DECAYS, f'lr_decay {config.lr_decay!r}: one of {optim.DECAYS}')
-  _need(config.loss in step_lib.LOSSES, f'loss {config.loss!r}: one of {step_lib.LOSSES}')
-  _need(0 <= config.label_smoothing < 1, 'label_smoothing must be in [0, 1)')
   _need(config.get('posemb_resize') in (None, 'bilinear', 'bicubic'),
         f"posemb_resize {config.get('posemb_resize')!r}: 'bilinear', 'bicubic' or unset (the "
         "family's default)")
@@ -122,7 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_mesh(config.mesh)
   from vit_jax.data import PRESETS  # pylint: disable=g-import-not-at-top
   _need(config.augment in PRESETS, f'augment {config.augment!r}: one of {sorted(PRESETS)}')
-  _validate_distill(config, family)
+  _validate_objective(config, family)
   _validate_fewshot(config)
   _validate_ranges(config)
   if config.get('randaugment'):
@@ -148,28 +147,25 @@ def _validate_fewshot(config: ml_collections.ConfigDict) -> None:
         f'fewshot.every must be >= 0 (0: with every evaluation), got {fs.every!r}')
 
 
-def _validate_distill(config: ml_collections.ConfigDict, family) -> None:
-  """`distill.*`: kind, alpha and temperature in range; a teacher needs a DeiT student and a
-  path that exists."""
-  distill = config.get('distill')
-  if distill is None:
-    return
-  _need(distill.kind in step_lib.DISTILL_KINDS,
-        f'distill.kind {distill.kind!r}: one of {step_lib.DISTILL_KINDS}')
-  _need(isinstance(distill.alpha, (int, float)) and 0 <= distill.alpha <= 1,
-        f'distill.alpha must be in [0, 1], got {distill.alpha!r}')
-  _need(isinstance(distill.temperature, (int, float)) and distill.temperature > 0,
-        f'distill.temperature must be > 0, got {distill.temperature!r}')
-  if not distill.teacher:
-    return
-  if not step_lib.has_distillation_head(family.module_class()):
-    deit = [n for n in registry.names() if step_lib.has_distillation_head(
-        registry.family_of(n).module_class())]
-    raise ConfigError(f'distill.teacher is set, but the student {config.model.name} ({family.name} '
-                      f'family) has no distillation head; distil into a DeiT: one of {deit}')
-  _need(os.path.exists(distill.teacher),
-        f'distill.teacher {distill.teacher!r} does not exist (a run workdir, .npz, timm or Hugging '
-        'Face checkpoint)')
+def _validate_objective(config: ml_collections.ConfigDict, family) -> None:
+  """The objective's block and the keys it reads, and whether the model's family can serve it
+  (`vit_jax.objectives`): a DeiT for distillation, token masks for MPP and MAE, prompts for VPT."""
+  try:
+    objectives.check(config, family)
+  except ValueError as e:
+    message = str(e)
+    if objectives.name_of(config) == 'distill' and 'two_heads' in message:
+      deit = [n for n in registry.names()
+              if 'two_heads' in registry.family_of(n).capabilities]
+      message = (f'distill.teacher is set, but the student {config.model.name} ({family.name} '
+                 f'family) has no distillation head ({message.split(": ", 1)[-1]}); distil into '
+                 f'a DeiT: one of {deit}')
+    raise ConfigError(message) from e
+  # Keys outside any objective's block that only some objectives can use.
+  if not objectives.get(objectives.name_of(config)).uses_labels:
+    for key in ('mixup', 'cutmix', 'label_smoothing'):
+      _need(not config.get(key), f'{key} mixes or smooths labels, and objective '
+            f'{objectives.name_of(config)!r} trains without them: set --config.{key}=0')
 
 
 def _is_number(v: Any, integer: bool = False) -> bool:

@@ -1,4 +1,5 @@
-"""ViT key maps: Hugging Face `ViTForImageClassification` <-> Google's, numpy only.
+"""The ViT family's Hugging Face interop: `ViTForImageClassification` <-> Google's names, numpy
+only (`vit_interop.VitInterop.to_hf` / `from_hf` call it).
 
 Hugging Face (the names every released ViT on the Hub uses): vit.embeddings.{cls_token,
 position_embeddings, patch_embeddings.projection}, vit.encoder.layer.{i}.{layernorm_before,
@@ -13,10 +14,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from vit_jax.families.base import Architecture, Flat, hw
-from vit_jax.families.vit_interop import (POSEMB_KEY, conv_from_torch, conv_to_torch,
-                                          dense_from_torch, dense_to_torch, ln_from_torch,
-                                          ln_to_torch)
+from vit_jax.families import vit as vit_family
+from vit_jax.families.base import Architecture, Flat
+from vit_jax.families.interop import (conv_from_torch, conv_to_torch, dense_from_torch,
+                                      dense_to_torch, ln_from_torch, ln_to_torch)
+from vit_jax.families.vit import POSEMB_KEY
+from vit_jax.shapes import hw
 
 HF_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_python_tanh')
 _V5_RENAMES = ((r'^vit\.layers\.(\d+)\.', r'vit.encoder.layer.\1.'),
@@ -41,7 +44,6 @@ def check_hf_expressible(fields: Mapping[str, Any]) -> None:
 
 def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
   """(ViTForImageClassification state dict, its config.json without labels) of a ViT."""
-  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
   cfg = arch.model_config
   check_hf_expressible(cfg)
   flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
@@ -133,7 +135,6 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
   eps = config.get('layer_norm_eps', 1e-12)
   if abs(eps - 1e-6) > 1e-12:
     notes.append(f'the source uses layer_norm_eps={eps}; this project uses 1e-6')
-  from vit_jax.families import vit as vit_family  # pylint: disable=import-outside-toplevel
   fields: dict[str, Any] = {'act': 'gelu_tanh' if act in HF_TANH else 'gelu'}
   if 'vit_jax' in config:
     fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': 'learned'}
