@@ -156,7 +156,8 @@ def describe_cpu(info: Optional[dict[str, Any]] = None) -> str:
 #     the dense FLOPs), batch 256: train x1.06-1.08, infer x1.19 (Intel Xeon); train x1.20, infer
 #     x1.38 (AMD EPYC, under load); its 4-block version x1.04 (Intel);
 #   ViT-Mini_7 at 28 px (16 tokens, 3.1%), batch 256: x1.00 (Intel), x0.92 (AMD, under load);
-#   ViT-Ti/16, ViT-S/16 at 224 (197 tokens, 64-wide heads: 2.5M MACs a product), batch 32: x0.99, x0.98.
+#   ViT-Ti/16, ViT-S/16 at 224 (197 tokens, 64-wide heads: 2.5M MACs a product), batch 32: x0.99,
+#     x0.98 (Intel).
 SMALL_PRODUCT_MACS = 2 ** 18   # tokens^2 x head width: at most this is a "small" attention product
 MIN_ATTENTION_SHARE = 0.05     # attention products' FLOPs / the dense layers', per token
 MIN_DEVICE_BATCH = 64          # every device keeps at least this many images of each batch
