@@ -38,12 +38,13 @@ def require(name: str):
 
 
 def require_timm():
-  """(torch, timm), timm imported through tests/torchvision_stub where torchvision cannot load;
+  """(torch, timm), timm imported through vit_jax/convert/torchvision_stub where torchvision
+  cannot load;
   or a skip / failure as above."""
   torch = require('torch')
   try:
-    from tests.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
+    from vit_jax.convert.torchvision_stub import import_timm  # pylint: disable=g-import-not-at-top
     return torch, import_timm()
   except Exception as e:  # pylint: disable=broad-except
     error = e
-  return _unavailable('timm (even through tests/torchvision_stub)', error)
+  return _unavailable('timm (even through vit_jax/convert/torchvision_stub)', error)

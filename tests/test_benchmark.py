@@ -10,9 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-
-import bench_loop  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+from vit_jax.benchmark import loop as bench_loop  # noqa: E402
 
 
 def _benchmark(*args: str) -> str:
@@ -107,3 +105,35 @@ def test_loop_mode_times_the_model_the_run_trained(tmp_path):
   assert spec == dict(model='ViT-Mini_7', batch=256, image_size=28, channels=1, num_classes=10,
                       optimizer='adam', dtype='auto', cpu_devices=2,
                       set=["classifier='gap'", "posemb='sincos2d'"])
+
+
+def test_the_benchmarked_step_is_the_one_build_training_makes_of_a_valid_config():
+  """`vit_jax.benchmark.steps`: a benchmark's config is a training config (it validates), its
+  `--set` fields reach the model, and its step is `build_training`'s jitted train step."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from vit_jax.benchmark import steps  # pylint: disable=import-outside-toplevel
+  from vit_jax.train import build as build_lib, validate  # pylint: disable=import-outside-toplevel
+  sets = steps.parse_sets(['num_layers=1', 'attention_impl=explicit', 'remat=True'])
+  assert sets == {'num_layers': 1, 'attention_impl': 'explicit', 'remat': True}
+  with pytest.raises(ValueError, match='FIELD=VALUE'):
+    steps.parse_sets(['num_layers'])
+  with pytest.raises(ValueError, match='not a model field'):
+    steps.bench_config('ViT-testing', image_size=8, channels=1, batch=4, fields={'depth': 2})
+  config = steps.bench_config('ViT-testing', image_size=8, channels=1, batch=4, optimizer='adam',
+                              fields=sets)
+  validate.validate(config)
+  assert (config.optimizer, config.weight_decay, config.grad_clip_norm) == ('adam', 0.1, 1.0)
+  built = steps.build(config, 5)
+  assert isinstance(built, build_lib.Training) and built.fields['num_layers'] == 1
+  state = steps.live_state(built)
+  before = jax.tree.map(np.array, state.params)  # copies: the step donates the state
+  batch = steps.random_batch(built)
+  assert batch['image'].shape == (4, 8, 8, 1) and batch['labels'].shape == (4, 5)
+  np.testing.assert_array_equal(np.asarray(batch['labels']).sum(-1), 1.0)
+  losses = []
+  for _ in range(4):
+    state, metrics = built.train_step(state, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 4 and losses[-1] < losses[0]  # it trains (on one batch, lr 1e-3)
+  assert np.any(before['head']['kernel'] != np.asarray(state.params['head']['kernel']))

@@ -1,7 +1,10 @@
-"""Export to and import from timm (CPU torch, timm through a test-only torchvision stand-in)."""
+"""Export to and import from timm (CPU torch, timm through the library's torchvision stand-in)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,3 +120,27 @@ def test_cli_verify_fails_above_1e4(tmp_path, capsys, monkeypatch, shift, code):
   else:
     diff = float(out.out.rsplit('= ', 1)[1])
     assert abs(diff - shift) <= 1e-5, diff
+
+
+def test_timm_imports_through_the_stand_in_where_an_installed_torchvision_does_not_load(tmp_path):
+  """PyPI's torchvision built for another torch fails at import ("operator torchvision::nms does not
+  exist"); timm then imports through the stand-in, builds and runs a ViT, and no torchvision module
+  (real or stand-in) is left for other libraries to find."""
+  broken = tmp_path / 'torchvision'
+  broken.mkdir()
+  (broken / '__init__.py').write_text(
+      "raise RuntimeError('operator torchvision::nms does not exist')\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ('import sys, torch\n'
+          'from vit_jax.convert.torchvision_stub import import_timm, torchvision_loads\n'
+          'assert not torchvision_loads()\n'
+          'timm = import_timm()\n'
+          "m = timm.create_model('vit_tiny_patch16_224', pretrained=False, img_size=32,\n"
+          '                      num_classes=3)\n'
+          'print(tuple(m(torch.zeros(2, 3, 32, 32)).shape))\n'
+          "print(sorted(n for n in sys.modules if n.split('.')[0] == 'torchvision'))\n")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=f'{tmp_path}{os.pathsep}{root}'),
+                       check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split('\n')[:2] == ['(2, 3)', '[]']

@@ -244,3 +244,22 @@ def test_in_memory_batches_are_augmented_whole_not_per_example(monkeypatch):
   first = np.asarray(batches[0]['image'])
   assert first.shape == (32, 28, 28, 1)
   assert len({first[i].tobytes() for i in range(32)}) > 8  # augmented per example, not per batch
+
+
+def test_batches_without_labels_for_objectives_that_need_none():
+  src = numbered()
+  it = train_iterator(src, image_size=8, channels=1, global_batch_size=8, seed=0,
+                      augment='none', num_classes=40, labels=False)
+  batch = next(it)
+  assert set(batch) == {'image'}
+  with_labels = next(train_iterator(src, image_size=8, channels=1, global_batch_size=8, seed=0,
+                                    augment='none', num_classes=40))
+  np.testing.assert_array_equal(batch['image'], with_labels['image'])  # the same images
+  it.close()
+  evals = list(eval_batches(src, image_size=8, channels=1, global_batch_size=16, labels=False))
+  assert set(evals[0]) == {'image', 'mask'} and sum(int(b['mask'].sum()) for b in evals) == 40
+  unlabelled = ArraySource(src.images, np.zeros(40, np.int64), num_classes=1)
+  unlabelled.num_classes = 0
+  with pytest.raises(ValueError, match='no labels'):
+    train_iterator(unlabelled, image_size=8, channels=1, global_batch_size=8, seed=0,
+                   augment='none', num_classes=0)

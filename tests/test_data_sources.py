@@ -145,3 +145,26 @@ def test_tfds_unprepared_names_the_fix(tmp_path):
   pytest.importorskip('tensorflow_datasets')
   with pytest.raises(FileNotFoundError, match=f'tfds build cifar10 --data_dir={tmp_path}'):
     get_source('cifar10', data_dir=str(tmp_path), split='train')
+
+
+def test_a_folder_of_images_without_class_folders_is_unlabelled(tmp_path):
+  from tests.data_helpers import write_image  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  flat = tmp_path / 'flat'
+  flat.mkdir()
+  for i in range(20):
+    write_image(str(flat / f'{i:02d}.jpg'), rng)
+  train, test = get_source(str(flat), split='train'), get_source(str(flat), split='test')
+  assert (len(train), len(test)) == (18, 2) and train.num_classes == 0
+  assert train.class_names is None and train[0]['label'] == 0
+  split = tmp_path / 'split'
+  for part, n in (('train', 6), ('test', 2)):
+    (split / part).mkdir(parents=True)
+    for i in range(n):
+      write_image(str(split / part / f'{i}.png'), rng)
+  assert len(get_source(str(split), split='test')) == 2
+  # One split labelled, the other not: refused, naming the folder.
+  (split / 'test' / 'cat').mkdir()
+  write_image(str(split / 'test' / 'cat' / 'x.png'), rng)
+  with pytest.raises(ValueError, match='label every split or none'):
+    get_source(str(split), split='test')

@@ -1,7 +1,7 @@
 """Every family with a timm counterpart, end to end through `python -m vit_jax.predict`: a timm
 checkpoint directory (config.json + model.safetensors) that declares ImageNet normalisation gives
 timm's own logits within 1e-4 for an image file (torch and timm from the dev requirements; timm
-imports through tests/torchvision_stub)."""
+imports through vit_jax/convert/torchvision_stub)."""
 from __future__ import annotations
 
 import jax

@@ -51,8 +51,9 @@ def inject_nan_gradients(monkeypatch, at_steps):
   """Makes the real train step produce NaN gradients (and a finite loss) at `at_steps` (1-based)."""
   import jax
   import jax.numpy as jnp
+  from vit_jax.objectives import classify
   from vit_jax.train import step as step_lib
-  real_loss, real_make = step_lib.loss_fn, step_lib.make_train_step
+  real_loss, real_make = classify.loss_fn, step_lib.make_train_step
   nan_grad = _nan_grad()
 
   def loss_fn(logits, labels, kind='softmax_xent'):
@@ -69,7 +70,7 @@ def inject_nan_gradients(monkeypatch, at_steps):
       return step_fn(state, batch)
     return step
 
-  monkeypatch.setattr(step_lib, 'loss_fn', loss_fn)
+  monkeypatch.setattr(classify, 'loss_fn', loss_fn)  # the classification objective's loss
   monkeypatch.setattr(step_lib, 'make_train_step', make_train_step)
 
 

@@ -150,3 +150,19 @@ def test_no_private_names_cross_modules(package):
   found = [f'{MODULES[m].relative_to(ROOT)}:{line} uses {target}.{name}'
            for m in MODULES if _in(m, package) for line, target, name in private_uses(m)]
   assert found == []
+
+
+def test_the_training_path_imports_no_torch():
+  """DESIGN.md: nothing imports torch at import time in the training path — also not through
+  tensorboardX, whose writer imports it when it can (seconds of every training start)."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  code = ('import sys, tempfile\n'
+          'from vit_jax import main\n'
+          'from vit_jax.train import loop, metrics\n'
+          'w = metrics.MetricsWriter(tempfile.mkdtemp()); w.write(1, {"loss": 1.0}); w.close()\n'
+          'print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300,
+                       cwd=ROOT)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1] == '[]'

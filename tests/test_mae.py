@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_mpp import TINY, _main
+from tests.test_mpp import TINY, _main, assert_objective_figure
 from vit_jax.families import registry
 from vit_jax.models import params as params_lib
 from vit_jax.models.tokens import TokenInputs
@@ -132,6 +132,7 @@ def test_mae_trains_exports_its_encoder_and_fine_tunes(tmp_path):
           '--config.mae.mask_ratio=0.5']
   result, _ = _main(tmp_path / 'mae', *args)
   assert result['step'] == 6 and np.isfinite(result['eval_loss']) and 'eval_top1' not in result
+  assert_objective_figure(tmp_path / 'mae', tmp_path / 'inspect', 'mae')
   from vit_jax.convert.api import convert  # pylint: disable=import-outside-toplevel
   written = convert(str(tmp_path / 'mae'), 'timm', str(tmp_path / 'timm'), log=None)
   assert written.architecture.num_classes is None and any('decoder' in n for n in written.notes)

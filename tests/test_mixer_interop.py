@@ -1,5 +1,6 @@
 """MLP-Mixer <-> timm (`vit_jax.families.mixer_interop`): logits, bitwise round trips, timm's
-registry names and a timm directory export (CPU torch; timm through tests/torchvision_stub)."""
+registry names and a timm directory export (CPU torch; timm through
+vit_jax/convert/torchvision_stub)."""
 from __future__ import annotations
 
 import functools

@@ -120,6 +120,20 @@ def test_changing_an_uncorrupted_patch_leaves_the_target_terms_unchanged():
     assert not np.array_equal(before, after), kind  # the change was real
 
 
+def assert_objective_figure(workdir, out, name):
+  """`vit_jax.inspect` of a run draws its objective's figure: 4 columns x the rollout images."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  from vit_jax.eval import inspection  # pylint: disable=import-outside-toplevel
+  from vit_jax.predict import load_predictor  # pylint: disable=import-outside-toplevel
+  predictor = load_predictor(str(workdir))
+  images = inspection.dataset_images('digits', predictor.arch, 3)
+  report = inspection.inspect_checkpoint(predictor, str(out), dataset_imgs=images,
+                                         rollout_count=3)
+  assert f'objective_{name}.png' in [f for _, f, _ in report.figures]
+  width, height = Image.open(out / f'objective_{name}.png').size
+  assert width > height > 300  # four columns, three rows
+
+
 def _main(workdir, *args, timeout=600):
   cmd = [sys.executable, '-m', 'vit_jax.main', f'--workdir={workdir}', *args]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
@@ -139,6 +153,7 @@ TINY = ['--config=configs/quickstart.py', '--config.model.name=ViT-testing',
 def test_mpp_trains_on_digits_labels_ignored_then_fine_tunes_dropping_its_parameters(tmp_path):
   result, _ = _main(tmp_path / 'mpp', *TINY, '--config.objective.name=mpp')
   assert result['step'] == 6 and np.isfinite(result['eval_loss'])
+  assert_objective_figure(tmp_path / 'mpp', tmp_path / 'inspect', 'mpp')
   assert 0 <= result['eval_accuracy'] <= 1 and 'eval_top1' not in result
   with open(tmp_path / 'mpp' / 'metrics.jsonl') as f:
     rows = [json.loads(l) for l in f]

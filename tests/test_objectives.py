@@ -257,3 +257,18 @@ def test_objective_trains_on_8_devices_like_one_and_resumes_bitwise(objective, b
   assert_trees_close_to_scale(params_lib.flatten_numpy(got), params_lib.flatten_numpy(ref), 1e-3)
   assert params_digest(runs['resumed'][1]) == params_digest(ref)
   np.testing.assert_array_equal(runs['resumed'][0], ref_losses)
+
+
+@pytest.mark.parametrize('name', ['mpp', 'mae'])
+def test_the_pretraining_recipes_validate_and_build(name):
+  """configs/mpp.py and configs/mae.py: the papers' recipes, valid, at any model and dataset."""
+  import importlib  # pylint: disable=import-outside-toplevel
+  c = importlib.import_module(f'configs.{name}').get_config('model=ViT-testing,dataset=digits')
+  assert c.objective.name == name and c.optimizer == 'adam' and c.batch_size == 4096
+  validate.validate(c)
+  c.batch_size, c.image_size, c.channels = 8, 16, 1
+  c.model.patch_size = 4
+  built = build_lib.build_training(c, 10, abstract=True)
+  assert 'head' not in built.abstract_state.params  # an encoder, no classifier
+  assert objectives.OBJECTIVE_KEY in built.abstract_state.params
+  assert set(built.abstract_batch()) == {'image'}  # no labels read

@@ -98,7 +98,7 @@ def test_cpu_devices_split_only_where_small_attention_products_dominate():
 
 
 def test_cpu_devices_for_a_config(monkeypatch):
-  from configs import fashion_mnist, quickstart  # pylint: disable=import-outside-toplevel
+  from vit_jax.configs import fashion_mnist, quickstart  # pylint: disable=import-outside-toplevel
   monkeypatch.setattr(runtime, 'cpu_info', lambda: {'cores': 2})
   fm, qs = fashion_mnist.get_config(), quickstart.get_config()
   fm.cpu_devices = 0

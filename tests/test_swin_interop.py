@@ -1,6 +1,6 @@
 """Swin <-> timm (`vit_jax.families.swin_interop`): logits and stage outputs against timm's Swin,
 bitwise key round trips, timm's bias-table resizing and a timm directory export (CPU torch; timm
-through tests/torchvision_stub)."""
+through vit_jax/convert/torchvision_stub)."""
 from __future__ import annotations
 
 import jax

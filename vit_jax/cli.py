@@ -1,4 +1,5 @@
-"""The one convention of every `python -m vit_jax.*` command but `main` (whose flags are the config's).
+"""The one convention of every `python -m vit_jax.*` command (also run as `vit-jax NAME`,
+vit_jax/commands.py) but `main` (whose flags are the config's).
 
   --key value or --key=value flags (argparse); sizes as `--image_size H` or `--image_size H,W`;
   `--model NAME` always a registered model name; a bad input prints `error: ...` on stderr and exits
@@ -16,8 +17,17 @@ from typing import Callable, Optional, Sequence
 USAGE_ERRORS = (ValueError, FileNotFoundError, KeyError, NotImplementedError, ImportError)
 
 
+# `vit-jax NAME` (vit_jax.commands) runs module `prog` under that name: {prog: 'vit-jax NAME'}.
+COMMAND_NAMES: dict[str, str] = {}
+
+
 def parser(prog: str, doc: str) -> argparse.ArgumentParser:
-  return argparse.ArgumentParser(prog=f'python -m {prog}', description=doc,
+  """The parser of `python -m prog` (or `vit-jax NAME`, whose usage and description then name it
+  so); doc: the module's docstring, shown as the description."""
+  shown = f'python -m {prog}'
+  if prog in COMMAND_NAMES:
+    shown, doc = COMMAND_NAMES[prog], doc.replace(shown, COMMAND_NAMES[prog])
+  return argparse.ArgumentParser(prog=shown, description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
 
 

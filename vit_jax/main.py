@@ -1,6 +1,9 @@
 """Train or fine-tune a ViT.
 
-    python -m vit_jax.main --config=configs/FILE.py[:ARGS] --workdir=DIR [--config.key=value ...]
+    python -m vit_jax.main --config=RECIPE[:ARGS] --workdir=DIR [--config.key=value ...]
+
+RECIPE: a packaged recipe by name (quickstart, quickstart_digits, fashion_mnist, pretrain, finetune,
+...: vit_jax/configs, also configs/ in a checkout) or the path of a config file (configs/FILE.py).
 
 Running the same command on the same workdir resumes from its latest checkpoint. A wrong key or value
 is refused before anything heavy starts. With several hosts, set --config.distributed=True (or run
@@ -16,12 +19,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from vit_jax import runtime
+from vit_jax import configs, runtime
 from vit_jax.train import validate
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'training config file (configs/*.py[:args])',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+    'config', None, 'training recipe: a name (quickstart, pretrain, ...) or a config file '
+    '(configs/*.py), then [:args]', lock_config=True)
 flags.DEFINE_string('workdir', None, 'output directory: checkpoints, metrics.jsonl, tensorboard/')
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -116,9 +120,10 @@ def run() -> None:
   # grain's worker processes hand batches over in shared memory; at exit Python's resource tracker
   # calls the unconsumed ones "leaked" (and frees them). That warning is noise for a finished run.
   sys.warnoptions.append('ignore::UserWarning:multiprocessing.resource_tracker')
-  try:
+  try:  # a recipe's name (`--config=quickstart`) becomes its file, for absl and the check alike
+    sys.argv[1:] = configs.resolve_argv(sys.argv[1:])
     validate.check_overrides(sys.argv[1:])
-  except validate.ConfigError as e:
+  except ValueError as e:  # validate.ConfigError among them
     sys.exit(f'config error: {e}')
   std_logging.getLogger('absl').setLevel(std_logging.INFO)
   std_logging.getLogger('absl').addFilter(_QuietLibraries())

@@ -32,19 +32,19 @@ from vit_jax.models import params as params_lib
 
 @dataclasses.dataclass
 class Predictor:
-  """A model ready to classify: architecture, parameters (the module's layout), class names, and
-  the token inputs its training objective adds at inference (prompts; None: none)."""
+  """A model ready to classify: architecture, parameters (the module's layout), class names, the
+  token inputs its training objective adds at inference (prompts; None: none), and, for a run of
+  this project, its objective's metadata, own parameters and run config (what `inspect` shows)."""
   arch: Architecture
   params: Any
   class_names: Optional[list[str]]
   tokens: Any = None
+  objective: Optional[dict] = None
+  objective_params: Any = None
+  meta: Optional[dict] = None
 
   def __post_init__(self):
     self.model = self.arch.create_model()
-    if self.arch.num_classes is None:
-      raise ValueError('this checkpoint has no classifier head (a self-supervised encoder, e.g. '
-                       'MPP or MAE pre-training): fine-tune it on labelled data first '
-                       '(configs/finetune.py:pretrained=PATH)')
     self._apply = jax.jit(lambda p, t, x: self.model.apply({'params': p}, x, tokens=t))
 
   def preprocess(self, path: str) -> np.ndarray:
@@ -57,6 +57,10 @@ class Predictor:
 
   def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """float32 [N, num_classes] for float32 [N, H, W, C] normalised images."""
+    if self.arch.num_classes is None:
+      raise ValueError('this checkpoint has no classifier head (a self-supervised encoder, e.g. '
+                       'MPP or MAE pre-training): fine-tune it on labelled data first '
+                       '(configs/finetune.py:pretrained=PATH)')
     out = [np.asarray(self._apply(self.params, self.tokens, jnp.asarray(images[i:i + batch_size])),
                       np.float32) for i in range(0, len(images), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, self.arch.num_classes or 0), np.float32)
@@ -74,11 +78,11 @@ def load_predictor(path: str, model: Optional[str] = None,
   arch = resolve_architecture(ckpt, model=model, image_size=image_size)
   tree = params_lib.unflatten({k: np.asarray(v) for k, v in ckpt.params.items()})
   tree = arch.get_family().to_module_layout(tree, arch.model_config)
-  tokens = None
+  tokens, own = None, None
   if ckpt.objective:  # e.g. prompt tuning: the trained prompts go in with every image
     own = params_lib.unflatten(ckpt.objective_params).get(objectives.OBJECTIVE_KEY, {})
     tokens = objectives.get(ckpt.objective['name']).inference_tokens(ckpt.objective, own)
-  return Predictor(arch, tree, ckpt.class_names, tokens)
+  return Predictor(arch, tree, ckpt.class_names, tokens, ckpt.objective, own, ckpt.meta)
 
 
 def list_images(inputs: Sequence[str]) -> list[str]:

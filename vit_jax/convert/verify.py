@@ -49,7 +49,8 @@ def _torch_images(images: np.ndarray):
 def load_timm_model(out_dir: str):
   """The timm model `write_timm` describes, built from its config.json and loaded with its weights
   through timm's own pretrained path (`pretrained_cfg_overlay=dict(file=...)`)."""
-  import timm  # pylint: disable=import-outside-toplevel
+  from vit_jax.convert import torchvision_stub  # pylint: disable=import-outside-toplevel
+  timm = torchvision_stub.import_timm()  # through a stand-in where no torchvision build loads
   with open(os.path.join(out_dir, 'config.json')) as f:
     config = json.load(f)
   args = dict(config['model_args'])
@@ -97,9 +98,8 @@ def verify_export(target: str, out_dir: str, flat: Mapping[str, np.ndarray], arc
       theirs = timm_logits(out_dir, images)
     except ImportError as e:
       raise ImportError(
-          f'--verify --to timm needs torch and an importable timm ({e}); the export itself is '
-          f'written in {out_dir} (timm imports torchvision: where no build of it loads, verify '
-          'with the tests, which import timm through tests/torchvision_stub)') from e
+          f'--verify --to timm needs torch and timm ({e}); the export itself is written in '
+          f'{out_dir}. pip install "vit_jax[torch]" and timm (see the README\'s Install)') from e
   elif target == 'hf':
     theirs = hf_logits(out_dir, images)
   else:

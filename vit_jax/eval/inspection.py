@@ -157,8 +157,28 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
     _filters(report, family.patch_filters(flat, arch))
   except NotImplementedError as e:
     report.notes.append(f'patch-embedding filters skipped: {e}')
+  _objective_figures(report, predictor, shown)
   write_index(report)
   return report
+
+
+def _objective_figures(report, predictor, shown: Images, seed: int = 0) -> None:
+  """What the run's training objective shows (MAE reconstructions, MPP's predicted colours), on
+  the rollout images; nothing for objectives without such a figure."""
+  if not predictor.objective:
+    return
+  from vit_jax.objectives import base as objectives_base  # pylint: disable=import-outside-toplevel
+  objective = objectives_base.from_checkpoint(predictor.meta or {'objective': predictor.objective},
+                                              predictor.arch)
+  params = {**predictor.params, objectives_base.OBJECTIVE_KEY: predictor.objective_params or {}}
+  shown_figure = objective.visualize(predictor.model, params, shown.inputs,
+                                     jax.random.PRNGKey(seed))
+  if shown_figure is None:
+    return
+  name = f'objective_{objective.name}.png'
+  plots.image_grid(report.path(name), shown_figure['columns'], shown.names,
+                   shown_figure['title'])
+  report.figures.append((shown_figure['title'], name, shown_figure['caption']))
 
 
 def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size):

@@ -6,6 +6,7 @@ axes mean something (pixels, layers, patch indices) and a colour bar where colou
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -58,6 +59,32 @@ def attention_overlays(path: str, image: np.ndarray, maps: Sequence[tuple[str, n
                    vmin=0.0, vmax=float(np.max(heat)))
     ax.set_title(name, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='share of attention')
+  fig.suptitle(title, fontsize=10)
+  return _save(fig, path)
+
+
+def image_grid(path: str, columns: Sequence[tuple[str, np.ndarray]], names: Sequence[str],
+               title: str) -> str:
+  """Rows of images side by side: one column per (column title, float [n, H, W, C] in [0, 1]), one
+  row per image (named on the left)."""
+  plt = _pyplot()
+  n = len(columns[0][1])
+  fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n + 0.4),
+                           squeeze=False, layout='constrained')
+  for j, (heading, images) in enumerate(columns):
+    for i in range(n):
+      ax = axes[i][j]
+      image = np.clip(np.asarray(images[i], np.float32), 0.0, 1.0)
+      if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap='gray', vmin=0.0, vmax=1.0, interpolation='nearest')
+      else:
+        ax.imshow(image[..., :3], interpolation='nearest')
+      ax.set_xticks([])
+      ax.set_yticks([])
+      if i == 0:
+        ax.set_title(heading, fontsize=9)
+      if j == 0:
+        ax.set_ylabel(os.path.basename(names[i])[:18], fontsize=8)
   fig.suptitle(title, fontsize=10)
   return _save(fig, path)
 

@@ -220,6 +220,14 @@ class Objective:
     out['eval_count'] = int(totals['count'])
     return out
 
+  def visualize(self, model: Any, params: Mapping[str, Any], images: jax.Array,
+                rng: jax.Array) -> Optional[dict[str, Any]]:
+    """What `python -m vit_jax.inspect` shows of a model trained this way, on images [B, H, W, C]
+    (normalised as the model's input): None, or {'title', 'caption', 'columns': [(column title,
+    float32 [B, H, W, C] pixels in [0, 1])]}. `params` are the state's (model and own)."""
+    del model, params, images, rng
+    return None
+
   def analytic_macs(self, model_macs: int) -> int:
     """Multiply-accumulates of one training example's forward pass, given the model's
     (`Family.forward_macs`) on the whole image: what a plan's analytic FLOPs count."""
@@ -274,6 +282,36 @@ def token_width(model: Any, input_shape: Sequence[int]) -> int:
   init = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x))
   _, aux = jax.eval_shape(lambda v: model.apply(v, x, return_aux=True, return_weights=False), init)
   return int(aux['patch_tokens'].shape[-1])
+
+
+def from_checkpoint(meta: Mapping[str, Any], arch: Any) -> 'Objective':
+  """The objective instance of a checkpoint: its class from `meta['objective']`, bound to the run's
+  config (`meta['config']`) and the checkpoint's architecture."""
+  from vit_jax.objectives import registry  # pylint: disable=import-outside-toplevel
+  cls, objective = registry.of_meta(meta)
+  config = dict(meta.get('config') or {})
+  if cls.config_key:
+    config[cls.config_key] = {**cls.defaults(), **(objective.get('config') or {})}
+  config.setdefault('image_size', list(arch.image_size))
+  config.setdefault('channels', arch.channels)
+  return cls(config, family=arch.get_family(), fields=arch.model_config,
+             num_classes=arch.num_classes)
+
+
+def to_unit(images: jax.Array, mean: Sequence[float] = (0.5,), std: Sequence[float] = (0.5,)
+            ) -> np.ndarray:
+  """Model inputs (x01 - mean) / std -> float32 pixels in [0, 1]."""
+  x = np.asarray(images, np.float32) * np.asarray(std, np.float32) + np.asarray(mean, np.float32)
+  return np.clip(x, 0.0, 1.0)
+
+
+def unpatchify(patches: np.ndarray, grid: tuple[int, int], patch_hw: tuple[int, int],
+               channels: int) -> np.ndarray:
+  """[B, gh * gw, ph * pw * C] -> [B, gh * ph, gw * pw, C] (the inverse of `mpp.patchify`)."""
+  b = patches.shape[0]
+  (gh, gw), (ph, pw) = grid, patch_hw
+  x = np.asarray(patches).reshape(b, gh, gw, ph, pw, channels).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, gh * ph, gw * pw, channels)
 
 
 def frozen_digest(flat: Mapping[str, Any]) -> str:

@@ -26,7 +26,8 @@ import numpy as np
 
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.vit import LN_EPS, Encoder1DBlock, sincos_2d
-from vit_jax.objectives.base import Batch, Objective, model_params, own_params, patch_layout
+from vit_jax.objectives.base import (Batch, Objective, model_params, own_params, patch_layout,
+                                     to_unit, unpatchify)
 from vit_jax.objectives.mpp import patchify
 
 
@@ -178,6 +179,32 @@ class MaskedAutoencoder(Objective):
     if self.cfg['norm_pix_loss']:
       target = normalized_pixels(target)
     return {'pred': pred, 'target': target, 'hidden': hidden_mask(keep, self.num_patches)}
+
+  def visualize(self, model, params, images, rng):
+    """The input, the visible patches (hidden ones grey), the reconstruction of every patch and the
+    reconstruction of the hidden ones pasted among the visible (with norm_pix_loss, each predicted
+    patch is shown with its true patch's mean and spread, as the paper's figures)."""
+    out = self.reconstruct(model, params, {}, images, rng)
+    c = images.shape[-1]
+    x01 = to_unit(images)
+    patches = np.asarray(patchify(jnp.asarray(x01), self.patch_hw))
+    pred = np.asarray(out['pred'], np.float32)
+    if self.cfg['norm_pix_loss']:  # back to pixels with the true patch's statistics (in [0, 1])
+      mean, std = patches.mean(-1, keepdims=True), np.sqrt(patches.var(-1, keepdims=True) + 1e-6)
+      pred = pred * std + mean
+    else:
+      pred = (pred + 1.0) / 2.0
+    pred = np.clip(pred, 0.0, 1.0)
+    hidden = np.asarray(out['hidden'])[..., None] > 0
+    back = lambda p: unpatchify(p, self.grid, self.patch_hw, c)
+    ratio = self.cfg['mask_ratio']
+    return {'title': 'MAE reconstruction',
+            'caption': (f'input; the {1 - ratio:.0%} of patches the encoder saw; the decoder\'s '
+                        'prediction of every patch; the hidden patches predicted, the visible ones '
+                        'as they are'),
+            'columns': [('input', x01), ('visible', back(np.where(hidden, 0.5, patches))),
+                        ('reconstruction', back(pred)),
+                        ('reconstruction + visible', back(np.where(hidden, pred, patches)))]}
 
   def loss(self, model, params, extras, batch: Batch, rng):
     k_mask, k_drop = jax.random.split(rng)

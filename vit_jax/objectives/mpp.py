@@ -29,7 +29,7 @@ import optax
 
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.objectives.base import (Batch, Objective, model_params, own_params, patch_layout,
-                                     token_width)
+                                     to_unit, token_width, unpatchify)
 
 TARGETS = ('mean_color', 'downsized', 'pixels')
 
@@ -219,27 +219,49 @@ class MaskedPatchPrediction(Objective):
       out['eval_accuracy'] = float(totals['hits']) / patches
     return out
 
-  def predicted_colors(self, model, params, images: jax.Array, rng: jax.Array
-                       ) -> dict[str, np.ndarray]:
-    """For `inspect`: the corruption and the predicted mean colours of images [B, H, W, C]:
-    {'corrupted' bool [B, N], 'predicted' float32 [B, N, C] in [0, 1] (the centre of the most
-    likely class), 'true' float32 [B, N, C]} (mean_color target only)."""
+  def visualize(self, model, params, images, rng):
+    """The input, what the encoder saw (masked patches grey, replaced ones from their source), each
+    patch's true 3-bit mean colour, and the predicted one on the corrupted patches (the centre of
+    the most likely class; the others as they are, dimmed)."""
+    if self.cfg['target'] != 'mean_color':
+      return None
     own = own_params(params)
-    draw = corrupt(rng, (images.shape[0], self.num_patches), self.cfg['corrupt'],
-                   self.cfg['mask'], self.cfg['random'])
+    b, c = images.shape[0], images.shape[-1]
+    draw = corrupt(rng, (b, self.num_patches), self.cfg['corrupt'], self.cfg['mask'],
+                   self.cfg['random'])
     tokens = tokens_lib.TokenInputs(source=draw['source'], mask=draw['mask'],
                                     mask_embedding=own['mask_embedding'])
     _, aux = model.apply({'params': model_params(params, {})}, images, tokens=tokens,
                          return_aux=True, return_weights=False)
-    logits = MppHead(self._outputs(images.shape[-1])).apply({'params': own['head']},
-                                                            aux['patch_tokens'])
-    levels, c = 2 ** self.cfg['bits'], images.shape[-1]
+    logits = MppHead(self._outputs(c)).apply({'params': own['head']}, aux['patch_tokens'])
+    levels = 2 ** self.cfg['bits']
     cls = np.asarray(jnp.argmax(logits, axis=-1))
     digits = np.stack([(cls // levels ** (c - 1 - i)) % levels for i in range(c)], axis=-1)
-    x01 = (np.asarray(patchify(images, self.patch_hw)).reshape(*cls.shape, -1, c) + 1) / 2
-    return {'corrupted': np.asarray(draw['corrupted']),
-            'predicted': ((digits + 0.5) / levels).astype(np.float32),
-            'true': x01.mean(axis=2).astype(np.float32)}
+    predicted = (digits + 0.5) / levels                                      # [B, N, C]
+    x01 = to_unit(images)
+    patches = np.asarray(patchify(jnp.asarray(x01), self.patch_hw)).reshape(b, self.num_patches,
+                                                                               -1, c)
+    true = np.asarray(color_classes(jnp.asarray(patches.mean(axis=2)), self.cfg['bits']))
+    true = np.stack([(true // levels ** (c - 1 - i)) % levels for i in range(c)], -1)
+    true = (true + 0.5) / levels
+    corrupted = np.asarray(draw['corrupted'])[..., None]
+    source = np.asarray(draw['source'])
+    seen = np.take_along_axis(patches, source[..., None, None], axis=1)
+    seen = np.where(np.asarray(draw['mask'])[..., None, None], 0.5, seen)
+    pixels = self.patch_hw[0] * self.patch_hw[1]
+    flat = lambda colours: np.repeat(colours[:, :, None], pixels, axis=2).reshape(
+        b, self.num_patches, -1)
+    # Corrupted patches: their predicted colour; the others: the input, dimmed.
+    shown = np.where(corrupted[..., None], flat(predicted).reshape(patches.shape),
+                     0.25 + 0.5 * patches)
+    back = lambda p: unpatchify(p.reshape(b, self.num_patches, -1), self.grid, self.patch_hw, c)
+    return {'title': 'Masked patch prediction',
+            'caption': ('input; what the encoder saw (grey: the [mask] embedding; moved patches: '
+                        'another patch\'s embedding); every patch\'s true 3-bit mean colour; the '
+                        'predicted colour of each corrupted patch (the others: the input, dimmed)'),
+            'columns': [('input', x01), ('encoder input', back(seen)),
+                        ('true mean colour', back(flat(true))),
+                        ('predicted (corrupted patches)', back(shown))]}
 
 
 OBJECTIVE = MaskedPatchPrediction

@@ -79,6 +79,23 @@ def create(config: Mapping[str, Any], family: Any = None, fields: Optional[Mappi
   return cls(config, family=family, fields=fields, num_classes=num_classes, **kwargs)
 
 
+def from_keywords(model: Any = None, *, loss: str = 'softmax_xent', label_smoothing: float = 0.0,
+                  distill: Any = None) -> Objective:
+  """The objective that `make_train_step`'s keyword form (before objectives existed) describes:
+  classification with `loss` and `label_smoothing`, or distillation from `distill`'s placed
+  teacher (a `distill.Distillation`; the student `model` must have two heads)."""
+  config = {'loss': loss, 'label_smoothing': label_smoothing}
+  if distill is None:
+    return get(DEFAULT)(config)
+  cls = get('distill')
+  from vit_jax.families import registry as families  # pylint: disable=import-outside-toplevel
+  why = families.family_of_module(model).missing_capability(cls.needs)
+  if why:
+    raise ValueError(f'distillation needs a student with a distillation head (a DeiT model); '
+                     f'{type(model).__name__}: {why}')
+  return cls(config, teacher=distill)
+
+
 def of_meta(meta: Optional[Mapping[str, Any]]) -> tuple[type[Objective], dict[str, Any]]:
   """(class, objective meta) of a checkpoint's metadata; checkpoints written before objectives
   existed were classification runs."""
@@ -86,7 +103,7 @@ def of_meta(meta: Optional[Mapping[str, Any]]) -> tuple[type[Objective], dict[st
   return get(objective['name']), objective
 
 
-__all__ = ['DEFAULT', 'check', 'config_blocks', 'create', 'get', 'name_of', 'names', 'of_meta',
-           'register']
+__all__ = ['DEFAULT', 'check', 'config_blocks', 'create', 'from_keywords', 'get', 'name_of',
+           'names', 'of_meta', 'register']
 
 _load()

@@ -64,8 +64,11 @@ def load_config(config_args: Sequence[str]):
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from vit_jax.train import validate  # pylint: disable=g-import-not-at-top
+  from vit_jax import configs  # pylint: disable=g-import-not-at-top
   if not any(a.startswith('--config=') for a in config_args):
-    raise ValueError('--config=configs/FILE.py[:ARGS] is required')
+    raise ValueError('--config=RECIPE[:ARGS] is required (a recipe name such as pretrain, or '
+                     'configs/FILE.py)')
+  config_args = configs.resolve_argv(config_args)
   validate.check_overrides(config_args)
   argv = ['vit_jax.plan', *config_args]
   values = flags.FlagValues()

@@ -170,12 +170,16 @@ def build_training(config: ml_collections.ConfigDict, num_classes: Optional[int]
     runtime.tune_for_backend(platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   family, fields = registry.resolve(config.model)
-  kwargs = {'teacher_model': teacher_model} if teacher_model else {}
-  if teacher_model and objectives_lib.name_of(config) == 'classify':
-    config = config.copy_and_resolve_references()
-    config.objective.name = 'distill'
+  if objective is None and teacher_model:  # a plan of distillation, the teacher as shapes only
+    cls = objectives_lib.get('distill')
+    why = family.missing_capability(cls.needs)
+    if why:
+      raise ValueError(f'a teacher ({teacher_model}) needs a student with a distillation head (a '
+                       f'DeiT model): {why}')
+    objective = cls(config, family=family, fields=fields, num_classes=num_classes or None,
+                    teacher_model=teacher_model)
   if objective is None:
-    objective = objectives_lib.create(config, family, fields, num_classes or None, **kwargs)
+    objective = objectives_lib.create(config, family, fields, num_classes or None)
   family, model, fields = build_model(config, objective.head_classes(), platform)
   schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
                                  config.lr_decay, config.end_lr)

@@ -37,7 +37,7 @@ from vit_jax.eval import fewshot as fewshot_lib
 from vit_jax.families.base import Architecture, Family
 from vit_jax.shapes import hw
 from vit_jax.models import params as params_lib
-from vit_jax.objectives.base import Objective, frozen_digest, model_params
+from vit_jax.objectives.base import OBJECTIVE_KEY, Objective, frozen_digest, model_params
 from vit_jax.train import build as build_lib
 from vit_jax.train import metrics as metrics_lib
 from vit_jax.train import state as state_lib
@@ -115,12 +115,12 @@ def evaluate(eval_step, params, eval_it, objective: Optional[Objective] = None) 
           'eval_top5': float(totals['top5']) / n, 'eval_count': int(n)}
 
 
-def _frozen_params(config, built: build_lib.Training, restored_meta: Optional[dict]
-                   ) -> tuple[Any, Optional[dict]]:
+def _frozen_params(config, built: build_lib.Training, restored_meta: Optional[dict],
+                   tree: Any = None) -> tuple[Any, Optional[dict]]:
   """(frozen model parameters on the host, their source {'path', 'sha256'}) for an objective that
-  freezes part of the model: the pretrained checkpoint adapted exactly as for fine-tuning. A
-  resumed run checks that the file still holds what the run started from."""
-  tree = _pretrained_tree(config, built)
+  freezes part of the model: the pretrained checkpoint adapted exactly as for fine-tuning (`tree`,
+  when already read). A resumed run checks that the file still holds what the run started from."""
+  tree = _pretrained_tree(config, built) if tree is None else tree
   frozen = built.objective.frozen_params(tree)
   flat = params_lib.flatten_numpy(built.family.to_file_layout(frozen))
   source = {'path': os.path.abspath(config.pretrained), 'sha256': frozen_digest(flat)}
@@ -218,9 +218,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> RunRe
         fsdp_min_size=config.fsdp_min_size, init_params=model_tree,
         tensor_rules=tuple(family.tensor_rules) + tuple(objective.tensor_rules),
         objective=objective)
+  if model_tree is not None and OBJECTIVE_KEY in state.params:  # what the objective adds
+    added = sorted(f'{OBJECTIVE_KEY}/{k}' for k in params_lib.flatten(state.params[OBJECTIVE_KEY]))
+    logging.info('objective %s adds its own parameters, from their initialisation: %s',
+                 objective.name, ', '.join(added))
   frozen_from = None
   if objective.freezes():  # the frozen parameters: never in a checkpoint, loaded again here
-    frozen, frozen_from = _frozen_params(config, built, restored_meta)
+    frozen, frozen_from = _frozen_params(config, built, restored_meta, model_tree)
     built = built.with_frozen(frozen)
     del frozen, model_tree
   start_step = int(jax.device_get(state.step))

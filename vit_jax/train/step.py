@@ -28,29 +28,13 @@ import optax
 from vit_jax import sharding as sharding_lib
 from vit_jax.objectives import registry as objectives
 from vit_jax.objectives.base import Objective
-# The classification and distillation losses live with their objectives; importable from here as
-# before the objectives existed.
+# The classification and distillation losses live with their objectives; they stay importable from
+# here, where they were before objectives existed.
 from vit_jax.objectives.classify import LOSSES, loss_fn, smooth_labels  # pylint: disable=unused-import
 from vit_jax.objectives.distill import (DISTILL_KINDS, Distillation, distill_loss,  # pylint: disable=unused-import
                                         teacher_input_fn)
 from vit_jax.train import optim
 from vit_jax.train.state import TrainState
-
-
-def legacy_objective(model, *, loss: str = 'softmax_xent', label_smoothing: float = 0.0,
-                     distill: Optional[Distillation] = None) -> Objective:
-  """The objective that `make_train_step`'s keyword form describes: classification with `loss` and
-  `label_smoothing`, or distillation from `distill`'s placed teacher."""
-  config = {'loss': loss, 'label_smoothing': label_smoothing}
-  if distill is None:
-    return objectives.get('classify')(config)
-  cls = objectives.get('distill')
-  from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
-  why = registry.family_of_module(model).missing_capability(cls.needs)
-  if why:
-    raise ValueError(f'distillation needs a student with a distillation head (a DeiT model); '
-                     f'{type(model).__name__}: {why}')
-  return cls(config, teacher=distill)
 
 
 class TrainStep:
@@ -86,8 +70,8 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable,
   `objective.make_extras` gives on `mesh`).
   """
   if objective is None:
-    objective = legacy_objective(model, loss=loss, label_smoothing=label_smoothing,
-                                 distill=distill)
+    objective = objectives.from_keywords(model, loss=loss, label_smoothing=label_smoothing,
+                                         distill=distill)
   if extras is None:
     extras, extras_shardings = objective.make_extras(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -166,7 +150,7 @@ def make_eval_step(model, mesh: Mesh, params_shardings: Any, *,
   5, 'count'}). Random draws of the evaluation (masks) come from `seed` and the batch index, so
   every evaluation of a run sees the same ones."""
   if objective is None:
-    objective = objectives.get('classify')({})
+    objective = objectives.from_keywords(model)
   if extras is None:
     extras, extras_shardings = {}, {}
   batch_sharding = sharding_lib.batch_sharding(mesh)

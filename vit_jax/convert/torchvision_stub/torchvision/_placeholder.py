@@ -14,8 +14,8 @@ def placeholder_getattr(module_name: str):
 
     def _unavailable(self, *args, **kwargs):
       raise NotImplementedError(
-          f'{module_name}.{name} is not available: tests/torchvision_stub is a test-only stand-in '
-          'for torchvision, which has no CPU build that loads here')
+          f'{module_name}.{name} is not available: timm was imported through vit_jax\'s stand-in '
+          'for torchvision (vit_jax/convert/torchvision_stub), as no torchvision build loads here')
 
     return type(name, (), {'__init__': _unavailable, '__module__': module_name})
   return __getattr__

@@ -10,7 +10,7 @@ choices 86.7% after 800, and 88.0% after 1,800 steps (7.7 epochs, 8 minutes). 16
 step cheap (~1,700 img/s on 2 cores) and the short schedule (~9 epochs) needs no augmentation
 beyond flips.
 """
-from configs import common
+from vit_jax.configs import common
 
 
 def get_config(arg: str | None = None):

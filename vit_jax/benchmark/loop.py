@@ -21,11 +21,10 @@ import sys
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument('--config', default='configs/quickstart.py')
+  parser.add_argument('--config', default='quickstart',
+                      help='a recipe name or config file, as vit_jax.main takes it')
   parser.add_argument('--steps', type=int, default=400)
   parser.add_argument('--log_every', type=int, default=50)
   parser.add_argument('--repeats', type=int, default=3, help='timed windows of the bare step')
@@ -45,7 +44,7 @@ def _bare_spec(workdir: str) -> dict[str, Any]:
   return dict(model=config['model']['name'], batch=config['batch_size'],
               image_size=arch['image_size'][0], channels=arch['channels'],
               num_classes=arch['num_classes'], optimizer=config['optimizer'],
-              dtype=config['dtype'], set=overrides, cpu_devices=config.get('cpu_devices') or 1)
+              dtype=config['dtype'], set=overrides, cpu_devices=config.get('cpu_devices') or 0)
 
 
 def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[float]:
@@ -55,7 +54,7 @@ def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[
          f'--config.log_every={args.log_every}', '--config.eval_every=0',
          # No warm-up: it does not change the speed, and a run this short cannot hold a long one.
          '--config.warmup_steps=0', '--config.progress=False', *args.override]
-  out = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
   if out.returncode:
     raise SystemExit(f'the training run failed:\n{out.stderr[-3000:]}')
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
@@ -67,10 +66,9 @@ def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[
 
 
 def run(args: argparse.Namespace) -> dict[str, float]:
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import bench_model  # pylint: disable=import-outside-toplevel
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             TF_CPP_MIN_LOG_LEVEL='3')
+  from vit_jax.benchmark import model as bench_model  # pylint: disable=import-outside-toplevel
+  from vit_jax import benchmark  # pylint: disable=import-outside-toplevel
+  env = benchmark.worker_env(TF_CPP_MIN_LOG_LEVEL='3')
   with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as workdir:
     # A short run first, only to learn the model the config builds; then the bare step is timed
     # before and after the measured run (the machine's speed drifts by several % over minutes).

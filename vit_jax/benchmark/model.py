@@ -39,8 +39,6 @@ import tempfile
 import time
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 # Dense bfloat16 datasheet peaks, FLOP/s (no sparsity). H100/H200 SXM: NVIDIA H100 and H200
 # datasheets (989.4 TFLOPS bf16 dense; the "1,979" figure is with sparsity). A100: A100 datasheet.
 GPU_BF16_PEAK = {'H100': 989.4e12, 'H200': 989.4e12, 'A100': 312e12, 'L4': 121e12}
@@ -62,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='comma-separated PyTorch peers: ' + ', '.join(TORCH_PEERS))
   parser.add_argument('--repeats', type=int, default=4, help='timed windows per implementation')
   parser.add_argument('--seconds', type=float, default=6.0, help='target length of one window')
-  parser.add_argument('--cpu_devices', type=int, default=1,
+  parser.add_argument('--cpu_devices', type=int, default=0,
                       help='ours on a CPU: the host as N JAX devices, data parallel, as '
-                           '--config.cpu_devices=N trains (vit_jax/runtime.py: split_cpu)')
+                           '--config.cpu_devices=N trains; 0 (default): the count training '
+                           'chooses for this model and host (vit_jax/runtime.py: cpu_devices_for)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='model field override, e.g. --set num_layers=6 --set attention_impl=xla')
   parser.add_argument('--json_out', default=None, help='also write every figure as JSON here')
@@ -78,15 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve_model(name: str, sets: list[str]) -> tuple[Any, dict[str, Any]]:
   """(family, fields) of a registered model with `--set FIELD=VALUE` overrides (values parsed as
   Python literals, else kept as strings)."""
-  import ast  # pylint: disable=import-outside-toplevel
+  from vit_jax.benchmark import steps  # pylint: disable=import-outside-toplevel
   from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
   family, fields = registry.resolve(registry.get_model_config(name))
-  for item in sets:
-    key, value = item.split('=', 1)
-    try:
-      fields[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      fields[key] = value
+  fields.update(steps.parse_sets(sets))
   return family, fields
 
 
@@ -107,36 +101,37 @@ def _batch(spec: dict[str, Any]):
 
 
 def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-  """(run(n), info) for this project's jitted train step or inference."""
+  """(run(n), info) for this project's jitted train step or inference: the step training builds
+  (`vit_jax.benchmark.steps`: `build_training` of a config with this model, batch and optimizer)."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
   from vit_jax import runtime  # pylint: disable=import-outside-toplevel
-  runtime.split_cpu(spec.get('cpu_devices', 1))  # as vit_jax.main does, before the backend starts
-  tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
+  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax.benchmark import steps  # pylint: disable=import-outside-toplevel
   arch = _arch(spec)
-  from vit_jax.train import build  # pylint: disable=import-outside-toplevel
-  model = arch.create_model(dtype=build.compute_dtype(spec['dtype']))  # 'auto' as the trainer
   images, labels = _batch(spec)
-  # One device, or the CPU split into `cpu_devices` (an accelerator backend is not split).
-  devices = jax.devices()[:spec.get('cpu_devices', 1)] if jax.default_backend() == 'cpu' else (
-      jax.devices()[:1])
-  if spec['batch'] % len(devices):
-    raise SystemExit(f'--batch {spec["batch"]} does not split over {len(devices)} CPU devices')
-  mesh = sharding_lib.make_mesh((('data', -1),), devices)
-  data_sharding = sharding_lib.batch_sharding(mesh)
-  sched = optim.make_schedule(1e-3, 10_000, 0)
-  tx = optim.make_optimizer({'optimizer': spec['optimizer'], 'momentum': 0.9, 'grad_clip_norm': 1.0,
-                             'weight_decay': 0.1 if spec['optimizer'] == 'adam' else 0.0}, sched)
-  state, shardings = state_lib.create_train_state(
-      model, tx, (1, *arch.image_size, arch.channels), 0, mesh)
+  config = steps.bench_config(spec['model'], image_size=spec['image_size'],
+                              channels=spec['channels'], batch=spec['batch'],
+                              optimizer=spec['optimizer'], dtype=spec['dtype'],
+                              fields=steps.parse_sets(spec['set']))
+  # One device, or the CPU split into `cpu_devices` (0: the count training would choose for this
+  # model and host); as vit_jax.main does, before the backend starts. An accelerator is not split.
+  config.cpu_devices = int(spec.get('cpu_devices', 0))
+  cpu_devices = runtime.cpu_devices_for(config)
+  runtime.split_cpu(cpu_devices)
+  tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
+  try:
+    built = steps.build(config, spec['num_classes'], cpu_devices)
+  except ValueError as e:
+    raise SystemExit(f'--batch {spec["batch"]}: {e}') from e
+  model, devices = built.model, built.mesh.devices.size
+  data_sharding = sharding_lib.batch_sharding(built.mesh)
+  state = steps.live_state(built)
   t0 = time.perf_counter()
   if spec['task'] == 'train':
     batch = jax.device_put({'image': images, 'labels': np.eye(spec['num_classes'], dtype=np.float32)[labels]},
                            data_sharding)
-    compiled = step_lib.make_train_step(model, tx, sched, mesh, shardings).lower(state, batch).compile()
+    compiled = built.train_step.lower(state, batch).compile()
     box = [state]
 
     def run(n: int) -> None:
@@ -164,7 +159,7 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
           2 * macs * (3 if spec['task'] == 'train' else 1), 'device': jax.devices()[0].device_kind,
           'backend': jax.default_backend(), 'matmul_peak': _matmul_peak(),
           'xla_flags': os.environ.get('XLA_FLAGS', ''), 'allocator_tuned': tuned,
-          'devices': len(devices)}
+          'devices': devices}
   return run, info
 
 
@@ -228,9 +223,8 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   peer, compiled = spec['impl'].split('-')[0], spec['impl'].endswith('-compile')
   with tempfile.TemporaryDirectory() as tmp:
     if peer == 'timm':
-      sys.path.insert(0, ROOT)
-      from tests.torchvision_stub import import_timm  # pylint: disable=import-outside-toplevel
-      import_timm()
+      from vit_jax.convert import torchvision_stub  # pylint: disable=import-outside-toplevel
+      torchvision_stub.import_timm()
       timm_format.write_timm(tmp, flat, arch)
       net = verify.load_timm_model(tmp)
       forward = lambda x: net(x)
@@ -322,18 +316,18 @@ def worker_main(spec: dict[str, Any]) -> None:
 class _Worker:
   def __init__(self, spec: dict[str, Any]):
     self.spec = spec
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-               TF_CPP_MIN_LOG_LEVEL='3', TRANSFORMERS_VERBOSITY='error',
-               HF_HUB_DISABLE_PROGRESS_BARS='1')
+    from vit_jax import benchmark  # pylint: disable=import-outside-toplevel
+    env = benchmark.worker_env(TF_CPP_MIN_LOG_LEVEL='3', TRANSFORMERS_VERBOSITY='error',
+                               HF_HUB_DISABLE_PROGRESS_BARS='1')
     if spec['impl'] != 'ours':
       env['JAX_PLATFORMS'] = 'cpu'  # JAX only makes the weights there; the GPU is PyTorch's
     else:
       # The workers are alive together: JAX's default (75% of the GPU taken at start) would leave
       # PyTorch too little. Half is several times what a benchmarked step needs.
       env.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
-    self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), '--worker',
+    self.proc = subprocess.Popen([sys.executable, '-m', 'vit_jax.benchmark.model', '--worker',
                                   json.dumps(spec)], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                                 stdout=subprocess.PIPE, text=True, env=env)
     self.info: Optional[dict[str, Any]] = None
     self.rates: list[float] = []
 
@@ -465,7 +459,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 if __name__ == '__main__':
   if len(sys.argv) == 3 and sys.argv[1] == '--worker':
-    sys.path.insert(0, ROOT)
     worker_main(json.loads(sys.argv[2]))
   else:
     raise SystemExit('run it as: python scripts/benchmark.py model --model NAME ...')

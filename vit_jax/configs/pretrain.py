@@ -4,7 +4,7 @@ Adam (b1 0.9, b2 0.999), decoupled weight decay 0.1, batch 4096, linear warm-up 
 linear decay, global-norm clipping at 1.0, dropout 0.1 (the paper's ImageNet setting), softmax
 cross-entropy. Use accum_steps to fit batch 4096 on small hardware with the same mathematics.
 """
-from configs import common
+from vit_jax.configs import common
 
 
 def get_config(arg: str | None = None):

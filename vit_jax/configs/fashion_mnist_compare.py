@@ -8,7 +8,7 @@ works. The recipe is the quickstart's (Adam, decoupled weight decay 0.05, warm-u
 flips, batch 256), with the images resized from 28 to 32 pixels so that Swin's windows and PVT's
 strides divide them. README ("Families on Fashion-MNIST") has the measured accuracies.
 """
-from configs import common, quickstart
+from vit_jax.configs import common, quickstart
 
 
 def get_config(arg: str | None = None):

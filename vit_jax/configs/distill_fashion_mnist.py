@@ -14,7 +14,7 @@ the two prefix tokens) and its tanh GELU, so that only the tokens, heads and tea
 must classify its tokens, so unlike the quickstart there is no average pooling. Evaluation uses the
 mean of the two heads.
 """
-from configs import common, quickstart
+from vit_jax.configs import common, quickstart
 
 
 def get_config(arg: str | None = None):

@@ -4,7 +4,7 @@ SGD with momentum 0.9, no weight decay, batch 512, cosine decay after 500 warm-u
 clipping at 1.0, a zero-initialised new head, resolution 384. `pretrained=PATH` (or
 `--config.pretrained`) loads weights and resizes the position embeddings to the new grid.
 """
-from configs import common
+from vit_jax.configs import common
 
 # Steps of the paper's Table 6 (fine-tuning schedules) per dataset.
 STEPS = {'cifar10': 10_000, 'cifar100': 10_000, 'oxford_iiit_pet': 500, 'oxford_flowers102': 500,

@@ -25,7 +25,6 @@ import sys
 import time
 from typing import Any, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = {
     'plain': {'attention_impl': 'explicit', 'remat': False},
     'remat': {'attention_impl': 'explicit', 'remat': True},
@@ -54,32 +53,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
   """Compile (and optionally time) one train step; runs in a fresh process per point."""
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  import bench_model  # pylint: disable=import-outside-toplevel  (this folder: sys.path[0])
-  from vit_jax.train import optim, state as state_lib, step as step_lib  # pylint: disable=import-outside-toplevel
+  from vit_jax.benchmark import steps  # pylint: disable=import-outside-toplevel
   dtype = spec['dtype'] or ('float32' if jax.default_backend() == 'cpu' else 'bfloat16')
-  overrides = dict(VARIANTS[spec['variant']], dtype=jnp.dtype(dtype))
-  if overrides['remat']:
-    overrides['remat'] = spec['remat_policy']
-  family, fields = bench_model.resolve_model(spec['model'], spec.get('set', []))
-  model = family.create(fields, 1000, **overrides)
+  fields = dict(steps.parse_sets(spec.get('set', [])), **VARIANTS[spec['variant']])
+  if fields['remat']:
+    fields['remat'] = spec['remat_policy']
   size, batch = spec['size'], spec['batch']
-  mesh = sharding_lib.make_mesh((('data', -1),), jax.devices()[:1])
-  sched = optim.make_schedule(1e-3, 1000, 0)
-  tx = optim.make_optimizer({'optimizer': 'sgd', 'momentum': 0.9, 'grad_clip_norm': 1.0}, sched)
-  # Abstract state: the point is compiled without allocating parameters, unless it is timed.
-  abstract, shardings = state_lib.abstract_state(model, tx, (1, size, size, 3), 0, mesh)
-  batch_shape = {'image': jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32,
-                                               sharding=sharding_lib.batch_sharding(mesh)),
-                 'labels': jax.ShapeDtypeStruct((batch, 1000), jnp.float32,
-                                                sharding=sharding_lib.batch_sharding(mesh))}
-  step = step_lib.make_train_step(model, tx, sched, mesh, shardings)
+  config = steps.bench_config(spec['model'], image_size=size, channels=3, batch=batch,
+                              optimizer='sgd', dtype=dtype, fields=fields, total_steps=1000)
+  # Abstract state and batch (`Training.lower`): the point is compiled without allocating
+  # parameters, unless it is timed.
+  built = steps.build(config, 1000)
   t0 = time.perf_counter()
-  compiled = step.lower(abstract, batch_shape).compile()
+  compiled = built.lower().compile()
   out = {**spec, 'dtype': dtype, 'compile_s': time.perf_counter() - t0,
-         'tokens': (size // fields['patch_size']) ** 2}
+         'tokens': (size // built.fields['patch_size']) ** 2}
   mem = compiled.memory_analysis()
   if mem is not None:
     out['peak_bytes'] = (mem.argument_size_in_bytes + mem.output_size_in_bytes -
@@ -87,7 +75,7 @@ def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
     out['temp_bytes'] = mem.temp_size_in_bytes
   if spec['time']:
     with _exclusive(spec.get('lock')):
-      out['step_s'] = _time_steps(compiled, model, tx, size, batch, mesh)
+      out['step_s'] = _time_steps(compiled, built)
   return out
 
 
@@ -105,17 +93,13 @@ def _exclusive(path: Optional[str]):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _time_steps(compiled, model, tx, size, batch, mesh) -> float:
-  """Seconds per train step: one warm-up step, then the mean of 3."""
+def _time_steps(compiled, built) -> float:
+  """Seconds per train step of `compiled` (built.train_step, compiled): one warm-up step, then the
+  mean of 3."""
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
-  from vit_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
-  state, _ = state_lib.create_train_state(model, tx, (1, size, size, 3), 0, mesh)
-  rng = np.random.default_rng(0)
-  b = jax.device_put({'image': rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32),
-                      'labels': np.eye(1000, dtype=np.float32)[rng.integers(0, 1000, batch)]},
-                     sharding_lib.batch_sharding(mesh))
+  from vit_jax.benchmark import steps  # pylint: disable=import-outside-toplevel
+  state = steps.live_state(built)
+  b = steps.random_batch(built)
   state, m = compiled(state, b)
   jax.block_until_ready(m)
   t0 = time.perf_counter()
@@ -170,8 +154,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
   if unknown:
     raise SystemExit(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
   os.makedirs(args.out, exist_ok=True)
-  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''),
-             TF_CPP_MIN_LOG_LEVEL='3')
+  from vit_jax import benchmark  # pylint: disable=import-outside-toplevel
+  env = benchmark.worker_env(TF_CPP_MIN_LOG_LEVEL='3')
   if args.jobs > 1:
     # Several processes share the accelerator: each takes memory as it needs it instead of JAX's
     # default 75% at start. The figures are the compiled programs' own, so this changes none.
@@ -204,8 +188,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _run_point(spec: dict[str, Any], env: dict[str, str]
                ) -> tuple[Optional[dict[str, Any]], Optional[str]]:
-  res = subprocess.run([sys.executable, os.path.abspath(__file__), '--point', json.dumps(spec)],
-                       capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+  res = subprocess.run([sys.executable, '-m', 'vit_jax.benchmark.tokens', '--point',
+                        json.dumps(spec)],
+                       capture_output=True, text=True, env=env, check=False)
   if res.returncode:
     return None, ' '.join(res.stderr.strip().splitlines()[-1:])
   point = json.loads(res.stdout.strip().splitlines()[-1])
@@ -215,7 +200,6 @@ def _run_point(spec: dict[str, Any], env: dict[str, str]
 
 if __name__ == '__main__':
   if len(sys.argv) == 3 and sys.argv[1] == '--point':
-    sys.path.insert(0, ROOT)
     print(json.dumps(measure_point(json.loads(sys.argv[2]))))
   else:
     raise SystemExit('run it as: python scripts/benchmark.py tokens ...')

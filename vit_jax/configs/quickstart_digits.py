@@ -10,7 +10,7 @@ clipping at 1; the learning rate picked from a small sweep, as the paper does); 
 the pre-training recipe (Adam). Both get the same step budget, so the difference is the transfer
 gain.
 """
-from configs import common, quickstart
+from vit_jax.configs import common, quickstart
 
 
 def get_config(arg: str | None = None):

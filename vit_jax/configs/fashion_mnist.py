@@ -19,7 +19,7 @@ Why this size: ViT-Micro_4 (width 96, depth 4) trained 19 epochs reached 90.18% 
 91.2% on its own training images: it underfit, so capacity and epochs, not more regularisation,
 were what it lacked.
 """
-from configs import common, quickstart
+from vit_jax.configs import common, quickstart
 
 
 def get_config(arg: str | None = None):
