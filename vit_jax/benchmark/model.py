@@ -132,11 +132,12 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     batch = jax.device_put({'image': images, 'labels': np.eye(spec['num_classes'], dtype=np.float32)[labels]},
                            data_sharding)
     compiled = built.train_step.lower(state, batch).compile()
+    extras = built.train_step.extras  # the objective's frozen inputs, an argument of the compiled step
     box = [state]
 
     def run(n: int) -> None:
       for _ in range(n):
-        box[0], metrics = compiled(box[0], batch)
+        box[0], metrics = compiled(box[0], batch, extras)
       jax.block_until_ready(metrics)
   else:
     x = jax.device_put(images, data_sharding)
