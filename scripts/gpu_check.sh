@@ -3,7 +3,9 @@
 #   1. the GPU tests (tests/test_gpu.py: cuDNN attention chosen by 'auto', its numerics and a bf16
 #      train step through it) and tests/test_attention.py,
 #   2. ViT-B/16 at 224², bfloat16, batch 256: train and inference img/s and MFU next to timm's and
-#      Hugging Face's ViT in PyTorch on the same GPU (bf16 autocast),
+#      Hugging Face's ViT in PyTorch on the same GPU (bf16 autocast), eager and under torch.compile
+#      (inductor, default mode; each compiled peer's first call, which compiles, is reported apart)
+#      in one interleaved run (stage compiled; stage model: the eager peers only, faster),
 #   3. the token sweep (224 -> 448 -> 896, plain / remat / fused / fused+remat): memory and step time,
 #   4. ours alone with the plain softmax, and at batch 512, to show what each choice is worth,
 #   5. (stage sweep, not in the default list) ours alone under a few XLA GPU flags and at batch 384.
@@ -11,8 +13,12 @@
 #
 #   scripts/gpu_check.sh OUT_DIR [STAGE ...]
 #     writes log.txt, vit_b16.json, tokens.json, tokens.png into OUT_DIR; the stages default to
-#     env tests model tokens explicit batch512 (others: gpu_tests, train, sweep);
-#     TOKEN_VARIANTS=fused,... limits the token stage's variants
+#     env tests compiled tokens explicit batch512 (others: model, gpu_tests, train, sweep);
+#     TOKEN_VARIANTS=fused,... limits the token stage's variants. Their limits add up to more than
+#     one 10-minute command: run `env compiled` in one call and `tests tokens explicit batch512` in
+#     the next. BENCH_MODEL / BENCH_BATCH / BENCH_ARGS replace ViT-B_16 / 256 / '' in the model
+#     stages (a dry run on a CPU: BENCH_MODEL=ViT-testing BENCH_BATCH=2
+#     BENCH_ARGS='--image_size 16').
 #
 # It uses the machine's own python3 and packages (PYTHON to override); the project's pins apply to
 # the CPU virtual environment only.
@@ -46,9 +52,22 @@ run_gpu_tests() {
   stage gpu_tests 180 env VIT_JAX_TEST_OPTIMIZED=1 "$py" -m pytest -q -p no:cacheprovider \
     tests/test_gpu.py
 }
-run_model() {  # train and inference, next to timm and Hugging Face
-  stage model 200 "$py" scripts/benchmark.py model --model ViT-B_16 --batch 256 --dtype bfloat16 \
-    --compare timm,hf --repeats 3 --seconds 3 --json_out "$out/vit_b16.json"
+bench_model=${BENCH_MODEL:-ViT-B_16}
+bench_batch=${BENCH_BATCH:-256}
+read -r -a bench_args <<< "${BENCH_ARGS:-}"
+run_model() {  # train and inference, next to timm and Hugging Face (eager)
+  stage model 200 "$py" scripts/benchmark.py model --model "$bench_model" --batch "$bench_batch" \
+    ${bench_args[@]+"${bench_args[@]}"} --dtype bfloat16 --compare timm,hf --repeats 3 --seconds 3 \
+    --json_out "$out/vit_b16.json"
+}
+# The same, with timm's and Hugging Face's models under torch.compile too: the ratio against the
+# fastest of the four PyTorch variants. Compiling the two peers' train and inference graphs takes
+# minutes on its own, outside the timed windows.
+run_compiled() {
+  stage compiled 540 "$py" scripts/benchmark.py model --model "$bench_model" \
+    --batch "$bench_batch" \
+    ${bench_args[@]+"${bench_args[@]}"} --dtype bfloat16 --compare timm,hf,timm-compile,hf-compile \
+    --repeats 3 --seconds 3 --json_out "$out/vit_b16_compiled.json"
 }
 run_train() {  # training only
   stage train 130 "$py" scripts/benchmark.py model --model ViT-B_16 --batch 256 --dtype bfloat16 \
@@ -83,7 +102,7 @@ run_sweep() {  # ours alone, training, one XLA knob at a time against the defaul
 }
 
 shift || true
-for name in ${*:-env tests model tokens explicit batch512}; do
+for name in ${*:-env tests compiled tokens explicit batch512}; do
   "run_$name"
 done
 rm -f "$out/timing.lock"

@@ -41,6 +41,42 @@ def test_model_mode_reports_rates_flops_and_memory(tmp_path):
         factor * result['tasks']['infer']['info']['flops_per_image'])
 
 
+# Inductor compiles C++ for the peer (31 s of the worker's start alone): the test took 338 s on the
+# 2-core machine under a load average of ~20.
+@pytest.mark.slow
+def test_model_mode_names_the_cpu_and_times_compiled_peers_apart(tmp_path):
+  """A torch.compile peer runs (its compile time reported apart, not in a window), and the output
+  names the CPU and its measured matmul peaks, in the text and the JSON."""
+  pytest.importorskip('torch')
+  from vit_jax import runtime  # pylint: disable=import-outside-toplevel
+  path = tmp_path / 'r.json'
+  stdout = _benchmark('model', '--model', 'ViT-testing', '--image_size', '16', '--num_classes', '5',
+                      '--batch', '2', '--repeats', '2', '--seconds', '0.05', '--mode', 'infer',
+                      '--compare', 'timm-compile', '--json_out', str(path))
+  cpu = runtime.describe_cpu()
+  assert f'host: {cpu}; float32 matmul peak ' in stdout and '(numpy)' in stdout
+  assert 'GFLOP/s (JAX)' in stdout
+  assert 'infer: torch.compile, first call (compiles; outside the timed windows): timm-compile ' in (
+      stdout)
+  result = json.loads(path.read_text())
+  assert result['host']['cpu'] == cpu and result['host']['cores'] >= 1
+  assert set(result['host']['matmul_peak_flops']) == {'numpy', 'JAX'}
+  assert min(result['host']['matmul_peak_flops'].values()) > 1e9
+  task = result['tasks']['infer']
+  assert set(task['rates']) == {'ours', 'timm-compile'} and task['rates']['timm-compile'] > 0
+  assert len(task['windows']['timm-compile']) == 2 and task['compile_s']['timm-compile'] > 0
+  assert stdout.strip().splitlines()[-1].startswith('infer: ') and 'timm-compile' in (
+      stdout.strip().splitlines()[-1])
+
+
+def test_model_mode_refuses_an_unknown_peer():
+  out = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), 'model',
+                        '--model', 'ViT-testing', '--compare', 'timm,torchscript'],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
+                       cwd=ROOT, timeout=300, check=False)
+  assert out.returncode != 0 and 'timm-compile' in out.stderr and 'torchscript' in out.stderr
+
+
 def test_tokens_mode_writes_points_and_a_plot(tmp_path):
   stdout = _benchmark('tokens', '--model', 'ViT-testing', '--sizes', '16,32', '--batch', '2',
                       '--variants', 'plain,fused+remat', '--jobs', '2', '--time', '--out',

@@ -30,6 +30,13 @@ flags.DEFINE_string('workdir', None, 'output directory: checkpoints, metrics.jso
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _multiprocess(config) -> bool:
+  """Whether this run is one process of several (asked for, or a coordinator in the environment)."""
+  env = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
+         'MEGASCALE_COORDINATOR_ADDRESS')
+  return bool(config.distributed) or any(os.environ.get(k) for k in env)
+
+
 def _maybe_initialize_distributed(config) -> None:
   """jax.distributed.initialize() when asked, or when the environment names a coordinator.
 
@@ -43,9 +50,7 @@ def _maybe_initialize_distributed(config) -> None:
   errors ... tasks are unhealthy (stopped sending heartbeats)" instead of waiting in a collective
   forever. Running the same command on every process again resumes from the last checkpoint.
   """
-  env = ('JAX_COORDINATOR_ADDRESS', 'COORDINATOR_ADDRESS', 'SLURM_JOB_ID', 'TPU_WORKER_HOSTNAMES',
-         'MEGASCALE_COORDINATOR_ADDRESS')
-  if config.distributed or any(os.environ.get(k) for k in env):
+  if _multiprocess(config):
     import jax  # pylint: disable=g-import-not-at-top
     kwargs = {}
     address = os.environ.get('JAX_COORDINATOR_ADDRESS') or os.environ.get('COORDINATOR_ADDRESS')
@@ -66,7 +71,8 @@ def main(argv) -> None:
     validate.validate(config)
   except validate.ConfigError as e:
     sys.exit(f'config error: {e}')
-  runtime.split_cpu(config.get('cpu_devices', 0))
+  # 0 (the default): as many CPU devices as pay for this model on this host (runtime.py)
+  runtime.split_cpu(runtime.cpu_devices_for(config, _multiprocess(config)))
   runtime.use_compilation_cache(config.get('compilation_cache_dir') or '')
   _maybe_initialize_distributed(config)
   import jax  # pylint: disable=g-import-not-at-top

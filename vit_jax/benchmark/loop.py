@@ -44,7 +44,7 @@ def _bare_spec(workdir: str) -> dict[str, Any]:
   return dict(model=config['model']['name'], batch=config['batch_size'],
               image_size=arch['image_size'][0], channels=arch['channels'],
               num_classes=arch['num_classes'], optimizer=config['optimizer'],
-              dtype=config['dtype'], set=overrides, cpu_devices=config.get('cpu_devices') or 1)
+              dtype=config['dtype'], set=overrides, cpu_devices=config.get('cpu_devices') or 0)
 
 
 def _train(args: argparse.Namespace, workdir: str, env: dict[str, str]) -> list[float]:

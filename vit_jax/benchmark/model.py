@@ -15,9 +15,17 @@ PyTorch models are this project's own parameters exported through `vit_jax.forma
 Hugging Face layouts) and loaded by timm / transformers: the architecture is the same by
 construction, and the weights are the same too.
 
-MFU is the achieved model FLOP/s (analytic: the family's forward MACs x 2, x 3 for training) over
-the matmul peak measured on this machine in this process (float32 on CPU, bfloat16 on GPU; the card's
-datasheet peak is also shown on GPU).
+`timm-compile` and `hf-compile` are the same PyTorch models under `torch.compile` (the inductor
+backend, default mode), the way users who care about speed run them: the model is compiled (for
+training, its forward and, through AOTAutograd, its backward; the loss, clipping and optimizer stay
+eager, as in the usual `model = torch.compile(model)`), and its first call, which compiles, is timed
+apart and reported as its compile time, never inside a timed window.
+
+Every output names the host CPU (`vit_jax.runtime.describe_cpu`) and its float32 matmul peak,
+measured here: a 2048^2 float32 matmul in numpy (the parent process, before any worker starts) and
+in JAX (our worker). MFU is the achieved model FLOP/s (analytic: the family's forward MACs x 2, x 3
+for training) over the best matmul peak measured on this machine (float32 on CPU, bfloat16 on GPU;
+the card's datasheet peak is also shown on GPU).
 """
 from __future__ import annotations
 
@@ -34,6 +42,9 @@ from typing import Any, Optional
 # Dense bfloat16 datasheet peaks, FLOP/s (no sparsity). H100/H200 SXM: NVIDIA H100 and H200
 # datasheets (989.4 TFLOPS bf16 dense; the "1,979" figure is with sparsity). A100: A100 datasheet.
 GPU_BF16_PEAK = {'H100': 989.4e12, 'H200': 989.4e12, 'A100': 312e12, 'L4': 121e12}
+# PyTorch peers: timm's and Hugging Face's models, eager or under torch.compile (inductor,
+# default mode).
+TORCH_PEERS = ('timm', 'hf', 'timm-compile', 'hf-compile')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,12 +56,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--mode', default='both', choices=('train', 'infer', 'both'))
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--optimizer', default='sgd', choices=('sgd', 'adam'))
-  parser.add_argument('--compare', default='', help='comma-separated: timm, hf')
+  parser.add_argument('--compare', default='',
+                      help='comma-separated PyTorch peers: ' + ', '.join(TORCH_PEERS))
   parser.add_argument('--repeats', type=int, default=4, help='timed windows per implementation')
   parser.add_argument('--seconds', type=float, default=6.0, help='target length of one window')
-  parser.add_argument('--cpu_devices', type=int, default=1,
+  parser.add_argument('--cpu_devices', type=int, default=0,
                       help='ours on a CPU: the host as N JAX devices, data parallel, as '
-                           '--config.cpu_devices=N trains (vit_jax/runtime.py: split_cpu)')
+                           '--config.cpu_devices=N trains; 0 (default): the count training '
+                           'chooses for this model and host (vit_jax/runtime.py: cpu_devices_for)')
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='model field override, e.g. --set num_layers=6 --set attention_impl=xla')
   parser.add_argument('--json_out', default=None, help='also write every figure as JSON here')
@@ -95,17 +108,20 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   from vit_jax import runtime  # pylint: disable=import-outside-toplevel
   from vit_jax import sharding as sharding_lib  # pylint: disable=import-outside-toplevel
   from vit_jax.benchmark import steps  # pylint: disable=import-outside-toplevel
-  runtime.split_cpu(spec.get('cpu_devices', 1))  # as vit_jax.main does, before the backend starts
-  tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
   arch = _arch(spec)
   images, labels = _batch(spec)
   config = steps.bench_config(spec['model'], image_size=spec['image_size'],
                               channels=spec['channels'], batch=spec['batch'],
                               optimizer=spec['optimizer'], dtype=spec['dtype'],
                               fields=steps.parse_sets(spec['set']))
-  # One device, or the CPU split into `cpu_devices` (an accelerator backend is not split).
+  # One device, or the CPU split into `cpu_devices` (0: the count training would choose for this
+  # model and host); as vit_jax.main does, before the backend starts. An accelerator is not split.
+  config.cpu_devices = int(spec.get('cpu_devices', 0))
+  cpu_devices = runtime.cpu_devices_for(config)
+  runtime.split_cpu(cpu_devices)
+  tuned = runtime.tune_for_backend(jax.default_backend())  # as the trainer does (train.build)
   try:
-    built = steps.build(config, spec['num_classes'], spec.get('cpu_devices', 1))
+    built = steps.build(config, spec['num_classes'], cpu_devices)
   except ValueError as e:
     raise SystemExit(f'--batch {spec["batch"]}: {e}') from e
   model, devices = built.model, built.mesh.devices.size
@@ -116,11 +132,12 @@ def _ours(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     batch = jax.device_put({'image': images, 'labels': np.eye(spec['num_classes'], dtype=np.float32)[labels]},
                            data_sharding)
     compiled = built.train_step.lower(state, batch).compile()
+    extras = built.train_step.extras  # the objective's frozen inputs, an argument of the compiled step
     box = [state]
 
     def run(n: int) -> None:
       for _ in range(n):
-        box[0], metrics = compiled(box[0], batch)
+        box[0], metrics = compiled(box[0], batch, extras)
       jax.block_until_ready(metrics)
   else:
     x = jax.device_put(images, data_sharding)
@@ -168,8 +185,29 @@ def _matmul_peak() -> float:
   return 2 * n ** 3 / best
 
 
+def numpy_matmul_peak(n: int = 2048, tries: int = 5) -> float:
+  """Best FLOP/s of an n x n float32 matmul in numpy (its BLAS, all cores) on this host."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+  a @ b  # pylint: disable=pointless-statement
+  best = float('inf')
+  for _ in range(tries):
+    t = time.perf_counter()
+    a @ b  # pylint: disable=pointless-statement
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best
+
+
+def host_line(cpu: str, peaks: dict[str, float]) -> str:
+  """'host: AMD EPYC (...); float32 matmul peak 438.5 GFLOP/s (JAX), 401.2 (numpy)'."""
+  shown = ', '.join(f'{v / 1e9:.1f} GFLOP/s ({k})' for k, v in peaks.items() if v)
+  return f'host: {cpu}; float32 matmul peak {shown}' if shown else f'host: {cpu}'
+
+
 def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-  """(run(n), info) for timm's or Hugging Face's model of the same architecture, eager PyTorch."""
+  """(run(n), info) for timm's or Hugging Face's model of the same architecture: eager PyTorch, or
+  under torch.compile for the `-compile` peers (info['compile_s']: the first, compiling call)."""
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
@@ -183,8 +221,9 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   tree = arch.get_family().to_file_layout(params['params'])
   flat = {k: np.asarray(v) for k, v in params_lib.flatten(tree).items()}
   torch.set_num_threads(os.cpu_count() or 1)
+  peer, compiled = spec['impl'].split('-')[0], spec['impl'].endswith('-compile')
   with tempfile.TemporaryDirectory() as tmp:
-    if spec['impl'] == 'timm':
+    if peer == 'timm':
       from vit_jax.convert import torchvision_stub  # pylint: disable=import-outside-toplevel
       torchvision_stub.import_timm()
       timm_format.write_timm(tmp, flat, arch)
@@ -202,6 +241,8 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
   if bf16 and not cuda:
     net = net.to(torch.bfloat16)
   net = net.to(device)
+  if compiled:  # `forward` calls `net` by name: from here on, the compiled module (same parameters)
+    net = torch.compile(net)
   images, labels = _batch(spec)
   dtype = torch.bfloat16 if bf16 and not cuda else torch.float32
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(dtype).to(device)
@@ -237,8 +278,14 @@ def _torch(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
       one()
     if cuda:
       torch.cuda.synchronize()  # kernels are queued; the window ends when they have run
-  return run, {'device': torch.cuda.get_device_name() if cuda else 'cpu',
-               'backend': 'torch ' + torch.__version__}
+  info = {'device': torch.cuda.get_device_name() if cuda else 'cpu',
+          'backend': 'torch ' + torch.__version__}
+  if compiled:  # the first call compiles (forward, and backward for training): timed apart
+    t0 = time.perf_counter()
+    run(1)
+    info['compile_s'] = time.perf_counter() - t0
+    info['backend'] += ' torch.compile (inductor, default mode)'
+  return run, info
 
 
 def worker_main(spec: dict[str, Any]) -> None:
@@ -332,36 +379,48 @@ def _measure(spec: dict[str, Any], impls: list[str], repeats: int, seconds: floa
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+  from vit_jax import runtime  # pylint: disable=import-outside-toplevel
   impls = ['ours'] + [c for c in args.compare.split(',') if c]
-  bad = [c for c in impls[1:] if c not in ('timm', 'hf')]
-  if bad:
-    raise SystemExit(f'--compare takes timm and/or hf, not {bad}')
+  bad = [c for c in impls[1:] if c not in TORCH_PEERS]
+  if bad or len(set(impls)) < len(impls):
+    raise SystemExit(f'--compare takes each of {", ".join(TORCH_PEERS)} at most once, not '
+                     f'{args.compare!r}')
   tasks = ['infer', 'train'] if args.mode == 'both' else [args.mode]
   base = dict(model=args.model, batch=args.batch, image_size=args.image_size,
               channels=args.channels, num_classes=args.num_classes, dtype=args.dtype,
               optimizer=args.optimizer, set=args.set, cpu_devices=args.cpu_devices)
+  cpu = runtime.cpu_info()
+  peaks = {'numpy': numpy_matmul_peak()}  # here, before any worker runs beside it
   print(f'{args.model} at {args.image_size}x{args.image_size}x{args.channels}, batch {args.batch}, '
         f'{args.dtype}, {args.optimizer} + clip 1.0; median of {args.repeats} interleaved windows '
         f'of ~{args.seconds:.0f}s; {os.cpu_count()} CPUs')
-  results: dict[str, Any] = {'config': base, 'tasks': {}}
+  results: dict[str, Any] = {'config': base, 'tasks': {},
+                             'host': {'cpu': runtime.describe_cpu(cpu), **cpu}}
   lines = []
-  peak = 0.0  # a property of the machine: the best any of our workers measured
   for task in tasks:
     workers = _measure(dict(base, task=task), impls, args.repeats, args.seconds)
     ours = workers['ours'].info
     rates = {k: statistics.median(w.rates) for k, w in workers.items()}
     flops = ours['flops_per_image']
-    peak = max(peak, ours['matmul_peak'])
+    if ours['backend'] == 'cpu':  # a property of the machine: the best any worker measured
+      peaks['JAX'] = max(peaks.get('JAX', 0.0), ours['matmul_peak'])
+      peak = max(peaks.values())
+    else:  # an accelerator's bfloat16 peak; numpy's is the host's
+      peak = max(peaks.get('accelerator', 0.0), ours['matmul_peak'])
+      peaks['accelerator'] = peak
+    if task == tasks[0]:
+      cpu_peaks = {k: v for k, v in peaks.items() if k != 'accelerator'}
+      print(host_line(runtime.describe_cpu(cpu), cpu_peaks))
     achieved = rates['ours'] * flops
     kind = 'float32' if ours['backend'] == 'cpu' else 'bfloat16'
     if task == tasks[0]:
       print(f'ours: XLA_FLAGS="{ours["xla_flags"]}", host allocator tuned: '
             f'{ours["allocator_tuned"]} (vit_jax/runtime.py; VIT_JAX_CPU_TUNING=0 turns both off), '
             f'{ours["devices"]} JAX device(s), data parallel')
-    print(f'\n{task}: {"impl":6s} {"img/s":>9s}  {"x ours":>7s}  spread')
+    print(f'\n{task}: {"impl":12s} {"img/s":>9s}  {"x ours":>7s}  spread')
     for k, w in workers.items():
       spread = f'{min(w.rates):.1f}-{max(w.rates):.1f}'
-      print(f'{task}: {k:6s} {rates[k]:9.1f}  {rates[k] / rates["ours"]:7.2f}  {spread}')
+      print(f'{task}: {k:12s} {rates[k]:9.1f}  {rates[k] / rates["ours"]:7.2f}  {spread}')
     print(f'{task}: {flops / 1e9:.3f} GFLOP/image (analytic), {achieved / 1e9:.1f} GFLOP/s achieved, '
           f'MFU {achieved / peak:.1%} of the measured {kind} matmul peak {peak / 1e9:.1f} GFLOP/s '
           f'({ours["device"]})')
@@ -373,16 +432,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f'{task}: compile {ours["compile_s"]:.1f}s, peak device memory '
           f'{mem / 2**20:.1f} MiB (compiled memory analysis)' if mem else
           f'{task}: compile {ours["compile_s"]:.1f}s')
+    compiles = {k: w.info['compile_s'] for k, w in workers.items() if k != 'ours' and
+                w.info.get('compile_s') is not None}
+    if compiles:
+      print(f'{task}: torch.compile, first call (compiles; outside the timed windows): ' +
+            ', '.join(f'{k} {v:.1f}s' for k, v in compiles.items()))
     torch_rates = {k: v for k, v in rates.items() if k != 'ours'}
     if torch_rates:
       best = max(torch_rates, key=torch_rates.get)
       lines.append(f'{task}: {rates["ours"]:.1f} img/s (x{rates["ours"] / torch_rates[best]:.2f} '
-                   f'vs the faster PyTorch, {best} {torch_rates[best]:.1f})')
+                   f'vs the fastest PyTorch, {best} {torch_rates[best]:.1f})')
     else:
       lines.append(f'{task}: {rates["ours"]:.1f} img/s')
     results['tasks'][task] = {'rates': rates, 'windows': {k: w.rates for k, w in workers.items()},
-                              'info': ours}
+                              'info': ours, 'compile_s': {'ours': ours['compile_s'], **compiles}}
+  results['host']['matmul_peak_flops'] = peaks
   print()
+  print(host_line(runtime.describe_cpu(cpu), {k: v for k, v in peaks.items()
+                                              if k != 'accelerator'}))
   for line in lines:
     print(line)
   if args.json_out:

@@ -113,10 +113,11 @@ def get_config() -> ml_collections.ConfigDict:
   # shutdown_timeout for the others.
   c.heartbeat_timeout = 100
   c.shutdown_timeout = 300
-  # Split the host CPU into this many JAX devices, data parallel (0: JAX's default, one); only the
-  # CPU backend is affected. It pays when attention's many small products dominate (the Fashion-MNIST
-  # ViT: configs/fashion_mnist.py sets 2), not for ViT-Ti/S at 224; vit_jax/runtime.py (split_cpu)
-  # and the README's speed section have the figures.
+  # Split the host CPU into this many JAX devices, data parallel; only the CPU backend is affected.
+  # 0: chosen from the model's shapes and the host's cores (vit_jax/runtime.py: auto_cpu_devices):
+  # as many devices as cores where attention's many small products are a large part of the step
+  # (the Fashion-MNIST ViT, 49 tokens: 2 on 2 cores), else one (ViT-Ti/S at 224, the quickstart's 16
+  # tokens). 1: never split. The README's speed section has the figures.
   c.cpu_devices = 0
   # XLA's persistent compilation cache: a directory (local, or gs://... on Cloud TPU) that keeps the
   # compiled train and eval steps, so that the same job started again (after a preemption, to

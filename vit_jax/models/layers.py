@@ -68,10 +68,18 @@ def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array) -> jax.Arra
 
 def gelu(x: jax.Array, act: str) -> jax.Array:
   """'gelu_tanh': the tanh approximation (Google's checkpoints, Flax's default); 'gelu': exact erf
-  (timm, Hugging Face, PyTorch's nn.GELU)."""
+  (timm, Hugging Face, PyTorch's nn.GELU).
+
+  The exact form is x/2 (1 + erf(x/sqrt 2)), PyTorch's own formula. `jax.nn.gelu` writes it with
+  erfc, which XLA:CPU expands into two rational approximations, an exp and a select: its forward
+  took 2.8x as long as erf's on [4096, 256] (AMD EPYC), and a whole exact-GELU train step of a
+  6-block width-128 ViT ran x0.85 against x0.99 with erf (tanh = 1). The two agree to 1e-6.
+  """
   if act not in ACTIVATIONS:
     raise ValueError(f'act {act!r} is not one of {ACTIVATIONS}')
-  return nn.gelu(x, approximate=act == 'gelu_tanh')
+  if act == 'gelu_tanh':
+    return nn.gelu(x, approximate=True)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(np.sqrt(0.5), x.dtype)))
 
 
 class MlpBlock(nn.Module):

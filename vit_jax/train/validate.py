@@ -99,7 +99,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(config[key] >= 0, f'{key} must be >= 0 (0: only at the end)')
   cpu_devices = config.get('cpu_devices', 0)
   _need(isinstance(cpu_devices, int) and cpu_devices >= 0,
-        f'cpu_devices must be an integer >= 0 (0: one CPU device), got {cpu_devices!r}')
+        f'cpu_devices must be an integer >= 0 (0: chosen for the model and host), '
+        f'got {cpu_devices!r}')
   cache_dir = config.get('compilation_cache_dir', '')
   _need(cache_dir is None or isinstance(cache_dir, str),
         f"compilation_cache_dir must be a directory path ('' for JAX's own setting), got "
