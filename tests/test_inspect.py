@@ -22,8 +22,8 @@ from vit_jax.families.base import Architecture
 from vit_jax.models import params as params_lib
 from vit_jax.models.vit import sincos_2d
 
-FIGURES = ('attention_distance.png', 'posemb_similarity.png', 'posemb_similarity_sincos2d.png',
-           'patch_filters.png')
+FIGURES = ('attention_distance.png', 'token_shares.png', 'posemb_similarity.png',
+           'posemb_similarity_sincos2d.png', 'patch_filters.png')
 
 
 def _stochastic(rng, shape):
@@ -228,6 +228,9 @@ def test_cli_writes_every_figure_and_an_index(checkpoints, source, tmp_path, cap
   page = (out / 'index.html').read_text()
   assert sorted(re.findall(r'<img src="([^"]+)"', page)) == pngs
   assert 'attention_distance.json' in page and str(path) in page
+  shares = json.loads((out / 'token_shares.json').read_text())
+  assert shares['tokens'] == ['class', 'patches'] and shares['reader'] == 'class token'
+  np.testing.assert_allclose(np.sum(shares['share_per_layer'], axis=1), 1.0, atol=1e-4)
   dist = json.loads((out / 'attention_distance.json').read_text())
   d = np.array(dist['mean_distance_px'])
   assert dist['num_images'] == 6 and dist['images'][0] == 'digits:test[0]'

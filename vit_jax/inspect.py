@@ -11,6 +11,10 @@ hybrid); Mixer, Swin and PVT are refused with the reason. Writes into DIR:
                              per each of the first --rollout_images of the dataset)
   attention_distance.png     mean attention distance (pixels) per head and layer over the
   attention_distance.json    --num_images first images of --dataset's --split (else over IMAGES)
+  token_shares.png           per layer, the attention the classifier's reader gives each prefix
+  token_shares.json          token (class, distillation, each register) and the patches
+  sinks.png, sinks.json      with --sinks: high-norm output patch tokens (Darcet et al., 2024) and
+                             the share of the reader's last-layer attention they and the registers get
   posemb_similarity*.png     cosine similarity of the position embeddings (+ a sincos2d reference
                              for learned ones), with posemb_similarity.json
   patch_filters.png          principal components of the patch-embedding filters
@@ -37,6 +41,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   ap.add_argument('--rollout_images', type=int, default=4,
                   help='rollout figures drawn from the dataset when no IMAGES are given')
   ap.add_argument('--batch_size', type=int, default=32)
+  ap.add_argument('--sinks', action='store_true',
+                  help='also measure high-norm output tokens ("attention sinks") and the attention '
+                       'they draw over the distance images: sinks.json, sinks.png')
+  ap.add_argument('--sink_factor', type=float, default=3.0,
+                  help='a patch token is an outlier above this multiple of its image\'s median '
+                       'norm (default 3)')
   cli.add_model(ap, help_text='registry name, for checkpoints without one')
   cli.add_image_size(ap)
   args = ap.parse_args(argv)
@@ -53,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = inspection.inspect_checkpoint(
         predictor, args.out, images=images, dataset_imgs=dataset,
         rollout_count=args.rollout_images, batch_size=args.batch_size,
-        source=args.checkpoint)
+        source=args.checkpoint, sinks=args.sinks, sink_factor=args.sink_factor)
     for _, name, _ in report.figures:
       print(report.path(name))
     for name in report.data:

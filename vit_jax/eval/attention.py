@@ -168,3 +168,25 @@ def summarize_distances(per_image: Sequence[np.ndarray]) -> np.ndarray:
   """Batches of [L, B, heads] distances -> [L, heads], the mean over every image."""
   stacked = np.concatenate([np.asarray(x, np.float64) for x in per_image], axis=1)
   return stacked.mean(axis=1)
+
+
+def token_shares(attn: np.ndarray, prefix: int, class_token: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Where attention goes, per layer: the share each prefix token receives, and the patches' share.
+
+  The queries are what the layer's output is read from: the class token's row when the classifier
+  reads one (`class_token`), otherwise the patch queries' rows averaged (pooled models). Heads and
+  images are averaged.
+
+  Args:
+    attn: [L, B, heads, N, N] attention probabilities with the `prefix` tokens first.
+  Returns:
+    (prefix shares [L, prefix], patch share [L]); each layer's shares sum to 1.
+  """
+  attn = np.asarray(attn, np.float64)
+  if attn.ndim != 5 or attn.shape[-1] != attn.shape[-2]:
+    raise ValueError(f'token_shares needs attention [L, B, heads, N, N], got {attn.shape}')
+  if class_token and prefix < 1:
+    raise ValueError('a class-token reader needs at least one prefix token')
+  rows = attn[..., 0, :] if class_token else attn[..., prefix:, :].mean(axis=-2)
+  rows = rows.mean(axis=(1, 2))                        # [L, N]
+  return rows[:, :prefix], rows[:, prefix:].sum(axis=-1)

@@ -27,6 +27,7 @@ import numpy as np
 from vit_jax.data import get_source, preprocess
 from vit_jax.eval import attention as attn_lib
 from vit_jax.eval import plots
+from vit_jax.eval import sinks as sinks_lib
 from vit_jax.models import params as params_lib
 from vit_jax.models.vit import sincos_2d
 
@@ -82,15 +83,21 @@ def dataset_images(name: str, arch: Any, n: int, split: str = 'test',
                  [names[e['label']] if names else str(e['label']) for e in items])
 
 
-def attention_batches(fn: Any, params: Any, images: np.ndarray, batch_size: int):
-  """Yields (logits [b, classes], attention [L, b, heads, N, N]) float32 numpy for consecutive
-  batches of images. Short batches are padded to `batch_size` (and the padding dropped), so that
-  one compiled function serves every call."""
+def padded_batches(images: np.ndarray, batch_size: int):
+  """Yields (batch [batch_size, ...], n real images) over consecutive slices; the last is padded
+  with zeros so that one compiled function serves every call."""
   for i in range(0, len(images), batch_size):
     batch = images[i:i + batch_size]
     n = len(batch)
     if n < batch_size:
       batch = np.concatenate([batch, np.zeros((batch_size - n,) + batch.shape[1:], batch.dtype)])
+    yield batch, n
+
+
+def attention_batches(fn: Any, params: Any, images: np.ndarray, batch_size: int):
+  """Yields (logits [b, classes], attention [L, b, heads, N, N]) float32 numpy for consecutive
+  batches of images (`padded_batches`, the padding dropped)."""
+  for batch, n in padded_batches(images, batch_size):
     logits, attn = fn(params, batch)
     yield np.asarray(logits[:n], np.float32), np.asarray(attn[:, :n], np.float32)
 
@@ -123,7 +130,8 @@ class Report:
 
 def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images] = None,
                        dataset_imgs: Optional[Images] = None, rollout_count: int = 4,
-                       batch_size: int = 32, source: str = '') -> Report:
+                       batch_size: int = 32, source: str = '', sinks: bool = False,
+                       sink_factor: float = sinks_lib.DEFAULT_FACTOR) -> Report:
   """Writes every defined analysis of `predictor` (a `vit_jax.predict.Predictor`) into out_dir.
 
   Args:
@@ -131,6 +139,8 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
       dataset_imgs); the attention distance averages over dataset_imgs (else over these).
   Returns:
     the Report (figures, JSON files, notes on what was skipped and why); index.html is written.
+    sinks: also measure high-norm output tokens and the attention they draw (`sinks.json`,
+      `vit_jax.eval.sinks`) over the distance's images, with outliers at `sink_factor` x median.
   """
   arch = predictor.arch
   family = arch.get_family()
@@ -145,10 +155,15 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
   flat = params_lib.flatten_numpy(family.to_file_layout(predictor.params))
 
   shown = images if images is not None else dataset_imgs.take(rollout_count)
-  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size,
-                   family.reads_class_token(arch))
+  names = family.prefix_names(arch)
+  reads_class = family.reads_class_token(arch)
+  _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size, reads_class,
+                   names)
   averaged = dataset_imgs if dataset_imgs is not None else images
-  _distance(report, attn_fn, predictor.params, averaged, prefix, grid, patch_hw, batch_size)
+  _distance(report, attn_fn, predictor.params, averaged, prefix, grid, patch_hw, batch_size,
+            names, reads_class)
+  if sinks:
+    _sinks(report, predictor, attn_fn, averaged, names, reads_class, batch_size, sink_factor)
   try:
     kind, table = family.position_table(flat, arch)
     _posemb(report, kind, table)
@@ -182,7 +197,8 @@ def _objective_figures(report, predictor, shown: Images, seed: int = 0) -> None:
   report.figures.append((shown_figure['title'], name, shown_figure['caption']))
 
 
-def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size, class_token):
+def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size, class_token,
+                     names):
   # What the classifier reads: the class token's row, or (pooled models) the patch tokens',
   # averaged (registers and an unread class token are attended to, not read).
   reader = 'class token' if class_token else 'mean of the patch tokens'
@@ -191,7 +207,12 @@ def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     rolled = attn_lib.output_token_map(attn_lib.rollout(attn), prefix, grid, class_token)
     last = attn_lib.output_token_map(attn[-1].mean(axis=1), prefix, grid, class_token)
-    for prob, r_map, l_map in zip(probs, rolled, last):
+    for i, (prob, r_map, l_map) in enumerate(zip(probs, rolled, last)):
+      # The maps are over the patches only (prefix columns dropped, renormalised); what the prefix
+      # tokens took in the last layer is named in the panel's title instead.
+      to_prefix, to_patches = attn_lib.token_shares(attn[-1:, i:i + 1], prefix, class_token)
+      split = ', '.join(f'{n} {v:.0%}' for n, v in zip(names, to_prefix[0]))
+      split = (split + ', ' if split else '') + f'patches {to_patches[0]:.0%}'
       title = f'{os.path.basename(shown.names[k])}'
       if predictor.arch.num_classes:  # headless models return features, not logits
         best = int(np.argmax(prob))
@@ -202,20 +223,24 @@ def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size
       plots.attention_overlays(
           report.path(name), shown.pixels[k],
           [(f'attention rollout\n({reader})', r_map),
-           (f'last layer ({len(attn)}), heads averaged\n({reader})', l_map)], title)
+           (f'last layer ({len(attn)}), heads averaged\n({reader}; {split})', l_map)], title)
       report.figures.append(('Attention rollout', name,
                              f'{shown.names[k]}: rollout (residual added, heads averaged, layers '
                              f'multiplied) and the last layer\'s attention of the {reader}'))
       k += 1
 
 
-def _distance(report, attn_fn, params, imgs, prefix, grid, patch_hw, batch_size):
-  dists, masses = [], []
+def _distance(report, attn_fn, params, imgs, prefix, grid, patch_hw, batch_size, names,
+              reads_class):
+  dists, masses, shares = [], [], []
   for _, attn in attention_batches(attn_fn, params, imgs.inputs, batch_size):
     dists.append(attn_lib.attention_distance(attn, prefix, grid, patch_hw))
     masses.append(attn_lib.prefix_mass(attn, prefix))
+    to_prefix, to_patches = attn_lib.token_shares(attn, prefix, reads_class)
+    shares.append((len(attn[0]), np.concatenate([to_prefix, to_patches[:, None]], axis=1)))
   dist = attn_lib.summarize_distances(dists)
   mass = attn_lib.summarize_distances(masses)
+  _token_shares(report, shares, names, reads_class, len(imgs))
   uniform = attn_lib.uniform_distance(grid, patch_hw)
   layers, heads = dist.shape
   report.write_json('attention_distance.json', {
@@ -235,6 +260,61 @@ def _distance(report, attn_fn, params, imgs, prefix, grid, patch_hw, batch_size)
   report.figures.append(('Mean attention distance', name,
                          f'{layers} layers x {heads} heads over {len(imgs)} images; dashed: uniform '
                          f'attention ({uniform:.1f} px). Numbers: attention_distance.json'))
+
+
+def _token_shares(report, shares, names, reads_class, num_images):
+  """Per layer, the share of the reader's attention each prefix token and the patches get."""
+  total = sum(n for n, _ in shares)
+  table = sum(n * s for n, s in shares) / total       # [L, prefix + 1], images weighted
+  reader = 'class token' if reads_class else 'mean patch query'
+  columns = list(names) + ['patches']
+  report.write_json('token_shares.json', {
+      'reader': reader, 'num_images': num_images, 'tokens': columns,
+      'share_per_layer': [[round(float(v), 5) for v in row] for row in table],
+      'definition': f"per layer, the {reader}'s attention (heads and images averaged) summed over "
+                    'each prefix token and over all patch tokens; rows sum to 1'})
+  name = 'token_shares.png'
+  plots.token_shares(report.path(name), table, columns,
+                     f'Where the {reader} attends, {report.title}: {num_images} images')
+  report.figures.append(('Attention to prefix tokens and patches', name,
+                         f'per layer, the {reader}\'s attention to ' + ', '.join(columns) +
+                         ' (heads and images averaged). Numbers: token_shares.json'))
+
+
+def _sinks(report, predictor, attn_fn, imgs, names, reads_class, batch_size, factor):
+  """High-norm output tokens and the attention they draw (`vit_jax.eval.sinks`): sinks.json and a
+  histogram of the patch-token norms over their image's median."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  model = predictor.arch.create_model(dtype=jnp.float32)
+  registers = sum(n.startswith('register') for n in names)
+  tokens_fn, parts, ratios = None, [], []
+  for batch, n in padded_batches(imgs.inputs, batch_size):
+    _, attn = attn_fn(predictor.params, batch)
+    if tokens_fn is None:  # every block's output, before the final norm (the backbone API)
+      layers = tuple(range(attn.shape[0]))
+      tokens_fn = jax.jit(lambda p, x, layers=layers: model.apply(
+          {'params': p}, x, intermediates=layers, norm=False))
+    out = tokens_fn(predictor.params, batch)
+    maps = [np.asarray(m[:n], np.float32) for m in out['maps']]
+    last = maps[-1].reshape(n, -1, maps[-1].shape[-1])
+    tokens = np.concatenate([np.asarray(out['prefix'][-1][:n], np.float32), last], axis=1)
+    parts.append(sinks_lib.measure_batch(np.asarray(attn[-1, :n], np.float32), tokens, maps,
+                                         len(names), registers, reads_class, factor))
+    norms = sinks_lib.token_norms(last)
+    ratios.append(norms / np.median(norms, axis=-1, keepdims=True))
+  summary = sinks_lib.summarize(parts, factor, names)
+  report.write_json('sinks.json', summary)
+  name = 'sinks.png'
+  plots.norm_histogram(report.path(name), np.concatenate(ratios).ravel(), factor,
+                       f'Output patch-token norms, {report.title}: {summary["num_images"]} images')
+  shares = summary['reader_attention']
+  report.figures.append((
+      'High-norm tokens (attention sinks)', name,
+      f'patch-token norms of the last block over their image\'s median; '
+      f'{summary["outlier_fraction_mean"]:.2%} of patches above {factor:g}x, max/median '
+      f'{summary["max_over_median_mean"]:.2f} on average; the reader\'s last-layer attention: '
+      f'{shares["outlier_patches"]:.1%} to outlier patches, {shares["registers"]:.1%} to '
+      f'registers. Numbers: sinks.json'))
 
 
 def _posemb(report, kind, table):

@@ -179,3 +179,42 @@ def filter_tiles(path: str, tiles: np.ndarray, explained: np.ndarray, title: str
   ax.axis('off')
   ax.set_title(title, fontsize=9, pad=14)
   return _save(fig, path)
+
+
+def token_shares(path: str, shares: np.ndarray, names: Sequence[str], title: str) -> str:
+  """Stacked bars, one per layer: [L, T] shares of attention (rows sum to 1) over T named token
+  groups (prefix tokens one by one, then all patches), with the values of the last layer listed."""
+  plt = _pyplot()
+  layers, groups = shares.shape
+  fig, ax = plt.subplots(figsize=(max(5.0, 0.5 * layers + 3.0), 3.8))
+  colors = plt.get_cmap('tab10' if groups <= 10 else 'tab20')
+  bottom = np.zeros(layers)
+  x = np.arange(1, layers + 1)
+  for g in range(groups):
+    ax.bar(x, shares[:, g], bottom=bottom, color='0.8' if names[g] == 'patches' else colors(g % 20),
+           label=f'{names[g]} (last layer {shares[-1, g]:.1%})', edgecolor='white', lw=0.5)
+    bottom += shares[:, g]
+  ax.set_xlabel('network depth (layer)')
+  ax.set_ylabel('share of attention')
+  ax.set_xticks(x)
+  ax.set_ylim(0, 1)
+  ax.legend(fontsize=7, loc='center left', bbox_to_anchor=(1.01, 0.5))
+  ax.set_title(title, fontsize=10)
+  return _save(fig, path)
+
+
+def norm_histogram(path: str, ratios: np.ndarray, factor: float, title: str) -> str:
+  """Histogram (log counts) of patch-token norms divided by their image's median, with the outlier
+  threshold `factor` marked: high-norm tokens form a separate mode to its right."""
+  plt = _pyplot()
+  ratios = np.asarray(ratios, np.float64).ravel()
+  fig, ax = plt.subplots(figsize=(6.4, 3.8))
+  top = max(float(ratios.max()), factor) * 1.05
+  ax.hist(ratios, bins=np.linspace(0.0, top, 60), color='tab:blue', log=True)
+  ax.axvline(factor, color='tab:red', ls='--', lw=1,
+             label=f'{factor:g}x median: {np.mean(ratios > factor):.2%} of patches above')
+  ax.set_xlabel("patch-token norm / its image's median")
+  ax.set_ylabel('patch tokens (log)')
+  ax.legend(fontsize=8)
+  ax.set_title(title, fontsize=10)
+  return _save(fig, path)

@@ -17,7 +17,8 @@ model, ...) and hooks grouped by concern:
   counting        forward_macs, summary_rows
   reading trees   matches, infer, to_file_layout, to_module_layout
   transfer        adapt, check_transfer (pretrained loading, checkpoints/pretrained.py)
-  inspection      token_layout, attention_fn, position_table, patch_filters (vit_jax.eval)
+  inspection      token_layout, prefix_names, attention_fn, position_table, patch_filters
+                  (vit_jax.eval)
 The trainer, `summary`, `predict`, `convert`, `sharding` and pretrained loading ask the family
 (through `registry`) and never name a parameter themselves.
 
@@ -250,6 +251,19 @@ class Family:
     """Whether the classifier reads prefix token 0 (a class token); False: it pools the patch
     tokens, and any prefix tokens (registers, an unused class token) are only attended to."""
     return self.token_layout(arch)[0] > 0
+
+  def prefix_names(self, arch: Architecture) -> list[str]:
+    """Names of the prefix tokens of `token_layout`, in order: 'class' (and 'distillation' for a
+    second one), then 'register 1' .. 'register R' (the `num_registers` field: registers come last
+    among the prefix tokens in every family here)."""
+    prefix = self.token_layout(arch)[0]
+    registers = int(arch.model_config.get('num_registers') or 0)
+    if registers > prefix:
+      raise ValueError(f'{registers} registers but only {prefix} prefix tokens')
+    first = prefix - registers
+    names = {1: ['class'], 2: ['class', 'distillation']}.get(
+        first, [f'prefix {i + 1}' for i in range(first)])
+    return names + [f'register {i + 1}' for i in range(registers)]
 
   def attention_fn(self, arch: Architecture) -> Any:
     """A function (params in the module layout, images [B, H, W, C]) -> (logits [B, classes], the
