@@ -6,6 +6,12 @@ reads it (any format, any family); what is analysed is asked of the family descr
     (`rollout_XX_<name>.png`), and the mean attention distance per head and layer over a set of
     images (`attention_distance.png`, `attention_distance.json`): need `Family.attention_fn`;
     a family without global attention maps (Mixer, Swin, PVT) is a NotImplementedError naming it.
+  - where the classifier's reader (the class token, or the mean patch query of a pooled model)
+    attends per layer: each prefix token by name (`Family.prefix_names`: class, distillation,
+    register i) and the patches together (`token_shares.png`, `.json`); the rollout maps stay over
+    the patches only and name the prefix tokens' last-layer shares in their titles
+  - with sinks=True: high-norm output patch tokens and the attention they draw
+    (`vit_jax.eval.sinks`; `sinks.png`, `sinks.json`)
   - position-embedding similarity (`posemb_similarity.png`, `.json`), plus a sincos2d table of the
     same grid and width as a reference when the model's is learned (`posemb_similarity_sincos2d.png`)
   - patch-embedding filters' principal components (`patch_filters.png`)
@@ -162,7 +168,9 @@ def inspect_checkpoint(predictor: Any, out_dir: str, *, images: Optional[Images]
   averaged = dataset_imgs if dataset_imgs is not None else images
   _distance(report, attn_fn, predictor.params, averaged, prefix, grid, patch_hw, batch_size,
             names, reads_class)
-  if sinks:
+  if sinks and family.intermediate_unit != 'blocks':
+    report.notes.append(f'sinks skipped: the {family.name} family gives no per-block token maps')
+  elif sinks:
     _sinks(report, predictor, attn_fn, averaged, names, reads_class, batch_size, sink_factor)
   try:
     kind, table = family.position_table(flat, arch)
