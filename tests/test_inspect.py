@@ -212,11 +212,12 @@ def test_cli_writes_every_figure_and_an_index(checkpoints, source, tmp_path, cap
   path = {'run': root / 'run', 'npz': root / 'google.npz', 'timm': root / 'timm'}[source]
   extra = ['--model', 'ViT-testing'] if source == 'npz' else []
   images = {'run': files, 'npz': files[:1], 'timm': ['--rollout_images', '1']}[source]
+  sinks = ['--sinks', '--sink_factor', '2.5'] if source == 'run' else []
   out = tmp_path / 'out'
   assert inspect_cli.main(['--checkpoint', str(path), '--out', str(out), *images, *extra,
-                           '--dataset', 'digits', '--num_images', '6']) == 0
-  rollouts = {'run': ['rollout_00_one.png', 'rollout_01_two.png'], 'npz': ['rollout_00_one.png'],
-              'timm': ['rollout_00_digits_test_0.png']}[source]
+                           '--dataset', 'digits', '--num_images', '6', *sinks]) == 0
+  rollouts = {'run': ['rollout_00_one.png', 'rollout_01_two.png', 'sinks.png'],
+              'npz': ['rollout_00_one.png'], 'timm': ['rollout_00_digits_test_0.png']}[source]
   text = capsys.readouterr().out
   assert text.strip().splitlines()[-1] == (f'inspect: {len(rollouts) + len(FIGURES)} figures -> '
                                            f'{out / "index.html"}')
@@ -228,6 +229,9 @@ def test_cli_writes_every_figure_and_an_index(checkpoints, source, tmp_path, cap
   page = (out / 'index.html').read_text()
   assert sorted(re.findall(r'<img src="([^"]+)"', page)) == pngs
   assert 'attention_distance.json' in page and str(path) in page
+  if sinks:
+    sink = json.loads((out / 'sinks.json').read_text())
+    assert sink['num_images'] == 6 and sink['factor'] == 2.5 and sink['prefix_tokens'] == ['class']
   shares = json.loads((out / 'token_shares.json').read_text())
   assert shares['tokens'] == ['class', 'patches'] and shares['reader'] == 'class token'
   np.testing.assert_allclose(np.sum(shares['share_per_layer'], axis=1), 1.0, atol=1e-4)
