@@ -219,7 +219,8 @@ def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size
       # The maps are over the patches only (prefix columns dropped, renormalised); what the prefix
       # tokens took in the last layer is named in the panel's title instead.
       to_prefix, to_patches = attn_lib.token_shares(attn[-1:, i:i + 1], prefix, class_token)
-      split = ', '.join(f'{n} {v:.0%}' for n, v in zip(names, to_prefix[0]))
+      split = ', '.join(f'{n.replace("register ", "reg ")} {v:.0%}'
+                        for n, v in zip(names, to_prefix[0]))
       split = (split + ', ' if split else '') + f'patches {to_patches[0]:.0%}'
       title = f'{os.path.basename(shown.names[k])}'
       if predictor.arch.num_classes:  # headless models return features, not logits
@@ -231,7 +232,7 @@ def _rollout_figures(report, predictor, attn_fn, shown, prefix, grid, batch_size
       plots.attention_overlays(
           report.path(name), shown.pixels[k],
           [(f'attention rollout\n({reader})', r_map),
-           (f'last layer ({len(attn)}), heads averaged\n({reader}; {split})', l_map)], title)
+           (f'last layer ({len(attn)}), heads averaged\n({reader})\n{split}', l_map)], title)
       report.figures.append(('Attention rollout', name,
                              f'{shown.names[k]}: rollout (residual added, heads averaged, layers '
                              f'multiplied) and the last layer\'s attention of the {reader}'))
