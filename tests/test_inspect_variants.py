@@ -171,6 +171,7 @@ def test_inspect_checkpoint_reports_prefix_tokens_apart(name, tmp_path):
   registers = sum(t.startswith('register') for t in names)
   assert len(sink['reader_attention']['registers_each']) == registers
   assert 0 <= sink['outlier_fraction_mean'] <= 1
+  assert sink['after_final_norm']['max_over_median_mean'] >= 1
   pngs = [f for _, f, _ in report.figures]
   assert 'token_shares.png' in pngs and 'sinks.png' in pngs and pngs[0].startswith('rollout_00')
   assert (table[:, -1] > 0.5).all()                   # random init: mostly patches

@@ -78,7 +78,12 @@ def test_measure_and_summarize_a_sink_that_draws_the_class_token():
   attn[0, 0, 0] = 0.4 / (prefix + n - 1)
   attn[0, 0, 0, prefix + 5] = 0.6
   layers = [patches.reshape(2, 4, 4, d) * 0.5, patches.reshape(2, 4, 4, d)]
-  part = sinks.measure_batch(attn, tokens, layers, prefix, 1, class_token=True)
+  # After a final norm (here: every token scaled to unit norm) the outlier is gone.
+  normed = patches / np.linalg.norm(patches, axis=-1, keepdims=True)
+  part = sinks.measure_batch(attn, tokens, layers, prefix, 1, class_token=True,
+                             normed_patches=normed)
+  np.testing.assert_allclose(part['normed_max_over_median'], 1.0)
+  assert not part['normed_outlier_fraction'].any()
   np.testing.assert_allclose(part['outlier_fraction'], [1 / 16, 0])
   assert part['attn_outlier_patches'][0] == pytest.approx(0.6)
   assert part['attn_outlier_patches'][1] == 0
@@ -90,3 +95,4 @@ def test_measure_and_summarize_a_sink_that_draws_the_class_token():
   assert len(summary['reader_attention']['registers_each']) == 1
   assert len(summary['prefix_norm_over_patch_median']) == 2
   assert len(summary['max_over_median_per_layer']) == 2
+  assert summary['after_final_norm'] == {'outlier_fraction_mean': 0.0, 'max_over_median_mean': 1.0}

@@ -301,14 +301,16 @@ def _sinks(report, predictor, attn_fn, imgs, names, reads_class, batch_size, fac
     _, attn = attn_fn(predictor.params, batch)
     if tokens_fn is None:  # every block's output, before the final norm (the backbone API)
       layers = tuple(range(attn.shape[0]))
-      tokens_fn = jax.jit(lambda p, x, layers=layers: model.apply(
-          {'params': p}, x, intermediates=layers, norm=False))
-    out = tokens_fn(predictor.params, batch)
+      tokens_fn = jax.jit(lambda p, x, layers=layers: (
+          model.apply({'params': p}, x, intermediates=layers, norm=False),
+          model.apply({'params': p}, x, intermediates=layers[-1:], norm=True)['maps'][0]))
+    out, normed = tokens_fn(predictor.params, batch)
     maps = [np.asarray(m[:n], np.float32) for m in out['maps']]
     last = maps[-1].reshape(n, -1, maps[-1].shape[-1])
     tokens = np.concatenate([np.asarray(out['prefix'][-1][:n], np.float32), last], axis=1)
     parts.append(sinks_lib.measure_batch(np.asarray(attn[-1, :n], np.float32), tokens, maps,
-                                         len(names), registers, reads_class, factor))
+                                         len(names), registers, reads_class, factor,
+                                         np.asarray(normed[:n], np.float32)))
     norms = sinks_lib.token_norms(last)
     ratios.append(norms / np.median(norms, axis=-1, keepdims=True))
   summary = sinks_lib.summarize(parts, factor, names)

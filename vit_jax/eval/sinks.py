@@ -19,7 +19,7 @@ the summary as sinks.json.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -104,7 +104,7 @@ def summarize(per_batch: Sequence[dict[str, np.ndarray]], factor: float,
   ratio = np.concatenate(get('max_over_median'))
   frac = np.concatenate(get('outlier_fraction'))
   layer_ratio = np.concatenate(get('layer_max_over_median'), axis=0)      # [images, L]
-  return {
+  out = {
       'num_images': int(len(ratio)),
       'factor': factor,
       'definition': ('patch-token norms of the last block\'s output (before the final norm); an '
@@ -122,17 +122,24 @@ def summarize(per_batch: Sequence[dict[str, np.ndarray]], factor: float,
                            ('class', 'registers', 'registers_each', 'outlier_patches',
                             'other_patches')},
   }
+  if all('normed_max_over_median' in b for b in per_batch):
+    out['after_final_norm'] = {'outlier_fraction_mean': _mean(get('normed_outlier_fraction')),
+                               'max_over_median_mean': _mean(get('normed_max_over_median'))}
+  return out
 
 
 def measure_batch(attn_last: np.ndarray, tokens: np.ndarray, layer_patches: Sequence[np.ndarray],
                   prefix: int, num_registers: int, class_token: bool,
-                  factor: float = DEFAULT_FACTOR) -> dict[str, np.ndarray]:
+                  factor: float = DEFAULT_FACTOR,
+                  normed_patches: Optional[np.ndarray] = None) -> dict[str, np.ndarray]:
   """Per-image sink numbers of one batch.
 
   Args:
     attn_last: [B, heads, N, N] the last layer's attention.
     tokens: [B, N, D] the last block's output tokens (prefix first), before the final norm.
     layer_patches: per block, [B, ..., D] its output patch tokens (any spatial shape).
+    normed_patches: optionally [B, ..., D] the last block's patch tokens after the final norm
+      (the features a user reads): their outlier fraction and max/median ratio are added.
   """
   norms = token_norms(tokens)
   patch = norms[:, prefix:]
@@ -147,4 +154,9 @@ def measure_batch(attn_last: np.ndarray, tokens: np.ndarray, layer_patches: Sequ
   out['prefix_over_median'] = norms[:, :prefix] / np.maximum(stats['median'][:, None], EPS)
   out['layer_max_over_median'] = np.stack(per_layer, axis=-1)
   out.update({'attn_' + k: v for k, v in shares.items()})
+  if normed_patches is not None:
+    normed = token_norms(np.asarray(normed_patches).reshape(len(tokens), -1, tokens.shape[-1]))
+    after = norm_stats(normed, factor)
+    out['normed_outlier_fraction'] = after['outlier_fraction']
+    out['normed_max_over_median'] = after['max_over_median']
   return out
