@@ -53,6 +53,7 @@ def test_reader_attention_split_by_hand():
   np.testing.assert_allclose(got['registers_each'][0], [0.2, 0.3])
   assert got['outlier_patches'][0] == pytest.approx(0.25)
   assert got['other_patches'][0] == pytest.approx(0.15)
+  assert got['top_patch'][0] == pytest.approx(0.25)
   # A pooled reader (no class token read): the patch queries' rows (uniform here), averaged.
   got = sinks.reader_attention(attn, 3, 2, mask, class_token=False)
   assert got['outlier_patches'][0] == pytest.approx(1 / 7)

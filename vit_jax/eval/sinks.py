@@ -68,7 +68,8 @@ def reader_attention(attn: np.ndarray, prefix: int, num_registers: int, mask: np
       rows averaged (pooled models, whose classifier reads the patches).
   Returns:
     per image [B]: 'class' (the non-register prefix tokens together), 'registers' (all of them),
-    'outlier_patches', 'other_patches' (they sum to 1), and 'registers_each' [B, R].
+    'outlier_patches', 'other_patches' (they sum to 1), 'registers_each' [B, R], and 'top_patch'
+    (the largest share one patch gets).
   """
   attn = np.asarray(attn, np.float64)
   if attn.ndim != 4 or attn.shape[-1] != attn.shape[-2]:
@@ -89,7 +90,9 @@ def reader_attention(attn: np.ndarray, prefix: int, num_registers: int, mask: np
           'registers': rows[:, first:prefix].sum(axis=-1),
           'registers_each': rows[:, first:prefix],
           'outlier_patches': np.where(mask, patches, 0.0).sum(axis=-1),
-          'other_patches': np.where(mask, 0.0, patches).sum(axis=-1)}
+          'other_patches': np.where(mask, 0.0, patches).sum(axis=-1),
+          # Concentration regardless of norms (uniform attention gives 1/N to each patch).
+          'top_patch': patches.max(axis=-1)}
 
 
 def _mean(parts: Sequence[np.ndarray]) -> Any:
@@ -120,7 +123,7 @@ def summarize(per_batch: Sequence[dict[str, np.ndarray]], factor: float,
       'prefix_norm_over_patch_median': _mean(get('prefix_over_median')),
       'reader_attention': {k: _mean(get('attn_' + k)) for k in
                            ('class', 'registers', 'registers_each', 'outlier_patches',
-                            'other_patches')},
+                            'other_patches', 'top_patch')},
   }
   if all('normed_max_over_median' in b for b in per_batch):
     out['after_final_norm'] = {'outlier_fraction_mean': _mean(get('normed_outlier_fraction')),
