@@ -9,7 +9,14 @@ beyond flips and no label smoothing, so that nothing but the recipe's weight dec
 large-norm tokens. Both runs take the same steps on the same batches (seed 0); the register run
 carries 4 more tokens (54 instead of 50), about 8% more compute per step.
 
-Measured (`python -m vit_jax.inspect --sinks`, vit_jax/eval/sinks.py) and reported in the README.
+Measured (`python -m vit_jax.inspect --sinks`, vit_jax/eval/sinks.py) with `steps=500` (1.07
+epochs; the 2 shared cores were loaded, ~50-65 img/s, 20 and 13 minutes): test top-1 79.25% without
+registers, 79.76% with 4. Neither has high-norm tokens: over 1,000 test images no patch token
+leaves the last block above 3x its image's median norm (max/median 1.36 on average, 2.72 at most,
+without registers; 1.30 and 2.17 with). The class token's last-layer attention goes 98.0% to the
+patches without registers; with them 9.3% goes to the registers (16% to register 3 in layer 3) and
+87.5% to the patches. The paper saw the artifacts in large models trained long (ViT-L and up,
+hundreds of epochs); this small, briefly trained model shows none, with or without registers.
 """
 from vit_jax.configs import common
 
