@@ -69,6 +69,16 @@ def test_every_architecture_class_is_covered():
     assert fields(name) == fields(same) and VARIANTS[name] == VARIANTS[same], name
 
 
+def test_prefix_names_of_a_distilled_model_with_registers():
+  family = registry.get_family('deit')
+  fields = dict(registry.get_model_config('DeiT-testing'))
+  arch = Architecture(fields, 3, (SIZE, SIZE), 3, 'deit')
+  assert family.prefix_names(arch) == ['class', 'distillation']
+  arch = Architecture({**fields, 'num_registers': 2}, 3, (SIZE, SIZE), 3, 'deit')
+  assert family.token_layout(arch)[0] == 4
+  assert family.prefix_names(arch) == ['class', 'distillation', 'register 1', 'register 2']
+
+
 @pytest.mark.parametrize('name', CLASSES)
 def test_attention_analyses_sinks_and_fewshot_features(name):
   """Attention maps, rollout, prefix/patch shares, distance, tables, the sink numbers; then the
