@@ -43,7 +43,7 @@ TIMM_ARCHITECTURES = {
     'DINOv2-B_14-reg4': 'vit_base_patch14_reg4_dinov2',
     'SigLIP-B_16': 'vit_base_patch16_siglip_224',
     'SigLIP-B_16-gap': 'vit_base_patch16_siglip_gap_224',
-    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256'}
+    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256', 'FlexiViT-S': 'flexivit_small'}
 
 
 # ---------- timm ----------
@@ -300,7 +300,8 @@ def npz_keys_ok(flat: Mapping[str, Any]) -> list[str]:
 
 class VitInterop(Interop):
   """The ViT's timm `VisionTransformer`, Hugging Face `ViTForImageClassification` and Google npz."""
-  timm_prefixes = ('vit_', 'deit_', 'deit3_')  # timm's non-distilled DeiTs are plain ViTs
+  # timm's non-distilled DeiTs and its FlexiViTs are plain ViTs.
+  timm_prefixes = ('vit_', 'deit_', 'deit3_', 'flexivit_')
   hf_model_types = ('vit',)
   writes_npz = True
 
