@@ -1,7 +1,7 @@
 """The later ViTs (DeiT III, DINOv2 with and without registers, SigLIP with MAP and GAP heads,
 ViT-Little with registers and fc_norm, FlexiViT) against timm 1.0: a randomly initialised and
-perturbed timm model of a tiny config of the same architecture class, saved as timm saves it (`save_for_hf`:
-config.json with only the arguments given on top of the architecture's defaults, plus
+perturbed timm model of a tiny config of the same architecture class, saved as timm saves it
+(`save_for_hf`: config.json with only the arguments given on top of the architecture's defaults, plus
 model.safetensors), read through `python -m vit_jax.predict` with the checkpoint's own normalisation
 gives timm's logits within 1e-4; `--to timm` writes it back bitwise and timm loads the result with
 the same logits. The call-time image size and the intermediate layers are compared with timm's

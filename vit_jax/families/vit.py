@@ -66,10 +66,11 @@ MODELS.update({
     # GELU is the tanh form (timm's port uses the exact one; a checkpoint says which).
     'SigLIP-B_16': {**vit_fields('B', 16), 'classifier': 'map'},
     'SigLIP-B_16-gap': {**vit_fields('B', 16), 'classifier': 'gap'},
-    # flexivit_small (Beyer et al., 2023): one model for all patch sizes. Stored at patch 16 and 240 px
-    # (timm's 15x15 table, no row for the class token: big_vision adds the position embedding before
-    # prepending it); another patch size is a PI-resize of the kernel (`models/resize.py`), at
-    # transfer or at call time (`patch_size=`). big_vision's GELU, the tanh form, as SigLIP's.
+    # flexivit_small (Beyer et al., 2023): one model for all patch sizes. Stored at patch 16 and
+    # 240 px (timm's 15x15 table, no row for the class token: big_vision adds the position
+    # embedding before prepending it); another patch size is a PI-resize of the kernel
+    # (`models/resize.py`), at transfer or at call time (`patch_size=`). big_vision's GELU, the
+    # tanh form, as SigLIP's.
     'FlexiViT-S': vit_fields('S', 16, no_embed_class=True),
     # vit_little_patch16_reg4_gap_256: registers, the mean of the patches, then fc_norm.
     'ViT-Little_16-reg4-gap': {**vit_fields('Little', 16, act='gelu', layer_scale=DINO_LS,
