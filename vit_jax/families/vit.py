@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax.families import resample
 from vit_jax.families.base import Architecture, Family, Flat, check_sizes
+from vit_jax.models import resize
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models import vit as vit_models
 from vit_jax.shapes import hw
@@ -174,6 +175,9 @@ class VitFamily(Family):
   capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
   intermediate_unit = 'blocks'
   call_time_size = 'dynamic_img_size'
+  # The conv over pixel patches that a transfer to another patch size PI-resizes (FlexiViT); the
+  # hybrid's `embedding` sits on the ResNet's feature map instead (None there).
+  patch_kernel: Optional[str] = 'embedding/kernel'
 
   def module_class(self) -> type:
     return vit_models.VisionTransformer
@@ -360,8 +364,12 @@ class VitFamily(Family):
   # ---- transfer ----
   def adapt(self, src, target, src_arch, target_fields, image_size, method, report) -> Flat:
     """Position embeddings: a learned table dropped for a fixed target, prefix rows added or
-    dropped when the classifier changes, the grid resampled to the target's (`method`)."""
+    dropped when the classifier changes, the grid resampled to the target's (`method`); the patch
+    kernel PI-resized to the target's patch size (FlexiViT; `resize.patch_method(method)`)."""
     src = dict(src)
+    key = self.patch_kernel
+    if key and key in src and key in target:
+      src[key] = self._adapt_patch_kernel(src[key], tuple(target[key].shape), method, report)
     if POSEMB_KEY in src and POSEMB_KEY not in target:
       report.dropped.append(POSEMB_KEY)
       msg = (f'the target has posemb={target_fields.get("posemb")!r}: the checkpoint\'s learned '
@@ -415,6 +423,20 @@ class VitFamily(Family):
       report.reshaped.append((POSEMB_KEY, tuple(src[POSEMB_KEY].shape), tuple(out.shape)))
       report.notes.append(f'{POSEMB_KEY}: grid {old_grid[0]}x{old_grid[1]} -> '
                           f'{new_grid[0]}x{new_grid[1]} ({method})')
+    return out
+
+  def _adapt_patch_kernel(self, kernel, want: tuple[int, ...], method: str, report):
+    """[ph, pw, C, D] -> the target's [ph', pw', C, D] by FlexiViT's PI-resize, so that a patch
+    resized to the new size embeds as the old patch did; other differences (width, channels) are
+    left to the generic transfer (which sums colour channels for a grey-scale target)."""
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4 or len(want) != 4 or kernel.shape[:2] == want[:2]:
+      return kernel
+    how = resize.patch_method(method)
+    out = resize.pi_resize_kernel(kernel, want[:2], how)
+    report.reshaped.append((self.patch_kernel, tuple(kernel.shape), tuple(out.shape)))
+    report.notes.append(f'{self.patch_kernel}: patch {kernel.shape[0]}x{kernel.shape[1]} -> '
+                        f'{want[0]}x{want[1]} (PI-resize, {how})')
     return out
 
   def _src_table_prefix(self, src: Flat, src_arch: Optional[Architecture]) -> int:

@@ -208,6 +208,16 @@ def pi_resize_operator(old_hw: tuple[int, int], new_hw: tuple[int, int], method:
   return np.ascontiguousarray(np.linalg.pinv(resize.T, rcond=rcond).astype(np.float32))
 
 
+def patch_method(method: str) -> str:
+  """The PI-resize method that goes with a table resize `method`: a patch is resized as images are,
+  half-pixel centred: 'bicubic' (antialiased; timm's `resample_patch_embed` default) when the tables
+  are, else 'linear' (FlexiViT's; 'bilinear' is the tables' corner-aligned legacy, not an image
+  resize)."""
+  if method not in METHODS:
+    raise ValueError(f'resize method {method!r} is not one of {METHODS}')
+  return 'bicubic' if method == 'bicubic' else 'linear'
+
+
 def _check_kernel(shape: Sequence[int], new_hw: Window) -> tuple[tuple[int, int], tuple[int, int]]:
   if len(shape) != 4:
     raise ValueError(f'a patch-embedding kernel is [ph, pw, C, D], got shape {tuple(shape)}')
