@@ -1,6 +1,7 @@
-"""FlexiViT's PI-resize of the patch embedding (`vit_jax.models.resize`): the token of a resized patch
-is kept when the patch grows, the same operator serves the checkpoint transfer (`load_pretrained` to
-another `model.patch_size`) and the call inside a jitted function (`patch_size=` at call time).
+"""FlexiViT's PI-resize of the patch embedding (`vit_jax.models.resize`): the token of a resized
+patch is kept when the patch grows, the same operator serves the checkpoint transfer
+(`load_pretrained` to another `model.patch_size`) and the call inside a jitted function
+(`patch_size=` at call time).
 The comparisons with timm (its `resample_patch_embed`, its FlexiViT and big_vision loaders) are in
 tests/test_flexivit_timm.py."""
 from __future__ import annotations

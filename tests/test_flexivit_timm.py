@@ -93,8 +93,10 @@ def test_timm_flexivit_directory_to_another_patch_size_equals_timms_filter(tmp_p
   """timm's FlexiViT at patch 8 and 24 px (3x3) saved as timm saves it; fine-tuning it into our
   FlexiViT-S at patch 4 and 32 px (8x8, posemb_resize='linear') equals timm's FlexiViT filter into
   its patch-4 model: the kernel within 1e-5, the table, and the logits within 1e-4."""
-  from timm.models._hub import save_for_hf  # pylint: disable=import-outside-toplevel
-  from timm.models.vision_transformer import checkpoint_filter_fn  # pylint: disable=g-import-not-at-top
+  # pylint: disable=import-outside-toplevel
+  from timm.models._hub import save_for_hf
+  from timm.models.vision_transformer import checkpoint_filter_fn
+  # pylint: enable=import-outside-toplevel
   source = perturbed('flexivit_small', seed=1, patch_size=8, img_size=24)
   save_for_hf(source, str(tmp_path / 'p8'), safe_serialization=True)
   target = timm.create_model('flexivit_small', pretrained=False, patch_size=4, img_size=32,
