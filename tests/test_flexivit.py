@@ -127,3 +127,32 @@ def test_transfer_to_another_patch_size_resamples_the_table_to_the_new_grid(tmp_
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 65, 32)
   assert any('patch 4x4 -> 2x2 (PI-resize, bicubic)' in n for n in report.notes), report.notes
   assert any('grid 4x4 -> 8x8 (bicubic)' in n for n in report.notes), report.notes
+
+
+@pytest.mark.parametrize('method,patch,size', [('linear', 2, 16), ('bicubic', 8, 32)])
+def test_call_at_another_patch_size_equals_the_transferred_model(method, patch, size, tmp_path):
+  """`model.apply(..., patch_size=p)` of a patch-4 model (kernel PI-resized and table resampled in
+  the jitted call, with dynamic_resize=method) equals a model built at patch p from the checkpoint
+  transferred with posemb_resize=method; the gradient reaches the stored 4x4 kernel (checked once:
+  a compilation of the backward pass costs seconds)."""
+  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  src = make_params('vit_jax', seed=5)
+  write_npz(tmp_path / 'p4.npz', src)
+  fields = {**registry.get_model_config('ViT-testing'), 'dynamic_resize': method}
+  flexible = registry.create_model(fields, 5)
+  stored = params_lib.unflatten(src)
+  built = registry.create_model(fields, 5, patch_size=patch)
+  moved, _ = load_pretrained(tmp_path / 'p4.npz', _init(built, size), model=built,
+                             image_size=(size, size), posemb_resize=method, log=None)
+  x = np.random.default_rng(6).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  got = _logits(flexible, stored, x, patch_size=patch)
+  assert_close_to_scale(got, _logits(built, moved, x), rtol=2e-5, what=f'{method} patch {patch}')
+  with pytest.raises(ValueError, match="initialise at the model's patch size"):
+    flexible.init(jax.random.PRNGKey(0), x, patch_size=patch)
+  if method != 'linear':
+    return
+  loss = lambda p: jnp.sum(flexible.apply({'params': p}, x, patch_size=patch) ** 2)
+  with jax.default_matmul_precision('highest'):
+    grads = jax.jit(jax.grad(loss))(stored)
+  assert grads['embedding']['kernel'].shape == (4, 4, 3, 32)
+  assert float(jnp.abs(grads['embedding']['kernel']).max()) > 0
