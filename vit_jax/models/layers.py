@@ -1,5 +1,6 @@
 """Layers the models share: GELU, stochastic depth, remat policies, the MLP block, the MAP head,
-LayerScale, the patch embedding at another patch size (FlexiViT) and the position embedding (learned, 2-D sine-cosine or none), whose learned table can
+LayerScale, the patch embedding at another patch size (FlexiViT) and the position embedding
+(learned, 2-D sine-cosine or none), whose learned table can
 be resampled to another patch grid inside a jitted function (`vit_jax.models.resize.grid_operator`:
 the checkpoint transfer's method as a matrix).
 
