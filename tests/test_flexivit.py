@@ -156,3 +156,34 @@ def test_call_at_another_patch_size_equals_the_transferred_model(method, patch, 
     grads = jax.jit(jax.grad(loss))(stored)
   assert grads['embedding']['kernel'].shape == (4, 4, 3, 32)
   assert float(jnp.abs(grads['embedding']['kernel']).max()) > 0
+
+
+@pytest.mark.slow
+def test_finetune_recipe_moves_a_big_vision_file_to_another_patch_size(tmp_path):
+  """`configs/finetune.py:model=FlexiViT-S,pretrained=FILE --config.model.patch_size=4` with a
+  big_vision file (`params/`, kernel at patch 8, 2x2 table, class token without a row: FlexiViT's
+  layout in small): the run starts and trains, and its log names the kernel's PI-resize and the
+  table's resampling (linear, FlexiViT's)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  from tests.sharding_worker import worker_env  # pylint: disable=import-outside-toplevel
+  src = make_params('big_vision', patch=8, grid=(2, 2), classes=1000, seed=8)
+  np.savez(tmp_path / 'flexi.npz', **{f'params/{k}': v for k, v in src.items()})
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = ['--config=configs/finetune.py:model=FlexiViT-S,dataset=digits,'
+          f'pretrained={tmp_path / "flexi.npz"}', '--config.model.hidden_size=32',
+          '--config.model.num_layers=2', '--config.model.num_heads=2', '--config.model.mlp_dim=64',
+          '--config.model.patch_size=4', '--config.image_size=16', '--config.posemb_resize=linear',
+          '--config.batch_size=8', '--config.total_steps=2', '--config.warmup_steps=0',
+          '--config.eval_every=0', '--config.checkpoint_every=2', '--config.augment=resize',
+          '--config.progress=False']
+  out = subprocess.run([sys.executable, '-m', 'vit_jax.main', f'--workdir={tmp_path / "w"}',
+                        *args], cwd=root, capture_output=True, text=True, timeout=900,
+                       env=worker_env())
+  assert out.returncode == 0, out.stderr[-4000:]
+  log = out.stderr
+  assert 'reshaped embedding/kernel: (8, 8, 3, 32) -> (4, 4, 3, 32)' in log, log[-3000:]
+  assert 'embedding/kernel: patch 8x8 -> 4x4 (PI-resize, linear)' in log, log[-3000:]
+  assert 'grid 2x2 -> 4x4 (linear)' in log, log[-3000:]
+  print('\n'.join(l for l in log.splitlines() if 'embedding' in l or 'loaded' in l))
