@@ -13,6 +13,8 @@
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -240,3 +242,26 @@ def test_big_vision_flexivit_npz_into_flexivit_gives_timms_logits(tmp_path):
   diff = assert_logits_match(_apply(model, params, images), timm_logits(theirs, images),
                              what='flexivit npz')
   print(f'big_vision FlexiViT npz 8 -> 4: max |logit diff| {diff:.3g}')
+
+
+def test_our_flexivit_exported_to_timm_is_timms_flexivit_small(tmp_path):
+  """Our FlexiViT-S (tiny, perturbed, big_vision's tanh GELU) written `--to timm` declares timm's
+  `flexivit_small`, and timm's model from that directory gives our logits."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
+  from vit_jax.formats import timm as timm_format  # pylint: disable=import-outside-toplevel
+  from vit_jax.models import params as params_lib  # pylint: disable=import-outside-toplevel
+  model, fields = _ours('FlexiViT-S', patch_size=4, head_zeroinit=False)
+  fields['name'] = 'FlexiViT-S'
+  rng = np.random.default_rng(9)
+  params = jax.tree.map(lambda s: rng.normal(0, 0.3, s.shape).astype(np.float32), _init(model, 16))
+  flat = params_lib.flatten_numpy(params)
+  arch = Architecture(dict(fields), 3, (16, 16), 3, 'vit')
+  timm_format.write_timm(tmp_path, flat, arch)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['architecture'] == 'flexivit_small'
+  theirs = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+  images = verify.sample_images(arch)
+  diff = assert_logits_match(verify.our_logits(flat, arch, images), timm_logits(theirs, images),
+                             what='FlexiViT-S --to timm')
+  print(f'FlexiViT-S --to timm: max |logit diff| {diff:.3g}')
