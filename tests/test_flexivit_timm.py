@@ -238,6 +238,10 @@ def test_big_vision_flexivit_npz_into_flexivit_gives_timms_logits(tmp_path):
   assert any('embedding/kernel: patch 8x8 -> 4x4 (PI-resize, linear)' in l for l in lines), lines
   assert any('grid 3x3 -> 8x8 (linear)' in l for l in lines), lines
   assert 'head/kernel' not in report.added
+  # The class token's zero row (big_vision gives it no position embedding) is left out, as timm's
+  # flexivit_small (no_embed_class) has none.
+  assert any('1 prefix rows in the checkpoint, 0 in the model: dropped (all zero' in n
+             for n in report.notes), report.notes
   images = np.random.default_rng(6).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
   diff = assert_logits_match(_apply(model, params, images), timm_logits(theirs, images),
                              what='flexivit npz')

@@ -412,8 +412,10 @@ class VitFamily(Family):
     if old_prefix != new_prefix:
       # Rows of other prefix tokens (a class token, registers, or none: no_embed_class) do not
       # carry over; the target's prefix rows, if any, start from its initialisation.
+      dropped = ('dropped (all zero: no position embedding for those tokens, as the model)'
+                 if not np.any(pe[:, :old_prefix]) else 'dropped')
       report.notes.append(f'{POSEMB_KEY}: {old_prefix} prefix rows in the checkpoint, '
-                          f'{new_prefix} in the model: ' + ('dropped' if not new_prefix else
+                          f'{new_prefix} in the model: ' + (dropped if not new_prefix else
                                                             'the model\'s from its initialisation'))
       pe = np.concatenate([np.asarray(target[POSEMB_KEY])[:, :new_prefix].astype(pe.dtype),
                            pe[:, old_prefix:]], axis=1)
