@@ -14,8 +14,8 @@ Grid methods ([gh, gw, D] -> [gh', gw', D]):
     `torch.nn.functional.interpolate(mode='bicubic', antialias=True)`), via `jax.image.resize`.
   'linear': linear with half-pixel centres and no antialiasing
     (`tf.image.resize(method='bilinear')`, `torch.nn.functional.interpolate(mode='bilinear',
-    align_corners=False)`): FlexiViT's resize, and
-    the one timm's loaders of Google's `.npz` and of FlexiViT apply to kernels and tables.
+    align_corners=False)`): FlexiViT's resize, and the one timm's loaders of Google's `.npz` and
+    of FlexiViT apply to kernels and tables.
 Relative-position bias tables ([(2wh-1)(2ww-1), heads], Swin) take those plus 'timm' (timm 1.0's
 `resize_rel_pos_bias_table`).
 
