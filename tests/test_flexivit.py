@@ -22,8 +22,12 @@ KERNEL = 'embedding/kernel'
 
 
 def _patches_resized(x: np.ndarray, new_hw, method: str) -> np.ndarray:
-  """[N, h, w, C] patches resized one by one with the grid method itself (not its operator)."""
-  return np.stack([resize.resample_grid(p, new_hw, method) for p in x.astype(np.float64)])
+  """[N, h, w, C] patches each resized with the grid method itself (not its operator): one call,
+  the patches stacked along the channels."""
+  n, h, w, c = x.shape
+  grid = x.astype(np.float64).transpose(1, 2, 0, 3).reshape(h, w, n * c)
+  out = resize.resample_grid(grid, new_hw, method)
+  return out.reshape(*new_hw, n, c).transpose(2, 0, 1, 3)
 
 
 @pytest.mark.parametrize('method,old,new', [
