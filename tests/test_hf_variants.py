@@ -1,0 +1,239 @@
+"""The ViT's later variants against Hugging Face transformers (CPU torch): DINOv2 with and without
+registers (`Dinov2[WithRegisters]Model` / `...ForImageClassification`) and SigLIP's image tower
+(`SiglipVisionModel` with its attention-pooling head, `SiglipForImageClassification` on the mean).
+
+A tiny model of each feature combination (tests/test_vit_variants.py's, every parameter moved by
+N(0, 0.3) noise, LayerScale and registers too), written with `convert --to hf`'s writer, loads in
+transformers without a missing or unexpected key and gives our logits, pooled features and last
+hidden state within 1e-4; the directory reads back here (`read_checkpoint`, `predict`) with the same
+logits and its normalisation. transformers' own (perturbed) models read here give theirs. What
+transformers cannot express is refused with the reason.
+"""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from tests import interop
+from tests.numerics import assert_close_to_scale, assert_logits_match
+
+torch = interop.require('torch')  # under scripts/test.sh a failure, not a skip
+transformers = interop.require('transformers')
+
+from tests.test_vit_variants import BASE, VARIANTS, build  # noqa: E402
+from vit_jax import predict  # noqa: E402
+from vit_jax.checkpoints import read_checkpoint  # noqa: E402
+from vit_jax.convert import convert, verify  # noqa: E402
+from vit_jax.families import registry  # noqa: E402
+from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture  # noqa: E402
+from vit_jax.formats import hf  # noqa: E402
+from vit_jax.models import params as params_lib  # noqa: E402
+
+# case -> (the ViT's fields, classes (0: headless), normalisation, transformers class written).
+CASES = {
+    'dinov2': (VARIANTS['dinov2'], 5, IMAGENET, 'Dinov2ForImageClassification'),
+    'dinov2-encoder': (VARIANTS['dinov2'], 0, IMAGENET, 'Dinov2Model'),
+    'dinov2-reg': (VARIANTS['dinov2-reg'], 5, IMAGENET,
+                   'Dinov2WithRegistersForImageClassification'),
+    # Registers with rows of the table, no LayerScale: rows folded into the registers, lambdas 1.
+    'reg-rows-tanh': (dict(num_registers=2), 0, SIGNED_UNIT, 'Dinov2WithRegistersModel'),
+    'deit3': (VARIANTS['deit3'], 5, IMAGENET, 'Dinov2ForImageClassification'),
+    'siglip-map': (VARIANTS['siglip'], 0, SIGNED_UNIT, 'SiglipVisionModel'),
+    'siglip-gap': (VARIANTS['siglip-gap'], 5, SIGNED_UNIT, 'SiglipForImageClassification'),
+}
+SIZE = 16  # ViT-testing: patch 4, a 4x4 grid
+
+
+def _ours(flat, arch, images):
+  """(logits or pre-logits, pre-logits, every token after the final norm [B, P + N, D])."""
+  model = arch.create_model()
+  params = params_lib.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  with jax.default_matmul_precision('highest'):
+    out, aux = jax.jit(lambda p, x: model.apply({'params': p}, x, return_aux=True))(params, images)
+  tokens = np.concatenate([aux['prefix_tokens'], aux['patch_tokens']], axis=1)
+  return np.asarray(out), np.asarray(aux['pre_logits']), tokens
+
+
+def _theirs(model, images):
+  """(logits or pooler_output, the encoder's last hidden state) of a transformers model."""
+  inner = next((getattr(model, n) for n in ('dinov2', 'dinov2_with_registers', 'vision_model')
+                if hasattr(model, n)), model)
+  x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    out, enc = model(pixel_values=x), inner(pixel_values=x)
+  main = out.logits if getattr(out, 'logits', None) is not None else out.pooler_output
+  return main.numpy(), enc.last_hidden_state.numpy()
+
+
+def _variant(case, seed=0):
+  fields, classes, (mean, std), _ = CASES[case]
+  _, _, params = build(classes=classes, seed=seed, **fields)
+  flat = params_lib.flatten_numpy(params)
+  arch = Architecture({**BASE, **fields}, classes or None, (SIZE, SIZE), 3, 'vit', mean, std)
+  return flat, arch
+
+
+@pytest.mark.parametrize('case', sorted(CASES))
+def test_export_loads_in_transformers_and_reads_back(case, tmp_path):
+  flat, arch = _variant(case)
+  hf.write_hf(tmp_path, flat, arch, class_names=list('abcde') if arch.num_classes else None)
+  config = json.loads((tmp_path / 'config.json').read_text())
+  assert config['architectures'] == [CASES[case][3]]
+  model = verify.load_hf_model(str(tmp_path))  # raises on a missing or unexpected key
+  assert type(model).__name__ == CASES[case][3]
+  images = verify.sample_images(arch)
+  ours, pre_logits, tokens = _ours(flat, arch, images)
+  theirs, hidden = _theirs(model, images)
+  diff = assert_logits_match(ours, theirs, what=case)
+  assert_close_to_scale(hidden, tokens, rtol=1e-5, what=f'{case} last hidden state')
+  if not arch.num_classes:
+    np.testing.assert_array_equal(ours, pre_logits)
+
+  # The normalisation travels in preprocessor_config.json, and comes back.
+  pre = json.loads((tmp_path / 'preprocessor_config.json').read_text())
+  assert (tuple(pre['image_mean']), tuple(pre['image_std'])) == (arch.mean, arch.std)
+  ckpt = read_checkpoint(tmp_path)
+  back = ckpt.architecture
+  assert ckpt.format == 'hf' and (back.mean, back.std) == (arch.mean, arch.std)
+  assert back.num_classes == arch.num_classes and back.image_size == arch.image_size
+  defaults = dict(num_registers=0, act='gelu_tanh')  # the module's
+  for key in ('classifier', 'num_registers', 'act'):
+    assert back.model_config.get(key, defaults.get(key)) == arch.model_config.get(
+        key, defaults.get(key)), key
+  again = verify.our_logits(ckpt.params, back, images)
+  back_diff = assert_logits_match(again, theirs, what=f'{case} read back')
+  print(f'{case}: max |diff| ours vs transformers {diff:.3g}, read back {back_diff:.3g}')
+
+
+def test_predict_reads_an_exported_dinov2_with_its_normalisation(tmp_path):
+  """An image file through `predict` of the exported directory: ImageNet's mean/std applied, the
+  logits transformers gives for the same normalised pixels."""
+  flat, arch = _variant('dinov2-reg', seed=3)
+  convert_dir = tmp_path / 'hf'
+  hf.write_hf(convert_dir, flat, arch)
+  image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+  Image.fromarray(image).save(tmp_path / 'x.png')
+  assert predict.main(['--checkpoint', str(convert_dir), str(tmp_path / 'x.png'),
+                       '--logits_out', str(tmp_path / 'logits.npy')]) == 0
+  pixels = (image.astype(np.float32) / 255.0 - np.float32(IMAGENET[0])) / np.float32(IMAGENET[1])
+  theirs, _ = _theirs(verify.load_hf_model(str(convert_dir)), pixels[None])
+  assert_logits_match(np.load(tmp_path / 'logits.npy'), theirs, what='predict')
+
+
+def test_convert_cli_verifies_a_dinov2_export(tmp_path, capsys):
+  """`python -m vit_jax.convert --to hf --verify` from a timm-layout directory of ours."""
+  from vit_jax.convert import __main__ as cli  # pylint: disable=import-outside-toplevel
+  from vit_jax.formats import timm as timm_format  # pylint: disable=import-outside-toplevel
+  flat, arch = _variant('dinov2-reg', seed=4)
+  timm_format.write_timm(str(tmp_path / 'timm'), flat, arch, None)
+  assert cli.main(['--input', str(tmp_path / 'timm'), '--to', 'hf', '--output',
+                   str(tmp_path / 'hf'), '--verify']) == 0
+  out = capsys.readouterr().out
+  assert float(out.rsplit('= ', 1)[1]) <= 1e-4
+  assert json.loads((tmp_path / 'hf' / 'preprocessor_config.json').read_text())['image_mean'] == (
+      list(IMAGENET[0]))
+
+
+def _perturb(model, seed=0):
+  torch.manual_seed(seed)
+  with torch.no_grad():  # HF starts LayerNorms at 1/0, registers and biases at 0: move everything
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.3)
+  return model.eval()
+
+
+def _hf_dinov2(registers: int, headed: bool):
+  kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+            image_size=SIZE, patch_size=4, num_labels=3)
+  if registers:
+    config = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **kw)
+    cls = (transformers.Dinov2WithRegistersForImageClassification if headed
+           else transformers.Dinov2WithRegistersModel)
+  else:
+    config = transformers.Dinov2Config(**kw)
+    cls = transformers.Dinov2ForImageClassification if headed else transformers.Dinov2Model
+  return _perturb(cls(config))
+
+
+def _hf_siglip(headed: bool):
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                image_size=SIZE, patch_size=4)
+  if headed:
+    config = transformers.SiglipConfig(vision_config={**vision, 'vision_use_head': False},
+                                       num_labels=3)
+    return _perturb(transformers.SiglipForImageClassification(config))
+  return _perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**vision)))
+
+
+@pytest.mark.parametrize('what', ['dinov2', 'dinov2-reg', 'siglip-map', 'siglip-gap'])
+def test_transformers_models_read_here_with_their_outputs(what, tmp_path):
+  """transformers' own models saved by `save_pretrained` (its spelling of the names): the bare
+  encoders' pooled output is our pre-logits; SigLIP's classifier gives its logits. A DINOv2
+  classifier with weights on the mean of the patches is refused (our ViT classifies the class
+  token alone), and reads once that half is zero."""
+  if what.startswith('dinov2'):
+    model = _hf_dinov2(4 if what.endswith('reg') else 0, headed=False)
+  else:
+    model = _hf_siglip(headed=what == 'siglip-gap')
+  model.save_pretrained(tmp_path)
+  ckpt = read_checkpoint(tmp_path)
+  fields = ckpt.architecture.model_config
+  images = np.random.RandomState(0).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+  theirs, hidden = _theirs(model, images)
+  ours, _, tokens = _ours(ckpt.params, ckpt.architecture, images)
+  assert_logits_match(ours, theirs, what=what)
+  assert_close_to_scale(tokens, hidden, rtol=1e-5, what=f'{what} last hidden state')
+  expect = {'dinov2': ('token', 0, IMAGENET), 'dinov2-reg': ('token', 4, IMAGENET),
+            'siglip-map': ('map', 0, SIGNED_UNIT), 'siglip-gap': ('gap', 0, SIGNED_UNIT)}[what]
+  assert (fields['classifier'], fields.get('num_registers', 0),
+          (ckpt.architecture.mean, ckpt.architecture.std)) == expect
+  if what == 'dinov2-reg':
+    assert fields['no_embed_class'] and fields['layer_scale'] == 1e-5  # timm's layout of it
+
+
+def test_dinov2_classifier_on_the_mean_is_refused_and_zero_mean_half_reads(tmp_path):
+  model = _hf_dinov2(2, headed=True)
+  model.save_pretrained(tmp_path / 'mean')
+  with pytest.raises(ValueError, match='concat\\(class token, mean of the patch tokens\\)'):
+    read_checkpoint(tmp_path / 'mean')
+  with torch.no_grad():
+    model.classifier.weight[:, 32:] = 0
+  model.save_pretrained(tmp_path / 'cls')
+  ckpt = read_checkpoint(tmp_path / 'cls')
+  images = np.random.RandomState(1).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+  theirs, _ = _theirs(model, images)
+  assert_logits_match(verify.our_logits(ckpt.params, ckpt.architecture, images), theirs)
+
+
+def test_what_transformers_cannot_express_is_refused_with_the_reason(tmp_path):
+  """SigLIP's MAP head under a classifier, registers or LayerScale without a class token
+  (ViT-Little), non-square inputs, and a norm after pooling: refused, naming `--to timm`, with
+  nothing written."""
+  interop_ = registry.interop('vit')
+  flat, arch = _variant('siglip-map')
+  _, _, params = build(classes=5, **VARIANTS['siglip'])
+  headed = params_lib.flatten_numpy(params)
+  with pytest.raises(ValueError, match='no MAP .*--to timm'):
+    interop_.to_hf(headed, Architecture({**BASE, **VARIANTS['siglip']}, 5, (SIZE, SIZE)))
+  _, _, params = build(classes=5, **VARIANTS['little'])
+  little = Architecture({**BASE, **VARIANTS['little']}, 5, (SIZE, SIZE))
+  with pytest.raises(ValueError, match='fc_norm.*--to timm'):
+    interop_.to_hf(params_lib.flatten_numpy(params), little)
+  no_fc = {**VARIANTS['little'], 'fc_norm': False}
+  _, _, params = build(classes=5, **no_fc)
+  with pytest.raises(ValueError, match='no such ViT.*--to timm'):
+    interop_.to_hf(params_lib.flatten_numpy(params), Architecture({**BASE, **no_fc}, 5, (16, 16)))
+  _, _, params = build(classes=5, size=16, dynamic_img_size=True, **VARIANTS['dinov2'])
+  wide = Architecture({**BASE, **VARIANTS['dinov2'], 'posemb_grid': 4}, 5, (16, 24))
+  with pytest.raises(ValueError, match='square.*--to timm'):
+    interop_.to_hf(params_lib.flatten_numpy(params), wide)
+  with pytest.raises(ValueError, match='no EVA-02 or RoPE'):
+    registry.interop('eva').to_hf({}, Architecture(
+        dict(registry.get_model_config(registry.get_family('eva').test_model)), 5, (16, 16),
+        family='eva'))
+  assert not list(tmp_path.iterdir())
+  del flat, arch
