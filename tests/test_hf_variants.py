@@ -44,6 +44,8 @@ CASES = {
     'deit3': (VARIANTS['deit3'], 5, IMAGENET, 'Dinov2ForImageClassification'),
     'siglip-map': (VARIANTS['siglip'], 0, SIGNED_UNIT, 'SiglipVisionModel'),
     'siglip-gap': (VARIANTS['siglip-gap'], 5, SIGNED_UNIT, 'SiglipForImageClassification'),
+    # No head: the vision model without its pooling head (the mean of its tokens: our pre-logits).
+    'siglip-gap-encoder': (VARIANTS['siglip-gap'], 0, SIGNED_UNIT, 'SiglipVisionModel'),
 }
 SIZE = 16  # ViT-testing: patch 4, a 4x4 grid
 
@@ -65,7 +67,10 @@ def _theirs(model, images):
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
   with torch.no_grad():
     out, enc = model(pixel_values=x), inner(pixel_values=x)
-  main = out.logits if getattr(out, 'logits', None) is not None else out.pooler_output
+  if getattr(out, 'logits', None) is not None:
+    main = out.logits
+  else:  # a SigLIP encoder without its pooling head: the mean
+    main = out.pooler_output if out.pooler_output is not None else out.last_hidden_state.mean(1)
   return main.numpy(), enc.last_hidden_state.numpy()
 
 
@@ -124,18 +129,20 @@ def test_predict_reads_an_exported_dinov2_with_its_normalisation(tmp_path):
   assert_logits_match(np.load(tmp_path / 'logits.npy'), theirs, what='predict')
 
 
-def test_convert_cli_verifies_a_dinov2_export(tmp_path, capsys):
-  """`python -m vit_jax.convert --to hf --verify` from a timm-layout directory of ours."""
+@pytest.mark.parametrize('case', ['dinov2-reg', 'siglip-map', 'siglip-gap-encoder'])
+def test_convert_cli_verifies_the_export(case, tmp_path, capsys):
+  """`python -m vit_jax.convert --to hf --verify` from a timm-layout directory of ours: logits, or a
+  headless encoder's pooled output (SigLIP without its pooling head: the mean of its tokens)."""
   from vit_jax.convert import __main__ as cli  # pylint: disable=import-outside-toplevel
   from vit_jax.formats import timm as timm_format  # pylint: disable=import-outside-toplevel
-  flat, arch = _variant('dinov2-reg', seed=4)
+  flat, arch = _variant(case, seed=4)
   timm_format.write_timm(str(tmp_path / 'timm'), flat, arch, None)
   assert cli.main(['--input', str(tmp_path / 'timm'), '--to', 'hf', '--output',
                    str(tmp_path / 'hf'), '--verify']) == 0
   out = capsys.readouterr().out
   assert float(out.rsplit('= ', 1)[1]) <= 1e-4
-  assert json.loads((tmp_path / 'hf' / 'preprocessor_config.json').read_text())['image_mean'] == (
-      list(IMAGENET[0]))
+  pre = json.loads((tmp_path / 'hf' / 'preprocessor_config.json').read_text())
+  assert (tuple(pre['image_mean']), tuple(pre['image_std'])) == CASES[case][2]
 
 
 def _perturb(model, seed=0):
@@ -193,6 +200,41 @@ def test_transformers_models_read_here_with_their_outputs(what, tmp_path):
           (ckpt.architecture.mean, ckpt.architecture.std)) == expect
   if what == 'dinov2-reg':
     assert fields['no_embed_class'] and fields['layer_scale'] == 1e-5  # timm's layout of it
+
+
+def test_a_whole_siglip_model_reads_as_its_image_tower(tmp_path):
+  """`SiglipModel` (image and text towers): the image tower's pooled output is our pre-logits; the
+  text tower and the logit scale and bias are left out, with a note."""
+  vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                image_size=SIZE, patch_size=4)
+  text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+              vocab_size=50, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+  model = _perturb(transformers.SiglipModel(transformers.SiglipConfig(vision_config=vision,
+                                                                      text_config=text)))
+  model.save_pretrained(tmp_path)
+  ckpt = read_checkpoint(tmp_path)
+  assert any('text tower' in n for n in ckpt.notes)
+  assert ckpt.architecture.model_config['classifier'] == 'map' and not ckpt.architecture.num_classes
+  images = np.random.RandomState(2).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
+  theirs, _ = _theirs(model.vision_model, images)
+  assert_logits_match(verify.our_logits(ckpt.params, ckpt.architecture, images), theirs)
+
+
+def test_dinov2_reader_takes_transformers5_in_memory_names():
+  """`encoder.layer.{i}.attention.{q,k,v,o}_proj` (transformers 5's module names) read as the
+  Hub's `attention.attention.{query,key,value}` and `attention.output.dense`, bitwise."""
+  from vit_jax.families import vit_dinov2_hf_interop as dino  # pylint: disable=import-outside-toplevel
+  flat, arch = _variant('dinov2-reg', seed=5)
+  state, config = dino.to_hf(flat, arch)
+  renamed = {k.replace('attention.attention.query', 'attention.q_proj')
+              .replace('attention.attention.key', 'attention.k_proj')
+              .replace('attention.attention.value', 'attention.v_proj')
+              .replace('attention.output.dense', 'attention.o_proj'): v for k, v in state.items()}
+  assert any('.attention.o_proj.' in k for k in renamed)
+  a = dino.from_hf(state, {**config, 'vit_jax': arch.to_meta()})[0]
+  b = dino.from_hf(renamed, {**config, 'vit_jax': arch.to_meta()})[0]
+  assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+  assert all(a[k].tobytes() == np.asarray(flat[k], np.float32).tobytes() for k in flat)
 
 
 def test_dinov2_classifier_on_the_mean_is_refused_and_zero_mean_half_reads(tmp_path):

@@ -89,8 +89,12 @@ def hf_logits(out_dir: str, images: np.ndarray) -> np.ndarray:
   model = load_hf_model(out_dir)
   with torch.no_grad():
     out = model(pixel_values=_torch_images(images))
-  # A bare encoder's pooled output is this project's headless model's pre-logits.
-  return (out.logits if getattr(out, 'logits', None) is not None else out.pooler_output).numpy()
+  # A bare encoder's pooled output is this project's headless model's pre-logits; one without a
+  # pooling head (SigLIP's with vision_use_head=False) stands for mean pooling of its tokens.
+  if getattr(out, 'logits', None) is not None:
+    return out.logits.numpy()
+  pooled = out.pooler_output
+  return (pooled if pooled is not None else out.last_hidden_state.mean(dim=1)).numpy()
 
 
 def verify_export(target: str, out_dir: str, flat: Mapping[str, np.ndarray], arch: Architecture,

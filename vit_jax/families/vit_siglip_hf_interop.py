@@ -39,8 +39,9 @@ _MAP_ATT = f'{_MAP}/MultiHeadDotProductAttention_0'
 
 def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
   """(SiglipVisionModel or SiglipForImageClassification state dict, its config.json without
-  labels): 'map' -> the vision model with its head (headless models only), 'gap' -> the classifier
-  (with no labels, its Identity classifier returns the mean: this model's pre-logits)."""
+  labels): a headless model -> the vision model, with its attention-pooling head for 'map' (its
+  pooler_output is this model's pre-logits) and without one for 'gap' (the mean of its last hidden
+  state is); a 'gap' model with a head -> the classifier."""
   cfg = arch.model_config
   vit_hf.check_square('Hugging Face\'s SiglipVisionModel', cfg, arch.image_size)
   flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
@@ -88,7 +89,7 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
             'num_attention_heads': cfg['num_heads'], 'num_channels': arch.channels,
             'image_size': size, 'patch_size': ph, 'hidden_act': vit_hf.hf_act(cfg),
             'layer_norm_eps': 1e-6, 'attention_dropout': 0.0, 'vision_use_head': use_head}
-  if use_head:
+  if not headed:  # (SiglipForImageClassification without labels fails in transformers' init)
     config = {**vision, 'architectures': ['SiglipVisionModel'], 'dtype': 'float32'}
   else:
     config = {'architectures': ['SiglipForImageClassification'], 'model_type': MODEL_TYPES[1],
