@@ -27,7 +27,7 @@ transformers = interop.require('transformers')
 from tests.test_vit_variants import BASE, VARIANTS, build  # noqa: E402
 from vit_jax import predict  # noqa: E402
 from vit_jax.checkpoints import read_checkpoint  # noqa: E402
-from vit_jax.convert import convert, verify  # noqa: E402
+from vit_jax.convert import verify  # noqa: E402
 from vit_jax.families import registry  # noqa: E402
 from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture  # noqa: E402
 from vit_jax.formats import hf  # noqa: E402
@@ -223,7 +223,7 @@ def test_a_whole_siglip_model_reads_as_its_image_tower(tmp_path):
 def test_dinov2_reader_takes_transformers5_in_memory_names():
   """`encoder.layer.{i}.attention.{q,k,v,o}_proj` (transformers 5's module names) read as the
   Hub's `attention.attention.{query,key,value}` and `attention.output.dense`, bitwise."""
-  from vit_jax.families import vit_dinov2_hf_interop as dino  # pylint: disable=import-outside-toplevel
+  from vit_jax.families import vit_dinov2_hf_interop as dino  # pylint: disable=g-import-not-at-top
   flat, arch = _variant('dinov2-reg', seed=5)
   state, config = dino.to_hf(flat, arch)
   renamed = {k.replace('attention.attention.query', 'attention.q_proj')
@@ -256,7 +256,6 @@ def test_what_transformers_cannot_express_is_refused_with_the_reason(tmp_path):
   (ViT-Little), non-square inputs, and a norm after pooling: refused, naming `--to timm`, with
   nothing written."""
   interop_ = registry.interop('vit')
-  flat, arch = _variant('siglip-map')
   _, _, params = build(classes=5, **VARIANTS['siglip'])
   headed = params_lib.flatten_numpy(params)
   with pytest.raises(ValueError, match='no MAP .*--to timm'):
@@ -278,4 +277,3 @@ def test_what_transformers_cannot_express_is_refused_with_the_reason(tmp_path):
         dict(registry.get_model_config(registry.get_family('eva').test_model)), 5, (16, 16),
         family='eva'))
   assert not list(tmp_path.iterdir())
-  del flat, arch

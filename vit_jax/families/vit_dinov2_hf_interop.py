@@ -100,7 +100,8 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
   config = {
       'architectures': [_class_name(bool(regs), headed)], 'model_type': model_type,
       'hidden_size': d, 'num_hidden_layers': cfg['num_layers'],
-      'num_attention_heads': cfg['num_heads'], 'mlp_ratio': m // d, 'hidden_act': vit_hf.hf_act(cfg),
+      'num_attention_heads': cfg['num_heads'], 'mlp_ratio': m // d,
+      'hidden_act': vit_hf.hf_act(cfg),
       'layer_norm_eps': 1e-6, 'layerscale_value': float(cfg.get('layer_scale') or 1.0),
       'use_swiglu_ffn': False, 'qkv_bias': True, 'hidden_dropout_prob': 0.0,
       'attention_probs_dropout_prob': 0.0, 'drop_path_rate': 0.0, 'initializer_range': 0.02,
@@ -127,7 +128,8 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
             ) -> tuple[Flat, Architecture, list[str]]:
   """A Dinov2[WithRegisters] state dict (bare model or classifier) and config.json -> (flat,
   architecture, notes). Registers come back with a patch-only table (timm's layout of DINOv2 with
-  registers: the class row added to the class token) unless this project wrote the file with rows."""
+  registers: the class row added to the class token) unless this project wrote the file with
+  rows."""
   model_type = config['model_type']
   if config.get('use_swiglu_ffn'):
     raise ValueError('the DINOv2 model uses a SwiGLU MLP (use_swiglu_ffn=True, the giant DINOv2); '

@@ -33,15 +33,15 @@ _QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
 
 
 def hf_target(fields: Mapping[str, Any]) -> str:
-  """The transformers architecture that expresses this ViT exactly: 'vit' (`ViTForImageClassification`),
-  'dinov2' (`Dinov2[WithRegisters]Model` / `...ForImageClassification`: LayerScale, registers, a
+  """The transformers architecture that expresses this ViT exactly: 'vit'
+  (`ViTForImageClassification`), 'dinov2' (`Dinov2[WithRegisters]Model` / `...ForImageClassification`: LayerScale, registers, a
   class token with or without a position row) or 'siglip' (`SiglipVisionModel` /
   `SiglipForImageClassification`: no class token, mean or attention pooling). ValueError naming
   what transformers lacks otherwise."""
   if fields.get('representation_size'):
     raise ValueError(
-        'Hugging Face\'s ViT, DINOv2 and SigLIP classifiers have no pre-logits layer, but this model '
-        f'has one (representation_size={fields["representation_size"]}); neither has timm. Drop it '
+        'Hugging Face\'s ViT, DINOv2 and SigLIP classifiers have no pre-logits layer, but this '
+        f'model has one (representation_size={fields["representation_size"]}); neither has timm. Drop it '
         'when fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
   if fields.get('fc_norm'):
     raise ValueError('transformers\' ViT, DINOv2 and SigLIP normalise every token before pooling; '
@@ -53,8 +53,9 @@ def hf_target(fields: Mapping[str, Any]) -> str:
   if later:
     raise ValueError(
         f'this model pools without a class token (classifier={fields["classifier"]!r}) and has '
-        f'{", ".join(later)}: transformers has no such ViT (Dinov2WithRegisters always reads a class '
-        'token; SigLIP has no LayerScale or registers). Export with `--to timm`, which expresses it')
+        f'{", ".join(later)}: transformers has no such ViT (Dinov2WithRegisters always reads a '
+        'class token; SigLIP has no LayerScale or registers). Export with `--to timm`, which '
+        'expresses it')
   return 'siglip'
 
 

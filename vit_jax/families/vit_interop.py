@@ -8,8 +8,8 @@ DINOv2, SigLIP, ...) save only the arguments given on top of their defaults, so 
 registers, LayerScale, fc_norm and the position table's prefix rows from the weights.
 Hugging Face's `ViTForImageClassification` names are mapped in `vit_hf_interop.py`, DINOv2's (with
 and without registers) in `vit_dinov2_hf_interop.py`, SigLIP's image tower in
-`vit_siglip_hf_interop.py`, and `vit_hf_interop.hf_target` picks the one a model needs; Google's `.npz`
-is the family's own file layout (`VitInterop.npz_keys_ok` checks a tree is in it).
+`vit_siglip_hf_interop.py`, and `vit_hf_interop.hf_target` picks the one a model needs. Google's
+`.npz` is the family's own file layout (`VitInterop.npz_keys_ok` checks a tree is in it).
 
 The block, head and whole-transformer maps are public so that the DeiT and hybrid interops reuse
 them (`blocks_to_timm`, `blocks_from_timm`, `transformer_from_timm`, `timm_vit_args`, ...).

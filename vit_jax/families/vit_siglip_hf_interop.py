@@ -156,8 +156,8 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
                      f'{sorted(sd)}')
   notes += vit_hf.eps_notes(vision, 1e-6)
   meta = dict((config.get('vit_jax') or {}).get('model_config') or {})
-  fields: dict[str, Any] = {**meta, 'posemb': 'learned', 'classifier': classifier,
-                            'act': vit_hf.act_from_hf(vision.get('hidden_act', 'gelu_pytorch_tanh'))}
+  act = vit_hf.act_from_hf(vision.get('hidden_act', 'gelu_pytorch_tanh'))  # SigLIP's default
+  fields: dict[str, Any] = {**meta, 'posemb': 'learned', 'classifier': classifier, 'act': act}
   arch = vit_family.FAMILY.infer(out, model_config=fields, image_size=vision.get('image_size', 224))
   arch.channels = int(vision.get('num_channels', 3))
   arch.mean, arch.std = SIGNED_UNIT  # SigLIP's; a preprocessor_config.json next to it overrides
