@@ -27,7 +27,7 @@ transformers = interop.require('transformers')
 from tests.test_vit_variants import BASE, VARIANTS, build  # noqa: E402
 from vit_jax import predict  # noqa: E402
 from vit_jax.checkpoints import read_checkpoint  # noqa: E402
-from vit_jax.convert import verify  # noqa: E402
+from vit_jax.convert import convert, verify  # noqa: E402
 from vit_jax.families import registry  # noqa: E402
 from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture  # noqa: E402
 from vit_jax.formats import hf  # noqa: E402
@@ -277,3 +277,44 @@ def test_what_transformers_cannot_express_is_refused_with_the_reason(tmp_path):
         dict(registry.get_model_config(registry.get_family('eva').test_model)), 5, (16, 16),
         family='eva'))
   assert not list(tmp_path.iterdir())
+
+
+# timm architecture -> (tiny image size, classes, the transformers class `--to hf` writes).
+TIMM_CASES = {
+    'vit_small_patch14_dinov2': (28, 3, 'Dinov2ForImageClassification'),
+    'vit_small_patch14_reg4_dinov2': (28, 3, 'Dinov2WithRegistersForImageClassification'),
+    'deit3_small_patch16_224': (32, 3, 'Dinov2ForImageClassification'),
+    'vit_base_patch16_siglip_224': (32, 0, 'SiglipVisionModel'),
+    'vit_base_patch16_siglip_gap_224': (32, 3, 'SiglipForImageClassification'),
+}
+
+
+@pytest.mark.parametrize('architecture', sorted(TIMM_CASES))
+def test_timm_checkpoint_to_transformers_gives_timms_outputs(architecture, tmp_path):
+  """timm's own (perturbed, tiny) model, saved as timm saves it, through `convert --to hf`:
+  transformers' model gives timm's logits (a headless SigLIP: its attention-pooled features), and
+  the preprocessor carries timm's normalisation."""
+  _, timm = interop.require_timm()
+  from timm.models._hub import save_for_hf  # pylint: disable=g-import-not-at-top
+  size, classes, name = TIMM_CASES[architecture]
+  torch.manual_seed(0)
+  model = timm.create_model(architecture, pretrained=False, img_size=size, embed_dim=32, depth=2,
+                            num_heads=2, num_classes=classes).eval()
+  with torch.no_grad():
+    for key, p in model.named_parameters():
+      p.add_(torch.randn_like(p) * 0.3 + (0.5 if key.endswith('.gamma') else 0.0))
+  save_for_hf(model, str(tmp_path / 'timm'), safe_serialization=True)
+  result = convert(tmp_path / 'timm', 'hf', tmp_path / 'hf', verify=True, log=None)
+  assert result.max_abs_diff <= 1e-4
+  theirs = verify.load_hf_model(str(tmp_path / 'hf'))
+  assert type(theirs).__name__ == name
+  images = np.random.RandomState(0).uniform(-1, 1, (2, size, size, 3)).astype(np.float32)
+  x = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+  with torch.no_grad():
+    want = model(x).numpy()
+  got, _ = _theirs(theirs, images)
+  diff = assert_logits_match(got, want, what=architecture)
+  pre = json.loads((tmp_path / 'hf' / 'preprocessor_config.json').read_text())
+  cfg = model.pretrained_cfg
+  assert np.allclose(pre['image_mean'], cfg['mean']) and np.allclose(pre['image_std'], cfg['std'])
+  print(f'{architecture}: timm vs transformers max |diff| {diff:.3g}')
