@@ -262,11 +262,12 @@ def test_what_transformers_cannot_express_is_refused_with_the_reason(tmp_path):
     interop_.to_hf(headed, Architecture({**BASE, **VARIANTS['siglip']}, 5, (SIZE, SIZE)))
   _, _, params = build(classes=5, **VARIANTS['little'])
   little = Architecture({**BASE, **VARIANTS['little']}, 5, (SIZE, SIZE))
-  with pytest.raises(ValueError, match='fc_norm.*--to timm'):
+  with pytest.raises(ValueError, match='fc_norm=True.*nor with.*without a class token.*--to timm'):
     interop_.to_hf(params_lib.flatten_numpy(params), little)
   no_fc = {**VARIANTS['little'], 'fc_norm': False}
   _, _, params = build(classes=5, **no_fc)
-  with pytest.raises(ValueError, match='no such ViT.*--to timm'):
+  with pytest.raises(ValueError, match='no ViT with layer_scale=0.5 and num_registers=2 without a '
+                     'class token.*--to timm'):
     interop_.to_hf(params_lib.flatten_numpy(params), Architecture({**BASE, **no_fc}, 5, (16, 16)))
   _, _, params = build(classes=5, size=16, dynamic_img_size=True, **VARIANTS['dinov2'])
   wide = Architecture({**BASE, **VARIANTS['dinov2'], 'posemb_grid': 4}, 5, (16, 24))

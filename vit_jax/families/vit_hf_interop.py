@@ -34,28 +34,29 @@ _QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
 
 def hf_target(fields: Mapping[str, Any]) -> str:
   """The transformers architecture that expresses this ViT exactly: 'vit'
-  (`ViTForImageClassification`), 'dinov2' (`Dinov2[WithRegisters]Model` / `...ForImageClassification`: LayerScale, registers, a
-  class token with or without a position row) or 'siglip' (`SiglipVisionModel` /
-  `SiglipForImageClassification`: no class token, mean or attention pooling). ValueError naming
-  what transformers lacks otherwise."""
+  (`ViTForImageClassification`), 'dinov2' (`Dinov2[WithRegisters]Model` /
+  `...ForImageClassification`: LayerScale, registers, a class token with or without a position
+  row) or 'siglip' (`SiglipVisionModel` / `SiglipForImageClassification`: no class token, mean or
+  attention pooling). A ValueError naming what transformers lacks otherwise."""
   if fields.get('representation_size'):
     raise ValueError(
         'Hugging Face\'s ViT, DINOv2 and SigLIP classifiers have no pre-logits layer, but this '
-        f'model has one (representation_size={fields["representation_size"]}); neither has timm. Drop it '
-        'when fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
-  if fields.get('fc_norm'):
-    raise ValueError('transformers\' ViT, DINOv2 and SigLIP normalise every token before pooling; '
-                     'this model normalises after pooling (fc_norm=True), which none of them has: '
-                     'export with `--to timm`, which expresses it')
+        f'model has one (representation_size={fields["representation_size"]}); neither has timm. '
+        'Drop it when fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
   later = [f'{k}={fields[k]!r}' for k in ('layer_scale', 'num_registers') if fields.get(k)]
+  missing = []
+  if fields.get('fc_norm'):
+    missing.append('a norm after pooling (fc_norm=True: transformers\' ViT, DINOv2 and SigLIP '
+                   'normalise every token before pooling)')
+  if fields['classifier'] != 'token' and later:
+    missing.append(f'{" and ".join(later)} without a class token (classifier='
+                   f'{fields["classifier"]!r}: Dinov2WithRegisters always reads a class token, '
+                   'SigLIP has no LayerScale or registers)')
+  if missing:
+    raise ValueError(f'transformers has no ViT with {"; nor with ".join(missing)}. Export with '
+                     '`--to timm`, which expresses it')
   if fields['classifier'] == 'token':
     return 'dinov2' if later or fields.get('no_embed_class') else 'vit'
-  if later:
-    raise ValueError(
-        f'this model pools without a class token (classifier={fields["classifier"]!r}) and has '
-        f'{", ".join(later)}: transformers has no such ViT (Dinov2WithRegisters always reads a '
-        'class token; SigLIP has no LayerScale or registers). Export with `--to timm`, which '
-        'expresses it')
   return 'siglip'
 
 
