@@ -319,3 +319,29 @@ def test_timm_checkpoint_to_transformers_gives_timms_outputs(architecture, tmp_p
   cfg = model.pretrained_cfg
   assert np.allclose(pre['image_mean'], cfg['mean']) and np.allclose(pre['image_std'], cfg['std'])
   print(f'{architecture}: timm vs transformers max |diff| {diff:.3g}')
+
+
+def test_a_transformers_dinov2_with_registers_starts_a_model_at_another_size(tmp_path):
+  """`config.pretrained=PATH` of transformers' Dinov2WithRegistersModel (16x16, a 4x4 table) into a
+  7-class model at 24x24: the class token carries its position row, the registers come over, the
+  patch-only table is resampled to 6x6 (and named in the report), the new head starts at zero."""
+  from vit_jax.checkpoints.pretrained import load_pretrained  # pylint: disable=g-import-not-at-top
+  from vit_jax.families import resample  # pylint: disable=g-import-not-at-top
+  from vit_jax.families.vit import POSEMB_KEY  # pylint: disable=g-import-not-at-top
+  model = _hf_dinov2(4, headed=False)
+  model.save_pretrained(tmp_path)
+  fields = {**BASE, 'act': 'gelu', 'layer_scale': 1e-5, 'num_registers': 4,
+            'no_embed_class': True}
+  target = registry.get_family('vit').create(fields, 7)
+  init = target.init(jax.random.PRNGKey(0), np.zeros((1, 24, 24, 3), np.float32))['params']
+  params, report = load_pretrained(tmp_path, init, model=target, log=None)
+  got = params_lib.flatten_numpy(params)
+  sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  pe = sd['embeddings.position_embeddings']
+  np.testing.assert_array_equal(got['cls'], sd['embeddings.cls_token'] + pe[:, :1])
+  np.testing.assert_array_equal(got['registers'], sd['embeddings.register_tokens'])
+  want = resample.resample_posemb(pe[:, 1:], (6, 6), num_prefix=0, old_grid=(4, 4),
+                                  method='bilinear')
+  assert_close_to_scale(got[POSEMB_KEY], want, rtol=1e-6, what='resampled table')
+  assert any('grid 4x4 -> 6x6' in line for line in report.lines()), report
+  assert not got['head/kernel'].any()
