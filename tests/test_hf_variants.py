@@ -200,6 +200,14 @@ def test_transformers_models_read_here_with_their_outputs(what, tmp_path):
           (ckpt.architecture.mean, ckpt.architecture.std)) == expect
   if what == 'dinov2-reg':
     assert fields['no_embed_class'] and fields['layer_scale'] == 1e-5  # timm's layout of it
+    # Any input size, the table resampled as transformers does (bicubic, antialiased).
+    assert fields['dynamic_img_size'] and fields['dynamic_resize'] == 'bicubic'
+    for h, w in ((28, 20), (8, 12)):
+      x = np.random.RandomState(h).uniform(-1, 1, (2, h, w, 3)).astype(np.float32)
+      theirs, hidden = _theirs(model, x)
+      ours, _, tokens = _ours(ckpt.params, ckpt.architecture, x)
+      assert_logits_match(ours, theirs, what=f'{what} at {h}x{w}')
+      assert_close_to_scale(tokens, hidden, rtol=1e-5, what=f'{what} at {h}x{w}')
 
 
 def test_a_whole_siglip_model_reads_as_its_image_tower(tmp_path):

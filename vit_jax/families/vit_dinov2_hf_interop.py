@@ -16,6 +16,10 @@ What is exact, and why:
   - `Dinov2ForImageClassification` classifies concat(class token, mean of the patch tokens); this
     project's token classifier reads the class token alone, so the head is written with zero
     weights on the mean half, and a checkpoint whose mean half is not zero is refused on reading.
+  - transformers' DINOv2 with registers runs at any input size, resampling its table bicubically
+    with antialiasing: read here it gets dynamic_img_size with that method ('bicubic'), which
+    gives its outputs at other sizes. Its DINOv2 without registers does not antialias: read here,
+    it runs at its table's size (or is fine-tuned at another, the table resampled once).
 """
 from __future__ import annotations
 
@@ -193,6 +197,11 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
   fields.pop('no_embed_class', None)
   if no_embed:
     fields['no_embed_class'] = True
+  if regs is not None and not meta:
+    # transformers resamples the table of DINOv2 with registers to any input (bicubic,
+    # antialiased: the transfer's 'bicubic'), so this model does too. (Without registers it does
+    # not antialias, which no method here reproduces: an input of another size is refused.)
+    fields.update(dynamic_img_size=True, dynamic_resize='bicubic')
   if scales and scales[0] in out:
     fields['layer_scale'] = meta.get('layer_scale') or DINO_LS
   else:
