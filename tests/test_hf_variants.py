@@ -42,6 +42,8 @@ CASES = {
     # Registers with rows of the table, no LayerScale: rows folded into the registers, lambdas 1.
     'reg-rows-tanh': (dict(num_registers=2), 0, SIGNED_UNIT, 'Dinov2WithRegistersModel'),
     'deit3': (VARIANTS['deit3'], 5, IMAGENET, 'Dinov2ForImageClassification'),
+    # A patch-only table alone (FlexiViT): ViT's table with a zero row for the class token.
+    'no-class-row': (dict(no_embed_class=True), 5, SIGNED_UNIT, 'ViTForImageClassification'),
     'siglip-map': (VARIANTS['siglip'], 0, SIGNED_UNIT, 'SiglipVisionModel'),
     'siglip-gap': (VARIANTS['siglip-gap'], 5, SIGNED_UNIT, 'SiglipForImageClassification'),
     # No head: the vision model without its pooling head (the mean of its tokens: our pre-logits).
@@ -105,8 +107,8 @@ def test_export_loads_in_transformers_and_reads_back(case, tmp_path):
   back = ckpt.architecture
   assert ckpt.format == 'hf' and (back.mean, back.std) == (arch.mean, arch.std)
   assert back.num_classes == arch.num_classes and back.image_size == arch.image_size
-  defaults = dict(num_registers=0, act='gelu_tanh')  # the module's
-  for key in ('classifier', 'num_registers', 'act'):
+  defaults = dict(num_registers=0, act='gelu_tanh', no_embed_class=False)  # the module's
+  for key in ('classifier', 'num_registers', 'act', 'no_embed_class'):
     assert back.model_config.get(key, defaults.get(key)) == arch.model_config.get(
         key, defaults.get(key)), key
   again = verify.our_logits(ckpt.params, back, images)

@@ -93,6 +93,7 @@ class HybridFamily(VitFamily):
   name = 'hybrid'
   models = MODELS
   stem_kernel = 'conv_root/kernel'
+  patch_kernel = None  # `embedding` is a 1x1 conv on the ResNet's features: no pixel patches
   # The ResNet (12% of R50+ViT-B_16's parameters, 39% of R26+ViT-S_32's) stays replicated under
   # `tensor` (FSDP still shards it): split output channels would make every GroupNorm and the next
   # conv gather the activations again, for little compute saved at these widths.

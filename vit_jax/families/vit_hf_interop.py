@@ -55,8 +55,8 @@ def hf_target(fields: Mapping[str, Any]) -> str:
   if missing:
     raise ValueError(f'transformers has no ViT with {"; nor with ".join(missing)}. Export with '
                      '`--to timm`, which expresses it')
-  if fields['classifier'] == 'token':
-    return 'dinov2' if later or fields.get('no_embed_class') else 'vit'
+  if fields['classifier'] == 'token':  # (no_embed_class alone: ViT's table with a zero class row)
+    return 'dinov2' if later else 'vit'
   return 'siglip'
 
 
@@ -115,7 +115,10 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
                f'{e}.cls_token': flat['cls']}
   # HF always adds position embeddings: fixed kinds are written as their values at this size.
   grid = vit_family.FAMILY.grid(cfg, arch.image_size)
-  out[f'{e}.position_embeddings'] = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, 1))
+  pe = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, 1))
+  if cfg.get('no_embed_class') and POSEMB_KEY in flat:  # a zero row: the class token gets none
+    pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+  out[f'{e}.position_embeddings'] = pe
   for i in range(cfg['num_layers']):
     b, t = f'Transformer/encoderblock_{i}', f'vit.encoder.layer.{i}'
     att = f'{b}/MultiHeadDotProductAttention_1'
@@ -195,6 +198,8 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
   fields: dict[str, Any] = {'act': act_from_hf(config.get('hidden_act', 'gelu'))}
   if 'vit_jax' in config:
     fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': 'learned'}
+    if fields.get('no_embed_class'):  # written with a class row (zero, or one's own): fold it
+      out['cls'], out[POSEMB_KEY] = out['cls'] + out[POSEMB_KEY][:, :1], out[POSEMB_KEY][:, 1:]
   size = config.get('image_size', 224)
   arch = vit_family.FAMILY.infer(out, model_config=fields, image_size=size)
   arch.channels = int(config.get('num_channels', 3))

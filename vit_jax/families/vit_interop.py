@@ -45,7 +45,7 @@ TIMM_ARCHITECTURES = {
     'DINOv2-B_14-reg4': 'vit_base_patch14_reg4_dinov2',
     'SigLIP-B_16': 'vit_base_patch16_siglip_224',
     'SigLIP-B_16-gap': 'vit_base_patch16_siglip_gap_224',
-    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256'}
+    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256', 'FlexiViT-S': 'flexivit_small'}
 
 
 # ---------- timm ----------
@@ -307,7 +307,8 @@ _HF_MODULES = {'vit': vit_hf_interop, 'dinov2': vit_dinov2_hf_interop,
 
 class VitInterop(Interop):
   """The ViT's timm `VisionTransformer`, Hugging Face `ViTForImageClassification` and Google npz."""
-  timm_prefixes = ('vit_', 'deit_', 'deit3_')  # timm's non-distilled DeiTs are plain ViTs
+  # timm's non-distilled DeiTs and its FlexiViTs are plain ViTs.
+  timm_prefixes = ('vit_', 'deit_', 'deit3_', 'flexivit_')
   hf_model_types = tuple(t for m in (vit_hf_interop, vit_dinov2_hf_interop, vit_siglip_hf_interop)
                          for t in m.MODEL_TYPES)
   writes_npz = True
