@@ -64,7 +64,8 @@ def _ours(flat, arch, images):
 
 def _theirs(model, images):
   """(logits or pooler_output, the encoder's last hidden state) of a transformers model."""
-  inner = next((getattr(model, n) for n in ('dinov2', 'dinov2_with_registers', 'vision_model')
+  inner = next((getattr(model, n) for n in ('vit', 'dinov2', 'dinov2_with_registers',
+                                            'vision_model')
                 if hasattr(model, n)), model)
   x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
   with torch.no_grad():
@@ -295,6 +296,7 @@ TIMM_CASES = {
     'vit_small_patch14_dinov2': (28, 3, 'Dinov2ForImageClassification'),
     'vit_small_patch14_reg4_dinov2': (28, 3, 'Dinov2WithRegistersForImageClassification'),
     'deit3_small_patch16_224': (32, 3, 'Dinov2ForImageClassification'),
+    'flexivit_small': (32, 3, 'ViTForImageClassification'),
     'vit_base_patch16_siglip_224': (32, 0, 'SiglipVisionModel'),
     'vit_base_patch16_siglip_gap_224': (32, 3, 'SiglipForImageClassification'),
 }

@@ -148,7 +148,9 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
                                                           'weight')),
                'embedding/bias': sd.pop('embeddings.patch_embeddings.projection.bias')}
   regs = sd.pop('embeddings.register_tokens', None)
-  no_embed = bool(meta.get('no_embed_class', regs is not None))
+  # Written here: the model's own layout (its registers' rows, if any, folded into them); else
+  # timm's (a patch-only table with registers, the class row kept without).
+  no_embed = bool(meta.get('no_embed_class', False) if meta else regs is not None)
   if no_embed:  # the class row belongs to the class token (a constant either way)
     out['cls'], out[POSEMB_KEY] = cls + pe[:, :1], pe[:, 1:]
   else:
