@@ -34,9 +34,9 @@ _QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
 
 def hf_target(fields: Mapping[str, Any]) -> str:
   """The transformers architecture that expresses this ViT exactly: 'vit'
-  (`ViTForImageClassification`), 'dinov2' (`Dinov2[WithRegisters]Model` /
-  `...ForImageClassification`: LayerScale, registers, a class token with or without a position
-  row) or 'siglip' (`SiglipVisionModel` / `SiglipForImageClassification`: no class token, mean or
+  (`ViTForImageClassification`; a table without a class row gets a zero one), 'dinov2'
+  (`Dinov2[WithRegisters]Model` / `...ForImageClassification`: LayerScale or registers, with a
+  class token) or 'siglip' (`SiglipVisionModel` / `SiglipForImageClassification`: no class token, mean or
   attention pooling). A ValueError naming what transformers lacks otherwise."""
   if fields.get('representation_size'):
     raise ValueError(
