@@ -325,7 +325,7 @@ def test_distill_config_file_builds():
   from configs import distill_fashion_mnist  # pylint: disable=import-outside-toplevel
   from configs import quickstart  # pylint: disable=import-outside-toplevel
   c = distill_fashion_mnist.get_config('teacher=/some/run,kind=soft')
-  q = quickstart.get_config()
+  q = quickstart.get_config('model=ViT-Mini_7')  # the teacher's recipe
   assert c.distill.teacher == '/some/run' and c.distill.kind == 'soft'
   for key in ('total_steps', 'batch_size', 'base_lr', 'warmup_steps', 'weight_decay', 'augment'):
     assert c[key] == q[key], key

@@ -48,10 +48,11 @@ EXPECTED_COUNTS = {
     'DeiT3-S_16': 22_059_496, 'DeiT3-B_16': 86_585_320,
     'DINOv2-S_14': 22_441_192, 'DINOv2-S_14-reg4': 22_442_344, 'DINOv2-B_14-reg4': 87_351_016,
     'SigLIP-B_16': 93_653_224, 'SigLIP-B_16-gap': 86_566_120,
-    'ViT-Little_16-reg4-gap': 22_516_008,
+    'ViT-Little_16-reg4-gap': 22_516_008, 'FlexiViT-S': 22_061_416,
 }
 IMAGE_SIZE = {'Swin-B_384': 384, 'ViT-B_16-rope-reg1-gap': 256, 'DINOv2-S_14': 518,
-              'DINOv2-S_14-reg4': 518, 'DINOv2-B_14-reg4': 518, 'ViT-Little_16-reg4-gap': 256}
+              'DINOv2-S_14-reg4': 518, 'DINOv2-B_14-reg4': 518, 'ViT-Little_16-reg4-gap': 256,
+              'FlexiViT-S': 240}
 FAMILIES = ('vit', 'deit', 'hybrid', 'mixer', 'swin', 'pvt', 'eva', 'beit')
 CLASSES = 5
 

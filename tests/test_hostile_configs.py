@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A valid base: quickstart with ViT-testing (width 32, 2 heads, mlp 64, patch 4) at 16 px.
 BASE = ['--config.model.name=ViT-testing', '--config.model.patch_size=4', '--config.image_size=16',
         '--config.dataset=digits', '--config.channels=1']
-TOTAL, WARMUP, BATCH = 2100, 100, 256  # quickstart's
+TOTAL, WARMUP, BATCH = 1750, 100, 256  # quickstart's
 
 
 def parse(*overrides: str):

@@ -38,7 +38,7 @@ def hand_count(cfg, num_classes, size, channels):
 
 # The later ViTs, fields of this family; counted at their sizes in tests/test_families.py.
 VARIANTS = ('DeiT3-S_16', 'DeiT3-B_16', 'DINOv2-S_14', 'DINOv2-S_14-reg4', 'DINOv2-B_14-reg4',
-            'SigLIP-B_16', 'SigLIP-B_16-gap', 'ViT-Little_16-reg4-gap')
+            'SigLIP-B_16', 'SigLIP-B_16-gap', 'ViT-Little_16-reg4-gap', 'FlexiViT-S')
 
 
 def test_every_registered_name_is_counted():

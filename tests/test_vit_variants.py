@@ -215,12 +215,15 @@ def test_summary_prints_timms_count_for_dinov2_at_518(capsys):
 
 
 def test_exports_that_cannot_express_a_variant_refuse_it():
-  """Hugging Face's ViTForImageClassification and Google's npz layout have no LayerScale or
-  registers: refused, naming the way that works (`--to timm`), never written without them."""
+  """Google's npz layout has no LayerScale or registers, and transformers has no ViT with registers
+  but no class token (ViT-Little): refused, naming the way that works (`--to timm`), never written
+  without them. (DINOv2 with registers is written as transformers' Dinov2WithRegisters:
+  tests/test_hf_variants.py.)"""
   from vit_jax.families.base import Architecture  # pylint: disable=import-outside-toplevel
-  _, _, params = build(**VARIANTS['dinov2-reg'])
+  fields = {**VARIANTS['little'], 'fc_norm': False}
+  _, _, params = build(**fields)
   flat = params_lib.flatten_numpy(params)
-  arch = Architecture({**BASE, **VARIANTS['dinov2-reg']}, 5, (16, 16), 3, 'vit')
+  arch = Architecture({**BASE, **fields}, 5, (16, 16), 3, 'vit')
   with pytest.raises(ValueError, match='--to timm'):
     registry.interop('vit').to_hf(flat, arch)
   bad = registry.interop('vit').npz_keys_ok(flat)

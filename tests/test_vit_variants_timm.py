@@ -1,7 +1,7 @@
 """The later ViTs (DeiT III, DINOv2 with and without registers, SigLIP with MAP and GAP heads,
-ViT-Little with registers and fc_norm) against timm 1.0: a randomly initialised and perturbed timm
-model of a tiny config of the same architecture class, saved as timm saves it (`save_for_hf`:
-config.json with only the arguments given on top of the architecture's defaults, plus
+ViT-Little with registers and fc_norm, FlexiViT) against timm 1.0: a randomly initialised and
+perturbed timm model of a tiny config of the same architecture class, saved as timm saves it
+(`save_for_hf`: config.json with only the arguments given on top of the architecture's defaults, plus
 model.safetensors), read through `python -m vit_jax.predict` with the checkpoint's own normalisation
 gives timm's logits within 1e-4; `--to timm` writes it back bitwise and timm loads the result with
 the same logits. The call-time image size and the intermediate layers are compared with timm's
@@ -41,6 +41,8 @@ CASES = {
     'vit_base_patch16_siglip_gap_224': (32, HALF, dict(classifier='gap', fc_norm=False)),
     'vit_little_patch16_reg4_gap_256': (32, HALF, dict(classifier='gap', fc_norm=True,
                                                        num_registers=4, no_embed_class=True)),
+    'flexivit_small': (32, HALF, dict(classifier='token', no_embed_class=True, num_registers=0,
+                                      act='gelu')),
 }
 
 

@@ -10,10 +10,11 @@ the paths:
   optional    (`optional_prefixes`: class token, MAP head, ...) taken from the initialisation or
               dropped when one side lacks them;
   tables      (`family.adapt`) resolution-dependent tables: position embeddings resampled to the new
-              grid, Swin's relative-position tables to the new window, ...;
+              grid, Swin's relative-position tables to the new window, a ViT's patch kernel
+              PI-resized to another patch size (FlexiViT), ...;
   channels    (`stem_kernel`) a 3-channel input kernel summed into a 1-channel one (grey-scale).
-Anything else that differs (depth, width, patch size, another family) is a ValueError naming the path
-and both shapes.
+Anything else that differs (depth, width, another family) is a ValueError naming the path and both
+shapes.
 """
 from __future__ import annotations
 

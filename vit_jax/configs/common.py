@@ -74,8 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Transfer (vit_jax.checkpoints.pretrained).
   c.pretrained = config_dict.placeholder(str)   # .npz, timm/HF checkpoint, or orbax workdir
   c.keep_pre_logits = config_dict.placeholder(bool)
-  # Resampling of resolution-dependent tables: bilinear (scipy zoom order 1) | bicubic (antialiased);
-  # None: the family's default (ViT position embeddings bilinear, as Google; Swin bicubic).
+  # Resampling of resolution-dependent tables: bilinear (scipy zoom order 1) | bicubic (antialiased)
+  # | linear (half-pixel, no antialiasing: FlexiViT's); None: the family's default (ViT position
+  # embeddings bilinear, as Google; Swin bicubic). A ViT's patch kernel moved to another
+  # model.patch_size is PI-resized (FlexiViT) with bicubic here when bicubic, else linear.
   c.posemb_resize = config_dict.placeholder(str)
 
   # The training objective (vit_jax.objectives): how the model learns. classify (labels; its keys

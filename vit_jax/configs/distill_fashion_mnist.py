@@ -20,7 +20,8 @@ from vit_jax.configs import common, quickstart
 def get_config(arg: str | None = None):
   args = common.parse_args(arg, teacher='', kind='hard', alpha='0.5', temperature='3.0',
                            model='DeiT-Mini_7-distilled')
-  c = quickstart.get_config()
+  # The plain-ViT quickstart recipe (ViT-Mini_7's: 28 px, 2,100 steps), the teacher's.
+  c = quickstart.get_config('model=ViT-Mini_7')
   c.model = common.model_config(args['model'])
   c.model.posemb = 'sincos2d'
   c.model.act = 'gelu_tanh'  # the quickstart ViT's GELU (DeiT's own default is the exact one)

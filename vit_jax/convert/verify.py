@@ -68,11 +68,15 @@ def timm_logits(out_dir: str, images: np.ndarray) -> np.ndarray:
 
 
 def load_hf_model(out_dir: str):
-  """`AutoModelForImageClassification.from_pretrained(out_dir)` (ViTForImageClassification, ...);
-  raises if any key is missing/unexpected."""
+  """`AutoModelForImageClassification.from_pretrained(out_dir)` (ViTForImageClassification, ...), or
+  `AutoModel` where config.json names a bare encoder (Dinov2Model, SiglipVisionModel); raises if
+  any key is missing/unexpected."""
   import transformers  # pylint: disable=import-outside-toplevel
-  model, info = transformers.AutoModelForImageClassification.from_pretrained(
-      out_dir, output_loading_info=True)
+  with open(os.path.join(out_dir, 'config.json')) as f:
+    names = json.load(f).get('architectures') or ['ForImageClassification']
+  auto = (transformers.AutoModelForImageClassification
+          if names[0].endswith('ForImageClassification') else transformers.AutoModel)
+  model, info = auto.from_pretrained(out_dir, output_loading_info=True)
   bad = {k: v for k, v in info.items() if v and k in ('missing_keys', 'unexpected_keys',
                                                        'mismatched_keys')}
   if bad:
@@ -84,7 +88,13 @@ def hf_logits(out_dir: str, images: np.ndarray) -> np.ndarray:
   import torch  # pylint: disable=import-outside-toplevel
   model = load_hf_model(out_dir)
   with torch.no_grad():
-    return model(pixel_values=_torch_images(images)).logits.numpy()
+    out = model(pixel_values=_torch_images(images))
+  # A bare encoder's pooled output is this project's headless model's pre-logits; one without a
+  # pooling head (SigLIP's with vision_use_head=False) stands for mean pooling of its tokens.
+  if getattr(out, 'logits', None) is not None:
+    return out.logits.numpy()
+  pooled = out.pooler_output
+  return (pooled if pooled is not None else out.last_hidden_state.mean(dim=1)).numpy()
 
 
 def verify_export(target: str, out_dir: str, flat: Mapping[str, np.ndarray], arch: Architecture,

@@ -26,7 +26,7 @@ from vit_jax.families.base import IMAGENET, Architecture, Flat
 from vit_jax.families.eva import TABLE
 from vit_jax.families.eva_interop import (SIGNED, mlp_ratio, pretrained_cfg, state_from_timm,
                                           state_to_timm, uses_fc_norm)
-from vit_jax.families.interop import Interop
+from vit_jax.families.interop import Interop, timm_architecture, timm_model_args
 from vit_jax.shapes import hw
 
 _V1 = dict(patch_size=16, use_abs_pos_emb=False, use_rel_pos_bias=True)
@@ -109,25 +109,12 @@ def from_timm(state: Mapping[str, Any], config: Mapping[str, Any]
               ) -> tuple[Flat, Architecture, list[str]]:
   """(flat, architecture, notes): config.json's `model_args` over the registered arguments of its
   `architecture` over timm's defaults."""
-  name = str(config.get('architecture', '')).split('.')[0]
-  known, norm = TIMM_ARCHS.get(name, ({}, None))
-  given = dict(config.get('model_args') or {})
-  if not known and 'num_heads' not in given:
-    raise ValueError(f'timm architecture {name or "(none)"!r} is not one whose options this '
-                     f'project knows ({", ".join(sorted(TIMM_ARCHS))}) and config.json has no '
-                     'model_args: save it with timm\'s save_for_hf(model_args=...)')
-  args = {**known, **given}
+  args, norm = timm_model_args(config, TIMM_ARCHS)
   fields = fields_from_args(args)
-  if 'vit_jax' in config:
-    fields = {**config['vit_jax'].get('model_config', {}), **fields}
-  flat = state_from_timm(state, int(fields['num_heads']), 'Beit')
-  pcfg = config.get('pretrained_cfg') or {}
-  size = args.get('img_size') or (pcfg.get('input_size') or [0, 224, 224])[1:]
-  arch = beit_family.FAMILY.infer(flat, model_config=fields, image_size=hw(size))
-  if pcfg.get('mean') and pcfg.get('std'):
-    arch.mean, arch.std = tuple(pcfg['mean']), tuple(pcfg['std'])
-  elif norm is not None:
-    arch.mean, arch.std = norm
+  # The heads of a checkpoint this project wrote are in its vit_jax block too; timm's args win.
+  heads = int({**(config.get('vit_jax') or {}).get('model_config', {}), **fields}['num_heads'])
+  flat = state_from_timm(state, heads, 'Beit')
+  arch = timm_architecture(beit_family.FAMILY, flat, config, args, fields, norm)
   return flat, arch, []
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from vit_jax.families import eva as eva_family
 from vit_jax.families.base import Architecture, Flat
-from vit_jax.families.interop import Interop, to_numpy
+from vit_jax.families.interop import Interop, timm_architecture, timm_model_args, to_numpy
 from vit_jax.shapes import hw
 
 CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
@@ -324,25 +324,12 @@ def from_timm(state: Mapping[str, Any], config: Mapping[str, Any]
               ) -> tuple[Flat, Architecture, list[str]]:
   """(flat, architecture, notes) of a timm `Eva` checkpoint: its config.json's `model_args` over the
   registered arguments of its `architecture` (`TIMM_ARCHS`) over timm's defaults."""
-  name = str(config.get('architecture', '')).split('.')[0]
-  known, norm = TIMM_ARCHS.get(name, ({}, None))
-  given = dict(config.get('model_args') or {})
-  if not known and 'num_heads' not in given:
-    raise ValueError(f'timm architecture {name or "(none)"!r} is not one whose options this '
-                     f'project knows ({", ".join(sorted(TIMM_ARCHS))}) and config.json has no '
-                     'model_args: save it with timm\'s save_for_hf(model_args=...)')
-  args = {**known, **given}
+  args, norm = timm_model_args(config, TIMM_ARCHS)
   fields = fields_from_args(args)
-  if 'vit_jax' in config:  # written here: keep the registry name and training options
-    fields = {**config['vit_jax'].get('model_config', {}), **fields}
-  flat = state_from_timm(state, int(fields['num_heads']))
-  pcfg = config.get('pretrained_cfg') or {}
-  size = args.get('img_size') or (pcfg.get('input_size') or [0, 224, 224])[1:]
-  arch = eva_family.FAMILY.infer(flat, model_config=fields, image_size=hw(size))
-  if pcfg.get('mean') and pcfg.get('std'):
-    arch.mean, arch.std = tuple(pcfg['mean']), tuple(pcfg['std'])
-  elif norm is not None:
-    arch.mean, arch.std = norm
+  # The heads of a checkpoint this project wrote are in its vit_jax block too; timm's args win.
+  heads = int({**(config.get('vit_jax') or {}).get('model_config', {}), **fields}['num_heads'])
+  flat = state_from_timm(state, heads)
+  arch = timm_architecture(eva_family.FAMILY, flat, config, args, fields, norm)
   notes = []
   if any(args.get(k) for k in ('rope_shift_coords', 'rope_jitter_coords', 'rope_rescale_coords')):
     notes.append('timm trained it with RoPE coordinate augmentation; fine-tuning here does not '

@@ -27,6 +27,11 @@ MODELS: dict[str, dict[str, Any]] = {
     'R26+ViT-S_32': vit_fields('S', 1, resnet_layers=(2, 2, 2, 2), resnet_width=64),  # 36,431,912
     'R50+ViT-B_16': vit_fields('B', 1, resnet_layers=(3, 4, 9), resnet_width=64),     # 98,659,112
     'R50+ViT-L_32': vit_fields('L', 1, resnet_layers=(3, 4, 6, 3), resnet_width=64),  # 328,994,856
+    # The quickstart's model (configs/quickstart.py): the ResNet root at width 32 (a 7x7 conv /2
+    # and a 3x3 max-pool /2) under four ViT-Mini blocks with 2x2 patches: 16 tokens at 32 px.
+    'R+ViT-Mini_2': dict(patch_size=2, hidden_size=128, num_layers=4, num_heads=4, mlp_dim=256,
+                         classifier='gap', posemb='sincos2d', representation_size=None,
+                         resnet_layers=(), resnet_width=32),
     # CPU tests: two one-unit stages of the narrowest GroupNorm-able width (32), an effective /8.
     'R+ViT-testing': dict(patch_size=1, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64,
                           classifier='token', posemb='learned', representation_size=None,
@@ -93,6 +98,7 @@ class HybridFamily(VitFamily):
   name = 'hybrid'
   models = MODELS
   stem_kernel = 'conv_root/kernel'
+  patch_kernel = None  # `embedding` is a 1x1 conv on the ResNet's features: no pixel patches
   # The ResNet (12% of R50+ViT-B_16's parameters, 39% of R26+ViT-S_32's) stays replicated under
   # `tensor` (FSDP still shards it): split output channels would make every GroupNorm and the next
   # conv gather the activations again, for little compute saved at these widths.

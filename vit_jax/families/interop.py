@@ -165,6 +165,40 @@ def split_from_torch(sd: Flat, theirs: str, names: Sequence[str], heads: int, ou
     out[f'{att}/{n}/bias'] = bn.reshape(heads, -1)
 
 
+def timm_model_args(config: Mapping[str, Any], known_archs: Mapping[str, tuple[dict, Any]]
+                    ) -> tuple[dict, Any]:
+  """(args, norm) of a timm config.json: its `model_args` over the registered arguments of its
+  `architecture` in `known_archs` ({name: (args, (mean, std) or None)}); a ValueError naming the
+  known architectures when neither says how many heads the model has."""
+  name = str(config.get('architecture', '')).split('.')[0]
+  known, norm = known_archs.get(name, ({}, None))
+  given = dict(config.get('model_args') or {})
+  if not known and 'num_heads' not in given:
+    raise ValueError(f'timm architecture {name or "(none)"!r} is not one whose options this '
+                     f'project knows ({", ".join(sorted(known_archs))}) and config.json has no '
+                     'model_args: save it with timm\'s save_for_hf(model_args=...)')
+  return {**known, **given}, norm
+
+
+def timm_architecture(family: Family, flat: Flat, config: Mapping[str, Any],
+                      args: Mapping[str, Any], fields: Mapping[str, Any], norm: Any
+                      ) -> Architecture:
+  """The Architecture of a timm checkpoint read into `flat`: `fields` (over what this project wrote
+  in config.json's `vit_jax` block), the image size of `args` or `pretrained_cfg`, and the
+  normalisation the checkpoint states (else `norm`, the architecture's registered one)."""
+  if 'vit_jax' in config:  # written here: keep the registry name and training options
+    fields = {**config['vit_jax'].get('model_config', {}), **fields}
+  pcfg = config.get('pretrained_cfg') or {}
+  size = args.get('img_size') or (pcfg.get('input_size') or [0, 224, 224])[1:]
+  size = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
+  arch = family.infer(flat, model_config=dict(fields), image_size=size)
+  if pcfg.get('mean') and pcfg.get('std'):
+    arch.mean, arch.std = tuple(pcfg['mean']), tuple(pcfg['std'])
+  elif norm is not None:
+    arch.mean, arch.std = norm
+  return arch
+
+
 def timm_pretrained_cfg(arch: Architecture, num_classes: int, first_conv: str = 'patch_embed.proj',
                         classifier: Any = 'head') -> dict[str, Any]:
   """timm's `pretrained_cfg` of a config.json: input size, normalisation, head and first conv."""

@@ -19,6 +19,7 @@ import numpy as np
 
 from vit_jax.families import resample
 from vit_jax.families.base import Architecture, Family, Flat, check_sizes
+from vit_jax.models import resize
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models import vit as vit_models
 from vit_jax.shapes import hw
@@ -66,6 +67,12 @@ MODELS.update({
     # GELU is the tanh form (timm's port uses the exact one; a checkpoint says which).
     'SigLIP-B_16': {**vit_fields('B', 16), 'classifier': 'map'},
     'SigLIP-B_16-gap': {**vit_fields('B', 16), 'classifier': 'gap'},
+    # flexivit_small (Beyer et al., 2023): one model for all patch sizes. Stored at patch 16 and
+    # 240 px (timm's 15x15 table, no row for the class token: big_vision adds the position
+    # embedding before prepending it); another patch size is a PI-resize of the kernel
+    # (`models/resize.py`), at transfer or at call time (`patch_size=`). big_vision's GELU, the
+    # tanh form, as SigLIP's.
+    'FlexiViT-S': vit_fields('S', 16, no_embed_class=True),
     # vit_little_patch16_reg4_gap_256: registers, the mean of the patches, then fc_norm.
     'ViT-Little_16-reg4-gap': {**vit_fields('Little', 16, act='gelu', layer_scale=DINO_LS,
                                             num_registers=4, no_embed_class=True, fc_norm=True),
@@ -168,6 +175,9 @@ class VitFamily(Family):
   capabilities = (tokens_lib.TOKEN_MASK, tokens_lib.KEEP, tokens_lib.PROMPTS, tokens_lib.TOKEN_MAP)
   intermediate_unit = 'blocks'
   call_time_size = 'dynamic_img_size'
+  # The conv over pixel patches that a transfer to another patch size PI-resizes (FlexiViT); the
+  # hybrid's `embedding` sits on the ResNet's feature map instead (None there).
+  patch_kernel: Optional[str] = 'embedding/kernel'
 
   def module_class(self) -> type:
     return vit_models.VisionTransformer
@@ -354,8 +364,12 @@ class VitFamily(Family):
   # ---- transfer ----
   def adapt(self, src, target, src_arch, target_fields, image_size, method, report) -> Flat:
     """Position embeddings: a learned table dropped for a fixed target, prefix rows added or
-    dropped when the classifier changes, the grid resampled to the target's (`method`)."""
+    dropped when the classifier changes, the grid resampled to the target's (`method`); the patch
+    kernel PI-resized to the target's patch size (FlexiViT; `resize.patch_method(method)`)."""
     src = dict(src)
+    key = self.patch_kernel
+    if key and key in src and key in target:
+      src[key] = self._adapt_patch_kernel(src[key], tuple(target[key].shape), method, report)
     if POSEMB_KEY in src and POSEMB_KEY not in target:
       report.dropped.append(POSEMB_KEY)
       msg = (f'the target has posemb={target_fields.get("posemb")!r}: the checkpoint\'s learned '
@@ -398,8 +412,10 @@ class VitFamily(Family):
     if old_prefix != new_prefix:
       # Rows of other prefix tokens (a class token, registers, or none: no_embed_class) do not
       # carry over; the target's prefix rows, if any, start from its initialisation.
+      dropped = ('dropped (all zero: no position embedding for those tokens, as the model)'
+                 if not np.any(pe[:, :old_prefix]) else 'dropped')
       report.notes.append(f'{POSEMB_KEY}: {old_prefix} prefix rows in the checkpoint, '
-                          f'{new_prefix} in the model: ' + ('dropped' if not new_prefix else
+                          f'{new_prefix} in the model: ' + (dropped if not new_prefix else
                                                             'the model\'s from its initialisation'))
       pe = np.concatenate([np.asarray(target[POSEMB_KEY])[:, :new_prefix].astype(pe.dtype),
                            pe[:, old_prefix:]], axis=1)
@@ -409,6 +425,20 @@ class VitFamily(Family):
       report.reshaped.append((POSEMB_KEY, tuple(src[POSEMB_KEY].shape), tuple(out.shape)))
       report.notes.append(f'{POSEMB_KEY}: grid {old_grid[0]}x{old_grid[1]} -> '
                           f'{new_grid[0]}x{new_grid[1]} ({method})')
+    return out
+
+  def _adapt_patch_kernel(self, kernel, want: tuple[int, ...], method: str, report):
+    """[ph, pw, C, D] -> the target's [ph', pw', C, D] by FlexiViT's PI-resize, so that a patch
+    resized to the new size embeds as the old patch did; other differences (width, channels) are
+    left to the generic transfer (which sums colour channels for a grey-scale target)."""
+    kernel = np.asarray(kernel)
+    if kernel.ndim != 4 or len(want) != 4 or kernel.shape[:2] == want[:2]:
+      return kernel
+    how = resize.patch_method(method)
+    out = resize.pi_resize_kernel(kernel, want[:2], how)
+    report.reshaped.append((self.patch_kernel, tuple(kernel.shape), tuple(out.shape)))
+    report.notes.append(f'{self.patch_kernel}: patch {kernel.shape[0]}x{kernel.shape[1]} -> '
+                        f'{want[0]}x{want[1]} (PI-resize, {how})')
     return out
 
   def _src_table_prefix(self, src: Flat, src_arch: Optional[Architecture]) -> int:

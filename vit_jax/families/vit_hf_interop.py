@@ -1,5 +1,7 @@
-"""The ViT family's Hugging Face interop: `ViTForImageClassification` <-> Google's names, numpy
-only (`vit_interop.VitInterop.to_hf` / `from_hf` call it).
+"""The ViT family's Hugging Face interop: which transformers class expresses a ViT (`hf_target`:
+ViT, DINOv2 or SigLIP, whose maps are `vit_dinov2_hf_interop.py` and `vit_siglip_hf_interop.py`),
+and `ViTForImageClassification` <-> Google's names, numpy only (`vit_interop.VitInterop.to_hf` /
+`from_hf` call it).
 
 Hugging Face (the names every released ViT on the Hub uses): vit.embeddings.{cls_token,
 position_embeddings, patch_embeddings.projection}, vit.encoder.layer.{i}.{layernorm_before,
@@ -21,6 +23,7 @@ from vit_jax.families.interop import (conv_from_torch, conv_to_torch, dense_from
 from vit_jax.families.vit import POSEMB_KEY
 from vit_jax.shapes import hw
 
+MODEL_TYPES = ('vit',)
 HF_TANH = ('gelu_pytorch_tanh', 'gelu_new', 'gelu_fast', 'gelu_python_tanh')
 _V5_RENAMES = ((r'^vit\.layers\.(\d+)\.', r'vit.encoder.layer.\1.'),
                (r'\.attention\.([qkv])_proj\.', None),  # -> .attention.attention.{query,key,value}.
@@ -29,23 +32,76 @@ _V5_RENAMES = ((r'^vit\.layers\.(\d+)\.', r'vit.encoder.layer.\1.'),
 _QKV = {'q': 'query', 'k': 'key', 'v': 'value'}
 
 
-def check_hf_expressible(fields: Mapping[str, Any]) -> None:
-  if fields['classifier'] != 'token':
-    what = 'average pool' if fields['classifier'] == 'gap' else 'MAP (attention-pooling) head'
-    raise ValueError(f'Hugging Face\'s ViTForImageClassification classifies the class token; it has '
-                     f'no {what} (classifier={fields["classifier"]!r}). Export with `--to timm`, '
-                     'which can express it.')
-  variant = [f'{k}={fields[k]!r}' for k in ('layer_scale', 'num_registers', 'no_embed_class',
-                                              'fc_norm') if fields.get(k)]
-  if variant:
-    raise ValueError(f'Hugging Face\'s ViTForImageClassification has no LayerScale, registers, '
-                     f'patch-only position table or norm after pooling, and this model has '
-                     f'{", ".join(variant)}: export with `--to timm`, which expresses them')
+def hf_target(fields: Mapping[str, Any]) -> str:
+  """The transformers architecture that expresses this ViT exactly: 'vit'
+  (`ViTForImageClassification`; a table without a class row gets a zero one), 'dinov2'
+  (`Dinov2[WithRegisters]Model` / `...ForImageClassification`: LayerScale or registers, with a
+  class token) or 'siglip' (`SiglipVisionModel` / `SiglipForImageClassification`: no class token, mean or
+  attention pooling). A ValueError naming what transformers lacks otherwise."""
   if fields.get('representation_size'):
     raise ValueError(
-        'Hugging Face\'s ViTForImageClassification has no pre-logits layer, but this model has one '
-        f'(representation_size={fields["representation_size"]}); neither has timm. Drop it when '
-        'fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
+        'Hugging Face\'s ViT, DINOv2 and SigLIP classifiers have no pre-logits layer, but this '
+        f'model has one (representation_size={fields["representation_size"]}); neither has timm. '
+        'Drop it when fine-tuning (`keep_pre_logits=False`) or export with `--to npz`.')
+  later = [f'{k}={fields[k]!r}' for k in ('layer_scale', 'num_registers') if fields.get(k)]
+  missing = []
+  if fields.get('fc_norm'):
+    missing.append('a norm after pooling (fc_norm=True: transformers\' ViT, DINOv2 and SigLIP '
+                   'normalise every token before pooling)')
+  if fields['classifier'] != 'token' and later:
+    missing.append(f'{" and ".join(later)} without a class token (classifier='
+                   f'{fields["classifier"]!r}: Dinov2WithRegisters always reads a class token, '
+                   'SigLIP has no LayerScale or registers)')
+  if missing:
+    raise ValueError(f'transformers has no ViT with {"; nor with ".join(missing)}. Export with '
+                     '`--to timm`, which expresses it')
+  if fields['classifier'] == 'token':  # (no_embed_class alone: ViT's table with a zero class row)
+    return 'dinov2' if later else 'vit'
+  return 'siglip'
+
+
+def check_hf_expressible(fields: Mapping[str, Any]) -> None:
+  """ValueError unless `ViTForImageClassification` expresses this ViT (see `hf_target`)."""
+  if hf_target(fields) != 'vit':
+    raise ValueError('this model is not a plain class-token ViT: `ViTForImageClassification` '
+                     'cannot express it')
+
+
+def hf_act(fields: Mapping[str, Any]) -> str:
+  """transformers' `hidden_act` of our `act` (the ViT module's default is the tanh form)."""
+  return 'gelu' if fields.get('act') == 'gelu' else 'gelu_pytorch_tanh'
+
+
+def act_from_hf(hidden_act: str) -> str:
+  """Our `act` of transformers' `hidden_act`; ValueError for anything but a GELU."""
+  if hidden_act not in HF_TANH + ('gelu',):
+    raise ValueError(f'hidden_act={hidden_act!r} is neither GELU form this project implements')
+  return 'gelu_tanh' if hidden_act in HF_TANH else 'gelu'
+
+
+def eps_notes(config: Mapping[str, Any], default: float) -> list[str]:
+  """A note when the source's LayerNorm epsilon (config.json, else the class's `default`) is not
+  this project's 1e-6."""
+  eps = config.get('layer_norm_eps', default)
+  return [f'the source uses layer_norm_eps={eps}; this project uses 1e-6'] if abs(
+      eps - 1e-6) > 1e-12 else []
+
+
+def check_square(what: str, fields: Mapping[str, Any], image_size: Any) -> None:
+  """transformers' DINOv2 and SigLIP keep a square position table and resample it whenever the
+  input is not square: a ValueError for a non-square image or patch, or a table grid other than
+  the image's (`posemb_grid`)."""
+  (h, w), (ph, pw) = hw(image_size), hw(fields['patch_size'])
+  if h != w or ph != pw:
+    raise ValueError(f'{what} assumes square images and patches (it resamples its position table '
+                     f'whenever height != width); this model takes {h}x{w} images in {ph}x{pw} '
+                     'patches. Export with `--to timm`, which expresses it')
+  grid = fields.get('posemb_grid')
+  if grid is not None and tuple(hw(grid)) != (h // ph, w // pw):
+    raise ValueError(f'{what} reads its position table at the image size of config.json; this '
+                     f'model\'s table is {hw(grid)[0]}x{hw(grid)[1]} but its images are {h}x{w}. '
+                     'Resample it to the image size (fine-tune from it at that size) or export '
+                     'with `--to timm`')
 
 
 def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dict[str, Any]]:
@@ -59,7 +115,10 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
                f'{e}.cls_token': flat['cls']}
   # HF always adds position embeddings: fixed kinds are written as their values at this size.
   grid = vit_family.FAMILY.grid(cfg, arch.image_size)
-  out[f'{e}.position_embeddings'] = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, 1))
+  pe = flat.get(POSEMB_KEY, vit_family.fixed_posemb(cfg, grid, 1))
+  if cfg.get('no_embed_class') and POSEMB_KEY in flat:  # a zero row: the class token gets none
+    pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+  out[f'{e}.position_embeddings'] = pe
   for i in range(cfg['num_layers']):
     b, t = f'Transformer/encoderblock_{i}', f'vit.encoder.layer.{i}'
     att = f'{b}/MultiHeadDotProductAttention_1'
@@ -79,7 +138,7 @@ def to_hf(flat: Mapping[str, np.ndarray], arch: Architecture) -> tuple[Flat, dic
       'architectures': ['ViTForImageClassification'], 'model_type': 'vit',
       'hidden_size': cfg['hidden_size'], 'num_hidden_layers': cfg['num_layers'],
       'num_attention_heads': cfg['num_heads'], 'intermediate_size': cfg['mlp_dim'],
-      'hidden_act': 'gelu' if cfg.get('act') == 'gelu' else 'gelu_pytorch_tanh',
+      'hidden_act': hf_act(cfg),
       'layer_norm_eps': 1e-6, 'hidden_dropout_prob': 0.0, 'attention_probs_dropout_prob': 0.0,
       'initializer_range': 0.02, 'qkv_bias': True, 'num_channels': arch.channels,
       'image_size': h if h == w else [h, w], 'patch_size': ph if ph == pw else [ph, pw],
@@ -135,15 +194,12 @@ def from_hf(state: Mapping[str, np.ndarray], config: Mapping[str, Any]
     dense_from_torch(sd, 'classifier', out, 'head')
   if sd:
     raise ValueError(f'Hugging Face ViT parameters this project\'s ViT cannot express: {sorted(sd)}')
-  act = config.get('hidden_act', 'gelu')
-  if act not in HF_TANH + ('gelu',):
-    raise ValueError(f'hidden_act={act!r} is neither GELU form this project implements')
-  eps = config.get('layer_norm_eps', 1e-12)
-  if abs(eps - 1e-6) > 1e-12:
-    notes.append(f'the source uses layer_norm_eps={eps}; this project uses 1e-6')
-  fields: dict[str, Any] = {'act': 'gelu_tanh' if act in HF_TANH else 'gelu'}
+  notes += eps_notes(config, 1e-12)
+  fields: dict[str, Any] = {'act': act_from_hf(config.get('hidden_act', 'gelu'))}
   if 'vit_jax' in config:
     fields = {**config['vit_jax'].get('model_config', {}), **fields, 'posemb': 'learned'}
+    if fields.get('no_embed_class'):  # written with a class row (zero, or one's own): fold it
+      out['cls'], out[POSEMB_KEY] = out['cls'] + out[POSEMB_KEY][:, :1], out[POSEMB_KEY][:, 1:]
   size = config.get('image_size', 224)
   arch = vit_family.FAMILY.infer(out, model_config=fields, image_size=size)
   arch.channels = int(config.get('num_channels', 3))

@@ -6,8 +6,10 @@ mlp.fc1, mlp.fc2, ls2.gamma}, norm (or fc_norm after pooling), head, and for glo
 attn_pool.{latent, q, kv, proj, norm, mlp.fc1, mlp.fc2}. timm's own registered names (DeiT III,
 DINOv2, SigLIP, ...) save only the arguments given on top of their defaults, so the reader takes
 registers, LayerScale, fc_norm and the position table's prefix rows from the weights.
-Hugging Face's `ViTForImageClassification` names are mapped in `vit_hf_interop.py`; Google's `.npz`
-is the family's own file layout (`VitInterop.npz_keys_ok` checks a tree is in it).
+Hugging Face's `ViTForImageClassification` names are mapped in `vit_hf_interop.py`, DINOv2's (with
+and without registers) in `vit_dinov2_hf_interop.py`, SigLIP's image tower in
+`vit_siglip_hf_interop.py`, and `vit_hf_interop.hf_target` picks the one a model needs. Google's
+`.npz` is the family's own file layout (`VitInterop.npz_keys_ok` checks a tree is in it).
 
 The block, head and whole-transformer maps are public so that the DeiT and hybrid interops reuse
 them (`blocks_to_timm`, `blocks_from_timm`, `transformer_from_timm`, `timm_vit_args`, ...).
@@ -20,7 +22,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vit_jax.families import vit as vit_family
-from vit_jax.families import vit_hf_interop
+from vit_jax.families import vit_dinov2_hf_interop, vit_hf_interop, vit_siglip_hf_interop
 from vit_jax.families.base import IMAGENET, SIGNED_UNIT, Architecture, Family, Flat
 from vit_jax.families.interop import (Interop, conv_from_torch, conv_to_torch, dense_from_torch,
                                       dense_to_torch, fused_to_torch, ln_from_torch, ln_to_torch,
@@ -43,7 +45,7 @@ TIMM_ARCHITECTURES = {
     'DINOv2-B_14-reg4': 'vit_base_patch14_reg4_dinov2',
     'SigLIP-B_16': 'vit_base_patch16_siglip_224',
     'SigLIP-B_16-gap': 'vit_base_patch16_siglip_gap_224',
-    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256'}
+    'ViT-Little_16-reg4-gap': 'vit_little_patch16_reg4_gap_256', 'FlexiViT-S': 'flexivit_small'}
 
 
 # ---------- timm ----------
@@ -298,10 +300,17 @@ def npz_keys_ok(flat: Mapping[str, Any]) -> list[str]:
 
 # ---------- the interop ----------
 
+# hf_target's answer -> the module holding that transformers class's names.
+_HF_MODULES = {'vit': vit_hf_interop, 'dinov2': vit_dinov2_hf_interop,
+               'siglip': vit_siglip_hf_interop}
+
+
 class VitInterop(Interop):
   """The ViT's timm `VisionTransformer`, Hugging Face `ViTForImageClassification` and Google npz."""
-  timm_prefixes = ('vit_', 'deit_', 'deit3_')  # timm's non-distilled DeiTs are plain ViTs
-  hf_model_types = ('vit',)
+  # timm's non-distilled DeiTs and its FlexiViTs are plain ViTs.
+  timm_prefixes = ('vit_', 'deit_', 'deit3_', 'flexivit_')
+  hf_model_types = tuple(t for m in (vit_hf_interop, vit_dinov2_hf_interop, vit_siglip_hf_interop)
+                         for t in m.MODEL_TYPES)
   writes_npz = True
 
   def reads_timm(self, architecture, keys) -> bool:
@@ -325,10 +334,16 @@ class VitInterop(Interop):
     return from_timm(state, config, self.family)
 
   def to_hf(self, flat, arch):
-    return vit_hf_interop.to_hf(flat, arch)
+    """The transformers class that expresses the ViT exactly (`vit_hf_interop.hf_target`)."""
+    target = vit_hf_interop.hf_target(arch.model_config)
+    return _HF_MODULES[target].to_hf(flat, arch)
 
   def from_hf(self, state, config):
-    return vit_hf_interop.from_hf(state, config)
+    model_type = config.get('model_type', 'vit')
+    for module in _HF_MODULES.values():
+      if model_type in module.MODEL_TYPES:
+        return module.from_hf(state, config)
+    raise ValueError(f'Hugging Face model_type {model_type!r} is not a ViT this project reads')
 
   def npz_keys_ok(self, flat) -> list[str]:
     return npz_keys_ok(flat)

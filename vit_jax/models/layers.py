@@ -1,5 +1,6 @@
 """Layers the models share: GELU, stochastic depth, remat policies, the MLP block, the MAP head,
-LayerScale and the position embedding (learned, 2-D sine-cosine or none), whose learned table can
+LayerScale, the patch embedding at another patch size (FlexiViT) and the position embedding
+(learned, 2-D sine-cosine or none), whose learned table can
 be resampled to another patch grid inside a jitted function (`vit_jax.models.resize.grid_operator`:
 the checkpoint transfer's method as a matrix).
 
@@ -125,6 +126,28 @@ class MAPHead(nn.Module):
     x = x + MlpBlock(self.mlp_dim, act=self.act, dtype=self.dtype, param_dtype=self.param_dtype,
                      name='MlpBlock_0')(y)
     return x[:, 0]
+
+
+class ResizedPatchEmbedding(nn.Module):
+  """The patch embedding `embedding` (nn.Conv's parameters `kernel` [ph, pw, C, D] and `bias` [D],
+  its initialisers) applied at another patch size: the stored kernel is PI-resized inside the call
+  (FlexiViT, `resize.pi_resize_kernel_jax` with `method`), so gradients reach it at its own size."""
+  features: int
+  stored_hw: tuple[int, int]
+  method: str = 'linear'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, patch_hw: tuple[int, int]) -> jax.Array:
+    """images [B, H, W, C] (H, W multiples of patch_hw) -> [B, H/ph, W/pw, D]."""
+    shape = (*self.stored_hw, images.shape[-1], self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
+    kernel = resize.pi_resize_kernel_jax(kernel, patch_hw, self.method).astype(self.dtype)
+    x = jax.lax.conv_general_dilated(images.astype(self.dtype), kernel, tuple(patch_hw), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return x + bias.astype(self.dtype)
 
 
 class LayerScale(nn.Module):

@@ -12,8 +12,21 @@ Grid methods ([gh, gw, D] -> [gh', gw', D]):
   'bilinear': `scipy.ndimage.zoom(order=1)`, corner-aligned linear (Google's fine-tuning).
   'bicubic': antialiased bicubic with half-pixel centres (timm's default; matches
     `torch.nn.functional.interpolate(mode='bicubic', antialias=True)`), via `jax.image.resize`.
-Relative-position bias tables ([(2wh-1)(2ww-1), heads], Swin) take those two plus 'timm' (timm 1.0's
+  'linear': linear with half-pixel centres and no antialiasing
+    (`tf.image.resize(method='bilinear')`, `torch.nn.functional.interpolate(mode='bilinear',
+    align_corners=False)`): FlexiViT's resize, and the one timm's loaders of Google's `.npz` and
+    of FlexiViT apply to kernels and tables.
+Relative-position bias tables ([(2wh-1)(2ww-1), heads], Swin) take those plus 'timm' (timm 1.0's
 `resize_rel_pos_bias_table`).
+
+Patch-embedding kernels ([ph, pw, C, D] -> [ph', pw', C, D]) are resampled by FlexiViT's PI-resize
+(Beyer et al., 2023, "FlexiViT: One Model for All Patch Sizes"): a token is <x, w> for a patch x
+and a kernel w; resizing the patch with a linear method B (x' = B x) and the kernel with
+w' = pinv(B^T) w keeps <B x, w'> = <x, w> for every x when the patch grows (B has full column
+rank), and is the least-squares best when it shrinks. `pi_resize_kernel` (numpy, checkpoint
+transfer) and `pi_resize_kernel_jax` (inside a jitted call) apply the same [ph'*pw', ph*pw]
+operator (`pi_resize_operator`), B being any grid method above ('linear': FlexiViT's and timm's
+FlexiViT loader; 'bicubic': timm's `resample_patch_embed` default).
 """
 from __future__ import annotations
 
@@ -25,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-METHODS = ('bilinear', 'bicubic')
+METHODS = ('bilinear', 'bicubic', 'linear')
 RELATIVE_RESIZE_METHODS = ('bicubic', 'bilinear', 'timm')
 
 Window = Union[int, Sequence[int]]
@@ -45,7 +58,11 @@ def resample_grid(grid: np.ndarray, new_hw: Sequence[int], method: str = 'biline
     return grid
   dtype = grid.dtype
   work = np.asarray(grid, np.float64 if dtype == np.float64 else np.float32)
-  if method == 'bilinear':
+  if method == 'linear':
+    # Separable: one [new, old] interpolation matrix per axis, exact in float64.
+    out = np.einsum('ih,jw,hwd->ijd', _linear_matrix(gh, new_h), _linear_matrix(gw, new_w),
+                    work.astype(np.float64))
+  elif method == 'bilinear':
     import scipy.ndimage  # pylint: disable=import-outside-toplevel
     # Factors from the target shape: zoom rounds in * factor to get the output shape, and then
     # derives the sample positions from the shapes alone, so this is exactly Google's call.
@@ -57,6 +74,20 @@ def resample_grid(grid: np.ndarray, new_hw: Sequence[int], method: str = 'biline
     with jax.ensure_compile_time_eval():
       out = np.asarray(jax.image.resize(work, (new_h, new_w, d), method='bicubic', antialias=True))
   return out.astype(dtype)
+
+
+def _linear_matrix(old: int, new: int) -> np.ndarray:
+  """[new, old] float64 weights of half-pixel-centred linear interpolation without antialiasing:
+  output i samples the input at (i + 0.5) * old / new - 0.5, clamped at the first pixel (as
+  torch's and TensorFlow's kernels do), between its two neighbours."""
+  out = np.zeros((new, old), np.float64)
+  src = np.maximum((np.arange(new) + 0.5) * (old / new) - 0.5, 0.0)
+  low = np.minimum(np.floor(src).astype(int), old - 1)
+  high = np.minimum(low + 1, old - 1)
+  frac = src - low
+  np.add.at(out, (np.arange(new), low), 1.0 - frac)
+  np.add.at(out, (np.arange(new), high), frac)
+  return out
 
 
 def _geometric_offsets(src: int, dst: int) -> np.ndarray:
@@ -158,3 +189,61 @@ def resize_relative_table(table: jax.Array, old_window: Window, new_window: Wind
                      f'{RELATIVE_RESIZE_METHODS}')
   op = jnp.asarray(relative_operator(old, new, method))
   return jnp.matmul(op, table.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+# ---------- FlexiViT's PI-resize of a patch-embedding kernel ----------
+
+@functools.lru_cache(maxsize=None)
+def pi_resize_operator(old_hw: tuple[int, int], new_hw: tuple[int, int], method: str = 'linear'
+                       ) -> np.ndarray:
+  """[h'*w', h*w] float32 matrix P = pinv(B^T) with B = grid_operator(old_hw, new_hw, method), the
+  resize of a patch: a kernel's [h*w] spatial values w (per input and output channel) become P @ w
+  (see the module docstring)."""
+  if method not in METHODS:
+    raise ValueError(f'patch-embedding resize method {method!r} is not one of {METHODS}')
+  old, new = _pair(old_hw), _pair(new_hw)
+  resize = grid_operator(old, new, method).astype(np.float64)  # [h'*w', h*w]
+  # Singular values below float32 resolution are the operator's rounding, not signal: cut them as
+  # torch.linalg.pinv does in float32 (timm), else a rank-deficient B (a shrink) blows up.
+  rcond = max(resize.shape) * np.finfo(np.float32).eps
+  return np.ascontiguousarray(np.linalg.pinv(resize.T, rcond=rcond).astype(np.float32))
+
+
+def patch_method(method: str) -> str:
+  """The PI-resize method that goes with a table resize `method`: a patch is resized as images are,
+  half-pixel centred: 'bicubic' (antialiased; timm's `resample_patch_embed` default) when the tables
+  are, else 'linear' (FlexiViT's; 'bilinear' is the tables' corner-aligned legacy, not an image
+  resize)."""
+  if method not in METHODS:
+    raise ValueError(f'resize method {method!r} is not one of {METHODS}')
+  return 'bicubic' if method == 'bicubic' else 'linear'
+
+
+def _check_kernel(shape: Sequence[int], new_hw: Window) -> tuple[tuple[int, int], tuple[int, int]]:
+  if len(shape) != 4:
+    raise ValueError(f'a patch-embedding kernel is [ph, pw, C, D], got shape {tuple(shape)}')
+  return (int(shape[0]), int(shape[1])), _pair(new_hw)
+
+
+def pi_resize_kernel(kernel: np.ndarray, new_hw: Window, method: str = 'linear') -> np.ndarray:
+  """FlexiViT's PI-resize of a [ph, pw, C, D] patch-embedding kernel to [ph', pw', C, D] (its dtype;
+  computed in float64 from the float32 operator); the kernel itself when the sizes are equal."""
+  kernel = np.asarray(kernel)
+  old, new = _check_kernel(kernel.shape, new_hw)
+  if old == new:
+    return kernel
+  op = pi_resize_operator(old, new, method).astype(np.float64)
+  flat = kernel.astype(np.float64).reshape(old[0] * old[1], -1)
+  return (op @ flat).reshape(*new, *kernel.shape[2:]).astype(kernel.dtype)
+
+
+def pi_resize_kernel_jax(kernel: jax.Array, new_hw: Window, method: str = 'linear') -> jax.Array:
+  """`pi_resize_kernel` on a traced kernel, inside a jitted function: one matmul with the operator
+  (built once per shape at trace time); float32 result, gradients reach the stored kernel."""
+  old, new = _check_kernel(kernel.shape, new_hw)
+  if old == new:
+    return kernel
+  op = jnp.asarray(pi_resize_operator(old, new, method))
+  flat = kernel.astype(jnp.float32).reshape(old[0] * old[1], -1)
+  out = jnp.matmul(op, flat, precision=jax.lax.Precision.HIGHEST)
+  return out.reshape(*new, *kernel.shape[2:])

@@ -23,7 +23,8 @@ Later ViTs are fields of the same model, each off by default (Google's checkpoin
                   (`Transformer/encoder_norm`), as timm's default for average pooling;
   classifier      'token', 'gap' (mean of the patch tokens) or 'map' (attention pooling, SigLIP).
 And a backbone API: `dynamic_img_size` (any grid at call time, the learned table resampled inside
-the call), `intermediates=(i, ...)` (the chosen blocks' token maps, prefix tokens apart).
+the call), `intermediates=(i, ...)` (the chosen blocks' token maps, prefix tokens apart), and
+FlexiViT's `patch_size=` at call time (the kernel PI-resized inside the call).
 """
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import backbone
+from vit_jax.models import resize
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models.attention import MultiHeadDotProductAttention, rows
 from vit_jax.models.layers import (ACTIVATIONS, LN_EPS, POSEMBS, REMAT_POLICIES,  # noqa: F401
                                    RESIZE_METHODS, AddPositionEmbs, LayerScale, MAPHead, MlpBlock,
-                                   drop_path, gelu, pair, remat_block, sincos_2d)
+                                   ResizedPatchEmbedding, drop_path, gelu, pair, remat_block,
+                                   sincos_2d)
 from vit_jax.models.tokens import TokenInputs
 
 Dtype = Any
@@ -192,27 +195,36 @@ class Encoder(nn.Module):
     return (x if norm is None else norm(x)), weights
 
 
-def embed_patches(module: nn.Module, images: jax.Array, patch_hw: tuple[int, int]
+def embed_patches(module: nn.Module, images: jax.Array, patch_hw: tuple[int, int],
+                  stored_hw: Optional[tuple[int, int]] = None, method: str = 'linear'
                   ) -> tuple[jax.Array, tuple[int, int]]:
   """The patch embedding `embedding` (a conv of stride = patch) as tokens: ([B, gh*gw, D], (gh, gw)).
 
   Call from a compact method of a module with ViT fields (hidden_size, dtype, param_dtype): the conv
-  is created in that module's scope, where Google's checkpoints keep it.
+  is created in that module's scope, where Google's checkpoints keep it. With `stored_hw` (the
+  kernel's own patch) other than `patch_hw`, the kernel is PI-resized to `patch_hw` in the call
+  (FlexiViT; `method` as `resize.pi_resize_kernel_jax`).
   """
   ph, pw = patch_hw
   _, h, w, _ = images.shape
   if h % ph or w % pw:
     raise ValueError(f'image size {h}x{w} is not divisible by the patch size {ph}x{pw}')
-  x = nn.Conv(module.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID', dtype=module.dtype,
-              param_dtype=module.param_dtype, name='embedding')(images.astype(module.dtype))
+  if stored_hw is not None and tuple(stored_hw) != (ph, pw):
+    x = ResizedPatchEmbedding(module.hidden_size, tuple(stored_hw), method, module.dtype,
+                              module.param_dtype, name='embedding')(images, (ph, pw))
+  else:
+    x = nn.Conv(module.hidden_size, (ph, pw), strides=(ph, pw), padding='VALID',
+                dtype=module.dtype, param_dtype=module.param_dtype,
+                name='embedding')(images.astype(module.dtype))
   b, gh, gw, d = x.shape
   return jnp.reshape(x, (b, gh * gw, d)), (gh, gw)
 
 
 def make_encoder(module: nn.Module, grid: tuple[int, int], num_prefix: int,
-                 table_prefix: Optional[int] = None) -> 'Encoder':
+                 table_prefix: Optional[int] = None, dynamic: bool = False) -> 'Encoder':
   """The `Transformer` encoder configured from a module with the ViT's fields (a DeiT lacks the
-  variant fields layer_scale and fc_norm: their defaults apply)."""
+  variant fields layer_scale and fc_norm: their defaults apply); `dynamic` resamples the table to
+  the input's grid even without dynamic_img_size (a call at another patch size)."""
   if module.dynamic_resize not in RESIZE_METHODS:
     raise ValueError(f'dynamic_resize {module.dynamic_resize!r} is not one of {RESIZE_METHODS}')
   return Encoder(
@@ -221,7 +233,7 @@ def make_encoder(module: nn.Module, grid: tuple[int, int], num_prefix: int,
       attention_dropout_rate=module.attention_dropout_rate,
       stochastic_depth=module.stochastic_depth, attention_impl=module.attention_impl,
       remat=module.remat, scan=module.scan, act=module.act, table_prefix=table_prefix,
-      posemb_grid=module.posemb_grid, dynamic_img_size=module.dynamic_img_size,
+      posemb_grid=module.posemb_grid, dynamic_img_size=module.dynamic_img_size or dynamic,
       dynamic_resize=module.dynamic_resize, layer_scale=getattr(module, 'layer_scale', None),
       final_norm=not getattr(module, 'fc_norm', False), dtype=module.dtype,
       param_dtype=module.param_dtype, name='Transformer')
@@ -269,9 +281,9 @@ class VisionTransformer(nn.Module):
       table's shape (the image's grid, else a square) afterwards.
     dynamic_img_size: accept any image size (multiple of the patch) at call time: the learned table
       is resampled to the input's grid inside the call with `dynamic_resize` ('bilinear', scipy's
-      corner-aligned zoom, or 'bicubic', antialiased: the checkpoint transfer's methods), so the
-      result equals building the model at that size from the resampled checkpoint. False: another
-      grid than the table's is an error.
+      corner-aligned zoom, 'bicubic', antialiased, or 'linear', half-pixel without antialiasing as
+      FlexiViT: the checkpoint transfer's methods), so the result equals building the model at
+      that size from the resampled checkpoint. False: another grid than the table's is an error.
   """
   num_classes: Optional[int]
   patch_size: Union[int, Sequence[int]]
@@ -329,7 +341,7 @@ class VisionTransformer(nn.Module):
                features: bool = False, tokens: Optional[TokenInputs] = None,
                return_weights: Optional[bool] = None,
                intermediates: Optional[backbone.Indices] = None, norm: bool = False,
-               drop_prefix: bool = False):
+               drop_prefix: bool = False, patch_size: Optional[Union[int, Sequence[int]]] = None):
     """Classifies images.
 
     Args:
@@ -351,6 +363,12 @@ class VisionTransformer(nn.Module):
       norm: with intermediates, pass each through the final norm (timm's norm=True; none with
         fc_norm, whose norm follows the pooling).
       drop_prefix: with intermediates, leave 'prefix' out.
+      patch_size: run at this patch size instead of the model's (FlexiViT, a static argument: one
+        compilation per size): the stored kernel PI-resized to it and the learned table resampled
+        to the new grid, both inside the call with `dynamic_resize` (the kernel with
+        `resize.patch_method` of it: 'linear', or 'bicubic'), which equals building the model at
+        that patch size from the checkpoint transferred with the same method. Initialise at the
+        model's own patch size.
 
     Returns:
       logits [B, num_classes] in `dtype` (or pre-logits when there is no head); with return_aux,
@@ -361,11 +379,17 @@ class VisionTransformer(nn.Module):
     if self.posemb not in POSEMBS:
       raise ValueError(f'posemb {self.posemb!r} is not one of {POSEMBS}')
     return_weights = return_aux if return_weights is None else return_weights
-    x, (gh, gw) = embed_patches(self, images, self.patch_hw)
+    patch_hw = self.patch_hw if patch_size is None else pair(patch_size)
+    flexible = patch_hw != self.patch_hw
+    if flexible and self.is_initializing():
+      raise ValueError(f'initialise at the model\'s patch size {self.patch_hw}; patch_size='
+                       f'{patch_size} is for calls with its parameters')
+    x, (gh, gw) = embed_patches(self, images, patch_hw, self.patch_hw,
+                                resize.patch_method(self.dynamic_resize) if flexible else 'linear')
     x = self._add_prefix(tokens_lib.edit_patches(x, tokens))
     b, _, d = x.shape
     prefix = self.num_prefix
-    encoder = make_encoder(self, (gh, gw), prefix, 0 if self.no_embed_class else None)
+    encoder = make_encoder(self, (gh, gw), prefix, 0 if self.no_embed_class else None, flexible)
     if intermediates is not None:
       return intermediate_outputs(encoder, x, (gh, gw), prefix, intermediates, norm=norm,
                                   drop_prefix=drop_prefix, train=train, tokens=tokens)

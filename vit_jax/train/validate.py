@@ -113,9 +113,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f'{key} must be a whole number of seconds > 0, got {value!r}')
   _need(config.optimizer in ('adam', 'sgd'), f"optimizer {config.optimizer!r}: 'adam' or 'sgd'")
   _need(config.lr_decay in optim.DECAYS, f'lr_decay {config.lr_decay!r}: one of {optim.DECAYS}')
-  _need(config.get('posemb_resize') in (None, 'bilinear', 'bicubic'),
-        f"posemb_resize {config.get('posemb_resize')!r}: 'bilinear', 'bicubic' or unset (the "
-        "family's default)")
+  _need(config.get('posemb_resize') in (None, 'bilinear', 'bicubic', 'linear'),
+        f"posemb_resize {config.get('posemb_resize')!r}: 'bilinear', 'bicubic', 'linear' or unset "
+        "(the family's default)")
   _need(0 <= config.ema_decay < 1, 'ema_decay must be in [0, 1) (0: off)')
   _need(config.dtype in ('auto', 'float32', 'bfloat16', 'float16'),
         f"dtype {config.dtype!r}: 'auto', 'float32', 'bfloat16' or 'float16'")
