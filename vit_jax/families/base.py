@@ -268,7 +268,8 @@ class Family:
   def attention_fn(self, arch: Architecture) -> Any:
     """A function (params in the module layout, images [B, H, W, C]) -> (logits [B, classes], the
     softmax probabilities of every block, float32 [L, B, heads, N, N] (N = prefix + gh*gw)), the
-    latter never from a fused kernel."""
+    latter never from a fused kernel. Families with global attention return
+    `aux_attention_fn(arch)`."""
     raise self._undefined('global self-attention (rollout, attention distance)')
 
   def position_table(self, flat: Flat, arch: Architecture) -> tuple[str, np.ndarray]:
@@ -305,3 +306,15 @@ def check_sizes(found: Mapping[str, Any], wanted: Mapping[str, Any], fields: Seq
     raise ValueError(f'the checkpoint does not match the model config {name!r}: it has '
                      f'{", ".join(wrong)}')
 
+
+def aux_attention_fn(arch: Architecture) -> Any:
+  """`Family.attention_fn` of a model whose `return_aux=True` carries 'attention_weights'. Asking for
+  the weights takes the explicit softmax even where the config names a fused kernel; float32, so that
+  small weights survive a bfloat16 checkpoint's config."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  model = arch.create_model(attention_impl='explicit', dtype=jnp.float32)
+
+  def fn(params, images):
+    logits, aux = model.apply({'params': params}, images, return_aux=True)
+    return logits, aux['attention_weights']
+  return fn

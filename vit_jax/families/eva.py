@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from vit_jax.families import resample
-from vit_jax.families.base import Architecture, Family, Flat, check_sizes
+from vit_jax.families.base import Architecture, Family, Flat, aux_attention_fn, check_sizes
 from vit_jax.models import eva as eva_models
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.shapes import hw
@@ -221,13 +221,7 @@ class BackboneFamily(Family):
     return arch.model_config.get('classifier', 'gap') == 'token'
 
   def attention_fn(self, arch):
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    model = arch.create_model(attention_impl='explicit', dtype=jnp.float32)
-
-    def fn(params, images):
-      logits, aux = model.apply({'params': params}, images, return_aux=True)
-      return logits, aux['attention_weights']
-    return fn
+    return aux_attention_fn(arch)
 
   def position_table(self, flat, arch):
     if 'pos_embed' not in flat:

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 
 from vit_jax.families import resample
-from vit_jax.families.base import Architecture, Family, Flat, check_sizes
+from vit_jax.families.base import Architecture, Family, Flat, aux_attention_fn, check_sizes
 from vit_jax.models import resize
 from vit_jax.models import tokens as tokens_lib
 from vit_jax.models import vit as vit_models
@@ -459,15 +459,7 @@ class VitFamily(Family):
     return arch.model_config.get('classifier', 'token') == 'token'
 
   def attention_fn(self, arch):
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    # Asking for the weights (return_aux) takes the explicit softmax even where the config names a
-    # fused kernel; float32 so that small weights survive a bfloat16 checkpoint's config.
-    model = arch.create_model(attention_impl='explicit', dtype=jnp.float32)
-
-    def fn(params, images):
-      logits, aux = model.apply({'params': params}, images, return_aux=True)
-      return logits, aux['attention_weights']
-    return fn
+    return aux_attention_fn(arch)
 
   def position_table(self, flat, arch):
     _, (gh, gw), _ = self.token_layout(arch)
