@@ -367,7 +367,7 @@ def test_training_run_finishes_over_bad_files_and_reports_them(tmp_path):
   from vit_jax.train import loop
   root = str(tmp_path / 'hostile')
   bad = write_hostile_folder(root)
-  c = quickstart.get_config()
+  c = quickstart.get_config('model=ViT-testing')
   c.model.name, c.model.patch_size, c.dataset, c.image_size, c.channels = (
       'ViT-testing', 4, root, 16, 3)
   c.batch_size = c.eval_batch_size = 4

@@ -136,7 +136,7 @@ def test_reading_a_corrupted_step_directly_is_an_error_naming_it(run_dir, tmp_pa
 def test_training_resumes_past_a_corrupted_checkpoint_to_the_same_parameters(tmp_path, caplog):
   from configs import quickstart
   from vit_jax.train import loop
-  c = quickstart.get_config()
+  c = quickstart.get_config('model=ViT-testing')
   for key, value in {'dataset': 'digits', 'image_size': 8, 'channels': 1, 'batch_size': 32,
                      'warmup_steps': 2, 'eval_batch_size': 100, 'progress': False,
                      'augment': 'none', 'total_steps': 12, 'checkpoint_every': 6,

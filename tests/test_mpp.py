@@ -143,7 +143,7 @@ def _main(workdir, *args, timeout=600):
   return json.loads(line[len('result: '):]), out.stderr
 
 
-TINY = ['--config=configs/quickstart.py', '--config.model.name=ViT-testing',
+TINY = ['--config=configs/quickstart.py:model=ViT-testing', '--config.model.name=ViT-testing',
         '--config.model.patch_size=4', '--config.dataset=digits', '--config.image_size=8',
         '--config.channels=1', '--config.batch_size=32', '--config.total_steps=6',
         '--config.warmup_steps=1', '--config.eval_batch_size=120', '--config.progress=False',

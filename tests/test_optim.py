@@ -136,4 +136,8 @@ def test_fashion_mnist_config_is_the_measured_one():
   assert (m['classifier'], m['posemb']) == ('gap', 'sincos2d')
   assert (c.total_steps, c.batch_size, c.warmup_steps, c.base_lr) == (9000, 256, 500, 2e-3)
   assert (c.augment, c.label_smoothing, c.weight_decay, c.cpu_devices) == ('pad_crop_flip', 0.1,
-                                                                          0.05, 2)
+                                                                          0.05, 0)
+  # cpu_devices 0: the automatic rule, which splits 2 cores in two for this model's 49 tokens.
+  from vit_jax import runtime  # pylint: disable=import-outside-toplevel
+  assert runtime.auto_cpu_devices(tokens=49, head_dim=32, width=128, mlp_dim=256,
+                                  batch_sizes=[c.batch_size, c.eval_batch_size], cores=2) == 2

@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VALUES = {'model.name': 'ViT-testing', 'model.patch_size': 2, 'dataset': 'digits',
                'image_size': 8, 'channels': 1, 'batch_size': 32, 'warmup_steps': 5,
                'base_lr': 0.003, 'eval_batch_size': 100, 'progress': False, 'augment': 'none'}
-TINY = ['--config=configs/quickstart.py'] + [f'--config.{k}={v}' for k, v in TINY_VALUES.items()]
+TINY = ['--config=configs/quickstart.py:model=ViT-testing'] + [f'--config.{k}={v}' for k, v in TINY_VALUES.items()]
 
 
 def main_cmd(workdir, *extra):
@@ -147,7 +147,7 @@ def test_compilation_cache_dir_gives_the_next_start_its_compiled_steps(tmp_path)
 
 def tiny_config(**overrides):
   from configs import quickstart
-  c = quickstart.get_config()
+  c = quickstart.get_config('model=ViT-testing')
   for key, value in {**TINY_VALUES, **overrides}.items():
     node = c
     *parents, leaf = key.split('.')

@@ -28,8 +28,11 @@ from vit_jax.families import registry
 
 
 def image_size(model: str, at_least: int) -> int:
-  """The smallest multiple of the model's effective patch (pixels per token) >= at_least."""
+  """The smallest multiple of the model's effective patch (pixels per token) >= at_least, for the
+  families with one patch (ViT, DeiT, hybrid); at_least for the others."""
   fam = registry.family_of(model)
+  if not hasattr(fam, 'patch_hw'):
+    return at_least
   patch = fam.patch_hw(dict(registry.get_model_config(model)))[0]
   return patch * math.ceil(at_least / patch)
 
