@@ -19,6 +19,7 @@ from vit_jax.families.deit import FAMILY as DEIT
 from vit_jax.families.deit_interop import INTEROP as DEIT_INTEROP
 from vit_jax.models.deit import DistilledVisionTransformer
 from vit_jax.models.params import count, flatten, unflatten
+from vit_jax.objectives import distill as distill_lib, registry as objectives
 from vit_jax.train import optim, state as state_lib, step as step_lib, validate
 
 TINY = DEIT.models['DeiT-testing']  # patch 4, width 32, 2 layers, 2 heads, MLP 64
@@ -219,31 +220,31 @@ def test_distillation_losses_against_numpy():
   s, t = rng.normal(0, 2, (6, 7)).astype(np.float32), rng.normal(0, 2, (6, 7)).astype(np.float32)
   s64, t64 = s.astype(np.float64), t.astype(np.float64)
   hard = -np.mean(_log_softmax(s64)[np.arange(6), t64.argmax(-1)])
-  np.testing.assert_allclose(step_lib.distill_loss(s, t, 'hard'), hard, rtol=1e-5)
+  np.testing.assert_allclose(distill_lib.distill_loss(s, t, 'hard'), hard, rtol=1e-5)
   for temp in (1.0, 3.0):
     log_p, log_q = _log_softmax(t64 / temp), _log_softmax(s64 / temp)
     soft = np.mean(np.sum(np.exp(log_p) * (log_p - log_q), -1)) * temp ** 2
-    np.testing.assert_allclose(step_lib.distill_loss(s, t, 'soft', temp), soft, rtol=1e-5)
+    np.testing.assert_allclose(distill_lib.distill_loss(s, t, 'soft', temp), soft, rtol=1e-5)
   # A hand-worked case: equal student logits, teacher sure of class 0 -> log 2 (hard).
-  np.testing.assert_allclose(step_lib.distill_loss(np.zeros((1, 2)), np.array([[1.0, 0.0]]),
+  np.testing.assert_allclose(distill_lib.distill_loss(np.zeros((1, 2)), np.array([[1.0, 0.0]]),
                                                    'hard'), np.log(2.0), rtol=1e-6)
-  assert float(step_lib.distill_loss(t, t, 'soft', 2.0)) == pytest.approx(0.0, abs=1e-6)
+  assert float(distill_lib.distill_loss(t, t, 'soft', 2.0)) == pytest.approx(0.0, abs=1e-6)
   with pytest.raises(ValueError, match='distill.kind'):
-    step_lib.distill_loss(s, t, 'medium')
+    distill_lib.distill_loss(s, t, 'medium')
 
 
 def test_teacher_input_resizes_repeats_grey_and_renormalises():
   x = _images(8, 8, 1, seed=6)
-  fn = step_lib.teacher_input_fn((8, 8), 1, (16, 16), 3, *IMAGENET)
+  fn = distill_lib.teacher_input_fn((8, 8), 1, (16, 16), 3, *IMAGENET)
   out = np.asarray(fn(jnp.asarray(x)))
   assert out.shape == (2, 16, 16, 3)
   up = np.asarray(jax.image.resize(x, (2, 16, 16, 1), 'bilinear'))
   want = ((up + 1) / 2 - np.array(IMAGENET[0])) / np.array(IMAGENET[1])
   assert_close_to_scale(out, want, 1e-6, 'teacher input')
-  same = step_lib.teacher_input_fn((8, 8), 1, (8, 8), 1, (0.5,), (0.5,))
+  same = distill_lib.teacher_input_fn((8, 8), 1, (8, 8), 1, (0.5,), (0.5,))
   assert np.array_equal(np.asarray(same(jnp.asarray(x))), x)
   with pytest.raises(ValueError, match='only grey to RGB'):
-    step_lib.teacher_input_fn((8, 8), 3, (8, 8), 1, (0.5,), (0.5,))
+    distill_lib.teacher_input_fn((8, 8), 3, (8, 8), 1, (0.5,), (0.5,))
 
 
 def _distill_setup(kind, alpha, accum=1):
@@ -256,11 +257,12 @@ def _distill_setup(kind, alpha, accum=1):
   state, shardings = state_lib.create_train_state(student, tx, (1, 8, 8, 3), 0, mesh)
   tshard = sharding_lib.tree_shardings(tparams, mesh, 2 ** 14,
                                        registry.get_family('vit').tensor_rules)
-  input_fn = step_lib.teacher_input_fn((8, 8), 3, (16, 16), 3, *IMAGENET)
-  distill = step_lib.Distillation(teacher, jax.device_put(tparams, tshard), tshard, input_fn, kind,
+  input_fn = distill_lib.teacher_input_fn((8, 8), 3, (16, 16), 3, *IMAGENET)
+  distill = distill_lib.Distillation(teacher, jax.device_put(tparams, tshard), tshard, input_fn, kind,
                                   alpha, 2.0)
-  step = step_lib.make_train_step(student, tx, sched, mesh, shardings, label_smoothing=0.1,
-                                  accum_steps=accum, distill=distill)
+  objective = objectives.from_keywords(student, label_smoothing=0.1, distill=distill)
+  step = step_lib.make_train_step(student, tx, sched, mesh, shardings, objective=objective,
+                                  accum_steps=accum)
   return student, teacher, tparams, state, step, distill
 
 
@@ -275,7 +277,7 @@ def test_train_step_combines_label_and_teacher_losses(kind):
   t_logits = np.asarray(teacher.apply({'params': tparams}, distill.input_fn(batch['image'])))
   targets = np.asarray(batch['labels']) * 0.9 + 0.1 / 5
   want_cls = -np.mean(np.sum(targets * _log_softmax(np.asarray(cls, np.float64)), -1))
-  want_kd = float(step_lib.distill_loss(dist, t_logits, kind, 2.0))
+  want_kd = float(distill_lib.distill_loss(dist, t_logits, kind, 2.0))
   _, m = step(state, batch)
   np.testing.assert_allclose(m['cls_loss'], want_cls, rtol=1e-5)
   np.testing.assert_allclose(m['distill_loss'], want_kd, rtol=1e-5)

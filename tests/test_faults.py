@@ -22,9 +22,9 @@ from tests.test_train import ROOT, digest, main_cmd, run_main, tiny_config
 
 # ---------------------------------------------------------------------------------------------
 # Non-finite values. The injection is test-only: at the chosen steps the batch's first label is
-# shifted by -SENTINEL, and a patched `step.loss_fn` (traced into the real jitted step) undoes the
-# shift exactly and multiplies the gradient flowing into the logits by NaN. The loss stays finite,
-# every gradient becomes NaN: only a check of the gradients can name the step.
+# shifted by -SENTINEL, and a patched `classify.loss_fn` (traced into the real jitted step) undoes
+# the shift exactly and multiplies the gradient flowing into the logits by NaN. The loss stays
+# finite, every gradient becomes NaN: only a check of the gradients can name the step.
 
 SENTINEL = 10.0  # labels are 0/1 without smoothing: 0 - 10 + 10 and 1 - 10 + 10 are exact
 

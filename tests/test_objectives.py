@@ -15,9 +15,9 @@ from vit_jax import sharding as sharding_lib
 from vit_jax.families import registry
 from vit_jax.models import params as params_lib
 from vit_jax.objectives import base as base_lib
+from vit_jax.objectives import distill as distill_lib
 from vit_jax.train import build as build_lib
 from vit_jax.train import state as state_lib
-from vit_jax.train import step as step_lib
 from vit_jax.train import validate
 
 OBJECTIVES = ('classify', 'distill', 'mpp', 'mae', 'prompt')
@@ -93,7 +93,7 @@ def test_every_objective_trains_every_family_that_serves_it(objective, family_na
     tparams = teacher_model.init(jax.random.PRNGKey(3), jnp.zeros((1, s, s, 3)))['params']
     mesh = sharding_lib.make_mesh((('data', -1),))
     shard = sharding_lib.tree_shardings(tparams, mesh)
-    kwargs['teacher'] = step_lib.Distillation(
+    kwargs['teacher'] = distill_lib.Distillation(
         teacher_model, jax.device_put(tparams, shard), shard, lambda x: x)
   built = _build(c, kwargs)
   state, _ = state_lib.create_train_state(
@@ -137,6 +137,24 @@ def test_refusals_name_the_family_and_the_reason():
     c.distill.teacher = '.'
     with pytest.raises(validate.ConfigError, match=reason):
       validate.validate(c)
+
+
+def test_a_plan_teacher_counts_its_forward_pass_and_needs_a_two_headed_student():
+  """`teacher_model` (a plan of distillation without a checkpoint): the teacher as shapes, its
+  forward MACs the objective's frozen extras' (the plan adds them once, without a backward)."""
+  c = config_for('deit', 'classify')
+  built = build_lib.build_training(c, 10, abstract=True, teacher_model='ViT-testing')
+  assert built.objective.name == 'distill'
+  assert isinstance(jax.tree.leaves(built.extras['teacher'])[0], jax.ShapeDtypeStruct)
+  vit = registry.get_family('vit')
+  fields = dict(registry.get_model_config('ViT-testing'))
+  size = (c.image_size, c.image_size)
+  want = vit.forward_macs(fields, 10, size, c.channels)
+  assert want > 0 and built.objective.frozen_macs(10, size, c.channels) == want
+  assert objectives.create(c, *registry.resolve(c.model), 10).frozen_macs(10, size, 3) == 0
+  with pytest.raises(ValueError, match='distillation head'):
+    build_lib.build_training(config_for('vit', 'classify'), 10, abstract=True,
+                             teacher_model='ViT-testing')
 
 
 def test_a_label_free_objective_refuses_label_mixing():

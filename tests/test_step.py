@@ -10,7 +10,10 @@ from tests.numerics import assert_close_to_scale, assert_trees_close_to_scale
 from vit_jax.families import registry
 from vit_jax import sharding as sharding_lib
 from vit_jax.families.registry import create_model
+from vit_jax.objectives import classify, registry as objectives
 from vit_jax.train import optim, state as state_lib, step as step_lib
+
+SMOOTHED = objectives.from_keywords(label_smoothing=0.1)  # classification, labels smoothed by 0.1
 
 
 def _setup(accum, ema=None, num_classes=5):
@@ -21,7 +24,7 @@ def _setup(accum, ema=None, num_classes=5):
   state, shardings = state_lib.create_train_state(model, tx, (1, 8, 8, 3), 0, mesh,
                                                   use_ema=ema is not None)
   step = step_lib.make_train_step(model, tx, sched, mesh, shardings, accum_steps=accum,
-                                  label_smoothing=0.1, ema_decay=ema)
+                                  objective=SMOOTHED, ema_decay=ema)
   return model, state, step, mesh, shardings
 
 
@@ -60,7 +63,7 @@ def test_accumulation_equals_one_big_batch():
     tx = _gradient_recorder()
     state, shardings = state_lib.create_train_state(model, tx, (1, 8, 8, 3), 0, mesh)
     step = step_lib.make_train_step(model, tx, optim.make_schedule(1e-3, 10, 0), mesh, shardings,
-                                    accum_steps=k, label_smoothing=0.1)
+                                    accum_steps=k, objective=SMOOTHED)
     state, m = step(state, _batch(seed=1))
     grads[k], losses[k] = jax.device_get(state.opt_state), float(m['loss'])
   # Only the summation order differs (four partial means of 4 rows, or one of 16): ~sqrt(n) x eps
@@ -83,7 +86,7 @@ def test_accumulation_averages_micro_batch_gradients_with_dropout():
   params, rng = jax.device_get((state.params, state.rng))   # the step donates `state`
   recorder = _ShapeRecorder(model)
   step = step_lib.make_train_step(recorder, tx, optim.make_schedule(1e-3, 10, 0), mesh, shardings,
-                                  accum_steps=4, label_smoothing=0.1)
+                                  accum_steps=4, objective=SMOOTHED)
   batch = _batch(16)
   state, metrics = step(state, batch)
   assert recorder.shapes == [(4, 8, 8, 3)], recorder.shapes
@@ -91,11 +94,11 @@ def test_accumulation_averages_micro_batch_gradients_with_dropout():
   # By hand, following step.py: the step's key is fold_in(rng, step); micro-batch j holds rows
   # j, j+4, j+8, j+12 and draws dropout from fold_in(step key, j).
   key = jax.random.fold_in(jax.random.wrap_key_data(rng), 0)
-  targets = step_lib.smooth_labels(batch['labels'], 0.1)
+  targets = classify.smooth_labels(batch['labels'], 0.1)
 
   @jax.jit
   def micro(p, images, labels, k):
-    f = lambda p: step_lib.loss_fn(model.apply({'params': p}, images, train=True,
+    f = lambda p: classify.loss_fn(model.apply({'params': p}, images, train=True,
                                                rngs={'dropout': k}), labels)
     return jax.value_and_grad(f)(p)
 
@@ -136,14 +139,14 @@ def test_losses():
   logits = jnp.array([[2.0, 0.0, -1.0]])
   labels = jnp.array([[0.0, 1.0, 0.0]])
   p = jax.nn.softmax(logits)[0]
-  np.testing.assert_allclose(step_lib.loss_fn(logits, labels), -np.log(p[1]), rtol=1e-6)
-  smooth = step_lib.smooth_labels(labels, 0.3)
+  np.testing.assert_allclose(classify.loss_fn(logits, labels), -np.log(p[1]), rtol=1e-6)
+  smooth = classify.smooth_labels(labels, 0.3)
   np.testing.assert_allclose(smooth, [[0.1, 0.8, 0.1]], rtol=1e-6)
-  sig = step_lib.loss_fn(logits, labels, 'sigmoid_xent')
+  sig = classify.loss_fn(logits, labels, 'sigmoid_xent')
   want = np.log1p(np.exp(2.0)) + np.log1p(np.exp(-0.0)) + np.log1p(np.exp(-1.0))
   np.testing.assert_allclose(sig, want, rtol=1e-6)
   with pytest.raises(ValueError, match='not one of'):
-    step_lib.loss_fn(logits, labels, 'hinge')
+    classify.loss_fn(logits, labels, 'hinge')
 
 
 def test_eval_step_masks_padding():

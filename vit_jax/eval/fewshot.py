@@ -280,11 +280,12 @@ class FewshotTask:
 
 def input_fn_for(arch) -> Optional[Callable[[jax.Array], jax.Array]]:
   """[-1, 1] loader images -> the checkpoint's normalisation (None when it is [-1, 1] already)."""
-  from vit_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  # The adapter a distillation teacher's input goes through, here at the checkpoint's own size.
+  from vit_jax.objectives.distill import teacher_input_fn  # pylint: disable=import-outside-toplevel
   if np.allclose(arch.mean, 0.5) and np.allclose(arch.std, 0.5):
     return None
-  return step_lib.teacher_input_fn(arch.image_size, arch.channels, arch.image_size,
-                                   arch.channels, arch.mean, arch.std)
+  return teacher_input_fn(arch.image_size, arch.channels, arch.image_size, arch.channels,
+                          arch.mean, arch.std)
 
 
 def evaluate_checkpoint(arch, params: Any, task: FewshotTask, *, method: str = 'ridge',

@@ -233,6 +233,12 @@ class Objective:
     (`Family.forward_macs`) on the whole image: what a plan's analytic FLOPs count."""
     return model_macs
 
+  def frozen_macs(self, num_classes: Optional[int], image_size: Any, channels: int) -> int:
+    """Multiply-accumulates of the frozen extras' forward pass (a teacher model) per training
+    example, after `make_extras`; a plan counts them once (no backward). 0: none."""
+    del num_classes, image_size, channels
+    return 0
+
   # ---- checkpoints and inference ----
   def meta(self) -> dict[str, Any]:
     """What a checkpoint records about how it was trained (JSON)."""

@@ -187,6 +187,20 @@ class Distill(Classify):
     return Distillation(model, params, shardings, input_fn, self.distill_kind, self.alpha,
                         self.temperature)
 
+  def frozen_macs(self, num_classes, image_size, channels) -> int:
+    """The teacher's forward pass, counted at the student's image size (0 when its family cannot
+    count its fields)."""
+    if self.teacher is None:
+      return 0
+    from vit_jax.families import registry  # pylint: disable=import-outside-toplevel
+    family = registry.family_of_module(self.teacher.model)
+    fields = {f: getattr(self.teacher.model, f) for f in family.field_names()
+              if hasattr(self.teacher.model, f)}
+    try:
+      return int(family.forward_macs(fields, num_classes, image_size, channels))
+    except Exception:  # pylint: disable=broad-except
+      return 0
+
   @property
   def distill_kind(self) -> str:
     return self.teacher.kind if self.teacher is not None else self.block().get('kind', 'hard')

@@ -73,15 +73,26 @@ def check(config: Mapping[str, Any], family: Any = None) -> type[Objective]:
 
 
 def create(config: Mapping[str, Any], family: Any = None, fields: Optional[Mapping[str, Any]] = None,
-           num_classes: Optional[int] = None, **kwargs: Any) -> Objective:
-  """The run's objective bound to its config, model family and fields and dataset classes."""
+           num_classes: Optional[int] = None, *, teacher_model: Optional[str] = None,
+           **kwargs: Any) -> Objective:
+  """The run's objective bound to its config, model family and fields and dataset classes.
+  teacher_model: a registered architecture whose shapes stand in for a distillation teacher (a
+  plan of distillation without a teacher checkpoint)."""
+  if teacher_model:
+    cls = get('distill')
+    why = family.missing_capability(cls.needs) if family is not None else None
+    if why:
+      raise ValueError(f'a teacher ({teacher_model}) needs a student with a distillation head (a '
+                       f'DeiT model): {why}')
+    return cls(config, family=family, fields=fields, num_classes=num_classes,
+               teacher_model=teacher_model, **kwargs)
   cls = check(config, family)
   return cls(config, family=family, fields=fields, num_classes=num_classes, **kwargs)
 
 
 def from_keywords(model: Any = None, *, loss: str = 'softmax_xent', label_smoothing: float = 0.0,
                   distill: Any = None) -> Objective:
-  """The objective that `make_train_step`'s keyword form (before objectives existed) describes:
+  """An objective from keywords, for library callers and tests that build a step by hand:
   classification with `loss` and `label_smoothing`, or distillation from `distill`'s placed
   teacher (a `distill.Distillation`; the student `model` must have two heads)."""
   config = {'loss': loss, 'label_smoothing': label_smoothing}

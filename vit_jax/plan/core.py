@@ -212,16 +212,8 @@ def make_plan(config: ml_collections.ConfigDict, topology: topo_lib.Topology, *,
   macs = built.family.forward_macs(built.fields, classes, size, config.channels)
   # The objective's forward (MAE: the encoder on the visible patches plus its decoder).
   analytic = 3 * 2 * built.objective.analytic_macs(macs) * config.batch_size
-  if built.distill is not None:  # the teacher's forward pass (counted at the student's image size)
-    t_arch = built.distill.model
-    from vit_jax.families import registry  # pylint: disable=g-import-not-at-top
-    t_family = registry.family_of_module(t_arch)
-    t_fields = {f: getattr(t_arch, f) for f in t_family.field_names() if hasattr(t_arch, f)}
-    try:
-      analytic += 2 * t_family.forward_macs(t_fields, classes, size, config.channels) * \
-          config.batch_size
-    except Exception:  # pylint: disable=broad-except
-      pass  # a teacher whose fields the family cannot count: the student's FLOPs only
+  # Frozen extras (a teacher) run forward only.
+  analytic += 2 * built.objective.frozen_macs(classes, size, config.channels) * config.batch_size
   text = _compiled_text(compiled, dump.name) if compiled else ''
   dump.cleanup()
   if hlo_path and text:

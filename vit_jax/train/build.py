@@ -95,11 +95,6 @@ class Training:
   train_step: step_lib.TrainStep
   eval_step: step_lib.EvalStep
 
-  @property
-  def distill(self) -> Optional[step_lib.Distillation]:
-    """The distillation teacher, when the objective has one."""
-    return getattr(self.objective, 'teacher', None)
-
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """One global training batch as the loader yields it (the objective's batch spec: e.g.
     {'image': f32 [B, H, W, C], 'labels': f32 [B, K]}), sharded over the batch axes."""
@@ -170,16 +165,9 @@ def build_training(config: ml_collections.ConfigDict, num_classes: Optional[int]
     runtime.tune_for_backend(platform)
   mesh = sharding_lib.make_mesh(config.mesh, devices)
   family, fields = registry.resolve(config.model)
-  if objective is None and teacher_model:  # a plan of distillation, the teacher as shapes only
-    cls = objectives_lib.get('distill')
-    why = family.missing_capability(cls.needs)
-    if why:
-      raise ValueError(f'a teacher ({teacher_model}) needs a student with a distillation head (a '
-                       f'DeiT model): {why}')
-    objective = cls(config, family=family, fields=fields, num_classes=num_classes or None,
-                    teacher_model=teacher_model)
   if objective is None:
-    objective = objectives_lib.create(config, family, fields, num_classes or None)
+    objective = objectives_lib.create(config, family, fields, num_classes or None,
+                                      teacher_model=teacher_model)
   family, model, fields = build_model(config, objective.head_classes(), platform)
   schedule = optim.make_schedule(config.base_lr, config.total_steps, config.warmup_steps,
                                  config.lr_decay, config.end_lr)

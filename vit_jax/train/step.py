@@ -12,7 +12,7 @@ train_step(state, batch) -> (state, metrics):
      (+ `skipped`: 1.0 when the update was skipped, with `skip_nonfinite`)
 
 The objective (`vit_jax.objectives`) supplies the loss and the evaluation sums; this module names
-none. Its frozen extras (a teacher, frozen parameters) are the jitted function's third argument,
+none. Its frozen extras (frozen models or parameters) are the jitted function's third argument,
 never updated or checkpointed; `TrainStep` binds them, so a step is called as step(state, batch)
 and lowered as step.lower(state, batch) whatever the objective.
 """
@@ -28,11 +28,6 @@ import optax
 from vit_jax import sharding as sharding_lib
 from vit_jax.objectives import registry as objectives
 from vit_jax.objectives.base import Objective
-# The classification and distillation losses live with their objectives; they stay importable from
-# here, where they were before objectives existed.
-from vit_jax.objectives.classify import LOSSES, loss_fn, smooth_labels  # pylint: disable=unused-import
-from vit_jax.objectives.distill import (DISTILL_KINDS, Distillation, distill_loss,  # pylint: disable=unused-import
-                                        teacher_input_fn)
 from vit_jax.train import optim
 from vit_jax.train.state import TrainState
 
@@ -57,21 +52,18 @@ class TrainStep:
 
 def make_train_step(model, tx: optax.GradientTransformation, schedule: Callable, mesh: Mesh,
                     shardings: TrainState, *, objective: Optional[Objective] = None,
-                    extras: Any = None, extras_shardings: Any = None,
-                    loss: str = 'softmax_xent', label_smoothing: float = 0.0, accum_steps: int = 1,
-                    ema_decay: Optional[float] = None, distill: Optional[Distillation] = None,
-                    skip_nonfinite: bool = False) -> TrainStep:
+                    extras: Any = None, extras_shardings: Any = None, accum_steps: int = 1,
+                    ema_decay: Optional[float] = None, skip_nonfinite: bool = False) -> TrainStep:
   """The jitted train step of `objective` for `model`, called as step(state, batch); the state
   argument is donated (updated in place).
 
-  objective: how the model learns (`vit_jax.objectives`); None: classification with `loss` and
-  `label_smoothing`, or DeiT distillation with `distill` (the keyword form of earlier versions).
+  objective: how the model learns (`vit_jax.objectives`); None: the registry's default objective
+  with its default settings.
   extras, extras_shardings: the objective's frozen extras and their shardings (default: what
   `objective.make_extras` gives on `mesh`).
   """
   if objective is None:
-    objective = objectives.from_keywords(model, loss=loss, label_smoothing=label_smoothing,
-                                         distill=distill)
+    objective = objectives.get(objectives.DEFAULT)({})
   if extras is None:
     extras, extras_shardings = objective.make_extras(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -150,7 +142,7 @@ def make_eval_step(model, mesh: Mesh, params_shardings: Any, *,
   5, 'count'}). Random draws of the evaluation (masks) come from `seed` and the batch index, so
   every evaluation of a run sees the same ones."""
   if objective is None:
-    objective = objectives.from_keywords(model)
+    objective = objectives.get(objectives.DEFAULT)({})
   if extras is None:
     extras, extras_shardings = {}, {}
   batch_sharding = sharding_lib.batch_sharding(mesh)
