@@ -258,8 +258,8 @@ def _distill_setup(kind, alpha, accum=1):
   tshard = sharding_lib.tree_shardings(tparams, mesh, 2 ** 14,
                                        registry.get_family('vit').tensor_rules)
   input_fn = distill_lib.teacher_input_fn((8, 8), 3, (16, 16), 3, *IMAGENET)
-  distill = distill_lib.Distillation(teacher, jax.device_put(tparams, tshard), tshard, input_fn, kind,
-                                  alpha, 2.0)
+  distill = distill_lib.Distillation(teacher, jax.device_put(tparams, tshard), tshard, input_fn,
+                                     kind, alpha, 2.0)
   objective = objectives.from_keywords(student, label_smoothing=0.1, distill=distill)
   step = step_lib.make_train_step(student, tx, sched, mesh, shardings, objective=objective,
                                   accum_steps=accum)

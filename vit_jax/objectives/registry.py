@@ -72,9 +72,9 @@ def check(config: Mapping[str, Any], family: Any = None) -> type[Objective]:
   return cls
 
 
-def create(config: Mapping[str, Any], family: Any = None, fields: Optional[Mapping[str, Any]] = None,
-           num_classes: Optional[int] = None, *, teacher_model: Optional[str] = None,
-           **kwargs: Any) -> Objective:
+def create(config: Mapping[str, Any], family: Any = None,
+           fields: Optional[Mapping[str, Any]] = None, num_classes: Optional[int] = None, *,
+           teacher_model: Optional[str] = None, **kwargs: Any) -> Objective:
   """The run's objective bound to its config, model family and fields and dataset classes.
   teacher_model: a registered architecture whose shapes stand in for a distillation teacher (a
   plan of distillation without a teacher checkpoint)."""
